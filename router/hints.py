@@ -1,0 +1,32 @@
+"""What the ingress tells the request router about a request, so the router never
+has to parse an OpenAI body on its hot path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+HINTS_KWARG = "hints"
+
+
+@dataclass(frozen=True)
+class RoutingHints:
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    model: str = ""
+    session_id: str | None = None
+    tenant: str | None = None
+    # Operator calls (stats, adapter loads) that must reach one specific replica.
+    replica_id: str | None = None
+
+    @property
+    def predicted_tokens(self) -> int:
+        """Tokens the request may hold in the KV cache at its largest."""
+        return self.prompt_tokens + self.max_tokens
+
+
+def hints_of(pending_request: Any) -> RoutingHints | None:
+    if pending_request is None:
+        return None
+    hints = pending_request.kwargs.get(HINTS_KWARG)
+    return hints if isinstance(hints, RoutingHints) else None

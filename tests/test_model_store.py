@@ -1,0 +1,78 @@
+"""Model preparation: builtin checkpoints appear atomically and are reused."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ruvllm.model_store import MANIFEST, prepare_builtin, resolve_model
+
+NAME = "smollm2-135m-instruct"
+
+
+def fake_convert(calls: list[str], fail: bool = False, delay: float = 0.0):
+    def convert(builtin, out_dir: Path, progress) -> None:
+        calls.append(str(out_dir))
+        (out_dir / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+        time.sleep(delay)
+        if fail:
+            raise RuntimeError("conversion crashed half-way")
+        (out_dir / "model.safetensors").write_bytes(b"weights")
+    return convert
+
+
+def test_failed_preparation_leaves_nothing_a_replica_could_load(tmp_path):
+    with pytest.raises(RuntimeError, match="half-way"):
+        prepare_builtin(NAME, tmp_path, convert=fake_convert([], fail=True))
+    models = tmp_path / "models"
+    assert not (models / NAME).exists()
+    assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_prepared_model_is_reused_without_rebuilding(tmp_path):
+    calls: list[str] = []
+    first = prepare_builtin(NAME, tmp_path, convert=fake_convert(calls))
+    second = prepare_builtin(NAME, tmp_path, convert=fake_convert(calls))
+    assert first == second and (first / MANIFEST).is_file()
+    assert len(calls) == 1
+    prepare_builtin(NAME, tmp_path, convert=fake_convert(calls), force=True)
+    assert len(calls) == 2
+
+
+def test_concurrent_preparations_build_once(tmp_path):
+    calls: list[str] = []
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(
+        prepare_builtin(NAME, tmp_path, convert=fake_convert(calls, delay=0.5), progress=lambda m: None)))
+        for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert len(set(results)) == 1
+
+
+def test_resolve_model_accepts_checkpoint_dirs_and_rejects_others(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resolve_model(str(tmp_path / "ckpt"))
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path / "ckpt")) == tmp_path / "ckpt"
+    with pytest.raises(KeyError):
+        resolve_model("builtin:nope", tmp_path)
+
+
+def test_real_builtin_checkpoint_is_a_llama_with_chat_template():
+    # Prepared by `make test` before pytest runs (the README's test command).
+    path = prepare_builtin(NAME)
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    assert (path / "chat_template.jinja").is_file() or "chat_template" in (
+        path / "tokenizer_config.json").read_text()
