@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -59,7 +60,10 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 @api.exception_handler(Exception)
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error in ingress")
+    if isinstance(exc, TaskCancelledError):  # the client went away mid-stream
+        logger.info("client disconnected: %s", exc)
+    else:
+        logger.exception("unhandled error in ingress")
     return _error(500, f"internal error: {type(exc).__name__}")
 
 
@@ -90,12 +94,12 @@ class TokenEstimator:
 
     def chat(self, messages: list[dict[str, Any]]) -> int:
         try:
-            ids = self._tokenizer.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True
+            text = self._tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
             )
-            return len(ids["input_ids"] if isinstance(ids, dict) else ids)
-        except Exception:  # tool calls, multimodal parts: fall back to the text alone
-            return self.text(" ".join(str(m.get("content") or "") for m in messages)) + 4 * len(messages)
+        except Exception:  # tool calls, multimodal parts: count the text alone
+            text = " ".join(str(m.get("content") or "") for m in messages)
+        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def text(self, prompt: Any) -> int:
         if isinstance(prompt, str):

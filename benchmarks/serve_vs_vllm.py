@@ -1,0 +1,258 @@
+"""Throughput and latency of the ruvllm stack against bare vLLM, in one run.
+
+    make bench                       # or: python -m benchmarks.serve_vs_vllm --help
+
+Targets, measured one after another on the same machine and model, under the same load
+(vLLM's own `vllm bench serve` client: random 128-token prompts, 128 output tokens,
+64 concurrent chat streams):
+
+  bare     vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`), one
+           engine with vLLM's default CPU binding;
+  stack    `serve run` of cluster.yaml as shipped (ingress + router + 2 replicas);
+  stack-1  the same app with one replica bound like bare vLLM: the overhead of the
+           serving path alone (proxy -> ingress -> router -> replica).
+
+Writes report.json, report.md and report.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m-instruct"
+PERCENTILES = (50, 90, 99)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def wait_until_ready(url: str, proc: subprocess.Popen, timeout_s: float, what: str) -> float:
+    started = time.monotonic()
+    next_note = started + 15
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        now = time.monotonic()
+        if now - started > timeout_s:
+            raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
+        if now >= next_note:
+            log(f"  waiting for {what} ({now - started:.0f} s; engines compile on first start)")
+            next_note = now + 15
+        time.sleep(1)
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 60) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def engine_settings() -> dict[str, Any]:
+    app = yaml.safe_load((ROOT / "cluster.yaml").read_text())["applications"][0]
+    return app["args"]["engine"]
+
+
+def start_bare_vllm(model_path: Path, port: int, logfile: Path) -> tuple[subprocess.Popen, str]:
+    e = engine_settings()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_path), "--served-model-name", MODEL, "--port", str(port),
+        "--dtype", "float32", "--max-model-len", str(e["max_model_len"]),
+        "--max-num-seqs", str(e["max_num_seqs"]), "--block-size", str(e["block_size"]),
+        "--enable-prefix-caching", "--disable-uvicorn-access-log",
+    ]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(e["cpu_kvcache_space_gib"]),
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=logfile.open("w"), stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_stack(port: int, logfile: Path, overrides: Callable[[dict], None]) -> tuple[subprocess.Popen, str]:
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config["http_options"]["port"] = port
+    overrides(config["applications"][0]["args"])
+    path = Path(tempfile.mkdtemp(prefix="ruvllm-bench-")) / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve = Path(sys.executable).with_name("serve")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([str(serve), "run", str(path)], env=env, cwd=ROOT,
+                            stdout=logfile.open("w"), stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop_stack(proc: subprocess.Popen) -> None:
+    stop(proc)
+    ray = Path(sys.executable).with_name("ray")
+    subprocess.run([str(ray), "stop", "--force"], capture_output=True)
+
+
+def run_load(base_url: str, model_path: Path, args: argparse.Namespace, out: Path, name: str) -> dict:
+    from vllm.benchmarks.serve import add_cli_args, main
+
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:
+        from vllm.utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    bench_args = parser.parse_args([
+        "--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
+        "--model", MODEL, "--tokenizer", str(model_path),
+        "--dataset-name", "random", "--random-input-len", str(args.input_len),
+        "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
+        "--max-concurrency", str(args.concurrency), "--ignore-eos", "--temperature", "0",
+        "--num-warmups", str(min(args.concurrency, 16)), "--seed", "0",
+        "--percentile-metrics", "ttft,tpot,itl,e2el",
+        "--metric-percentiles", ",".join(str(p) for p in PERCENTILES),
+        "--save-result", "--result-dir", str(out), "--result-filename", f"raw-{name}.json",
+    ])
+    return main(bench_args)
+
+
+def summarize(result: dict) -> dict[str, float]:
+    keys = ["output_throughput", "request_throughput", "completed", "failed", "duration"]
+    for metric in ("ttft", "itl", "tpot", "e2el"):
+        keys.append(f"mean_{metric}_ms")
+        keys += [f"p{p}_{metric}_ms" for p in PERCENTILES]
+    return {k: result[k] for k in keys if k in result}
+
+
+def write_report(out: Path, targets: dict[str, dict], meta: dict) -> None:
+    bare = targets.get("bare", {}).get("output_throughput")
+    for name, s in targets.items():
+        if bare and name != "bare":
+            s["throughput_ratio_vs_bare"] = s["output_throughput"] / bare
+    report = {"meta": meta, "targets": targets}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+
+    lines = [
+        "# ruvllm stack vs bare vLLM",
+        "",
+        f"Measured {meta['date']} on {meta['machine']}; model {MODEL} (float32); "
+        f"{meta['num_prompts']} chat requests, {meta['concurrency']} concurrent streams, "
+        f"{meta['input_len']} random prompt tokens, {meta['output_len']} output tokens "
+        f"(ignore_eos); load client: vLLM's `vllm bench serve`.",
+        "",
+        "| target | output tok/s | ratio vs bare | TTFT p50 / p90 / p99 (ms) "
+        "| ITL p50 / p90 / p99 (ms) | failed | startup (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in targets.items():
+        ratio = s.get("throughput_ratio_vs_bare")
+        ttft = " / ".join(f"{s.get(f'p{p}_ttft_ms', float('nan')):.0f}" for p in PERCENTILES)
+        itl = " / ".join(f"{s.get(f'p{p}_itl_ms', float('nan')):.0f}" for p in PERCENTILES)
+        lines.append(
+            f"| {name} | {s['output_throughput']:.1f} | "
+            f"{'—' if ratio is None else f'{ratio:.2f}x'} | {ttft} | {itl} | "
+            f"{s.get('failed', 0)} | {s.get('startup_s', 0):.0f} |")
+    lines += ["", "Targets: " + "; ".join(f"**{k}**: {v}" for k, v in meta["targets"].items()),
+              "", "![throughput and latency](report.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    plot(out, targets)
+
+
+def plot(out: Path, targets: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(targets)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].bar(names, [targets[n]["output_throughput"] for n in names], color="tab:blue")
+    axes[0].set_title("output tokens/s (higher is better)")
+    for ax, metric in zip(axes[1:], ("ttft", "itl")):
+        width = 0.8 / len(PERCENTILES)
+        for i, p in enumerate(PERCENTILES):
+            xs = [j + i * width for j in range(len(names))]
+            ax.bar(xs, [targets[n].get(f"p{p}_{metric}_ms", 0) for n in names], width,
+                   label=f"p{p}")
+        ax.set_xticks([j + width for j in range(len(names))], names)
+        ax.set_title(f"{metric.upper()} ms (lower is better)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default="bare,stack,stack-1")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--num-prompts", type=int, default=192)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_vs_vllm")
+    parser.add_argument("--startup-timeout", type=float, default=900)
+    args = parser.parse_args()
+
+    from ruvllm.model_store import prepare_builtin
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    model_path = prepare_builtin(MODEL)
+    args.out.mkdir(parents=True, exist_ok=True)
+    logs = args.out / "logs"
+    logs.mkdir(exist_ok=True)
+
+    def one_replica(a: dict) -> None:
+        a["replicas"]["num_replicas"] = 1
+        a["engine"]["cpu_threads_bind"] = "auto"  # vLLM's default, as bare vLLM runs
+
+    starters = {
+        "bare": lambda: start_bare_vllm(model_path, 8100, logs / "bare.log"),
+        "stack": lambda: start_stack(8200, logs / "stack.log", lambda a: None),
+        "stack-1": lambda: start_stack(8300, logs / "stack-1.log", one_replica),
+    }
+    results: dict[str, dict] = {}
+    for name in args.targets.split(","):
+        log(f"{name}: starting")
+        proc, url = starters[name]()
+        try:
+            ready = wait_until_ready(f"{url}/v1/models", proc, args.startup_timeout, name)
+            log(f"{name}: ready in {ready:.0f} s; driving load")
+            summary = summarize(run_load(url, model_path, args, args.out, name))
+            summary["startup_s"] = ready
+            results[name] = summary
+            log(f"{name}: {summary['output_throughput']:.1f} output tok/s, "
+                f"TTFT p99 {summary.get('p99_ttft_ms', 0):.0f} ms")
+        finally:
+            (stop if name == "bare" else stop_stack)(proc)
+
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{os.cpu_count()} CPU cores, no GPU (vLLM CPU build)",
+        "concurrency": args.concurrency, "num_prompts": args.num_prompts,
+        "input_len": args.input_len, "output_len": args.output_len,
+        "targets": {"stack throughput": ">= 0.9x bare vLLM"},
+    }
+    write_report(args.out, results, meta)
+    log(f"report: {args.out / 'report.md'}")
+    print((args.out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
