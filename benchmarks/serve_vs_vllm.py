@@ -20,59 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
 
-import httpx
-import yaml
+from benchmarks.harness import (
+    MODEL, ROOT, engine_settings, log, start_stack, stop, stop_stack, wait_until_ready,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = "smollm2-135m-instruct"
 PERCENTILES = (50, 90, 99)
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def wait_until_ready(url: str, proc: subprocess.Popen, timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    next_note = started + 15
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        now = time.monotonic()
-        if now - started > timeout_s:
-            raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
-        if now >= next_note:
-            log(f"  waiting for {what} ({now - started:.0f} s; engines compile on first start)")
-            next_note = now + 15
-        time.sleep(1)
-
-
-def stop(proc: subprocess.Popen, grace_s: float = 60) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def engine_settings() -> dict[str, Any]:
-    app = yaml.safe_load((ROOT / "cluster.yaml").read_text())["applications"][0]
-    return app["args"]["engine"]
 
 
 def start_bare_vllm(model_path: Path, port: int, logfile: Path) -> tuple[subprocess.Popen, str]:
@@ -84,29 +41,14 @@ def start_bare_vllm(model_path: Path, port: int, logfile: Path) -> tuple[subproc
         "--max-num-seqs", str(e["max_num_seqs"]), "--block-size", str(e["block_size"]),
         "--enable-prefix-caching", "--disable-uvicorn-access-log",
     ]
+    if e.get("enable_lora"):  # the same engine as the stack's replicas
+        cmd += ["--enable-lora", "--max-loras", str(e["max_loras"]),
+                "--max-cpu-loras", str(e["max_cpu_loras"]),
+                "--max-lora-rank", str(e["max_lora_rank"])]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(e["cpu_kvcache_space_gib"]),
            "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=logfile.open("w"), stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"
-
-
-def start_stack(port: int, logfile: Path, overrides: Callable[[dict], None]) -> tuple[subprocess.Popen, str]:
-    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
-    config["http_options"]["port"] = port
-    overrides(config["applications"][0]["args"])
-    path = Path(tempfile.mkdtemp(prefix="ruvllm-bench-")) / "cluster.yaml"
-    path.write_text(yaml.safe_dump(config))
-    serve = Path(sys.executable).with_name("serve")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
-    proc = subprocess.Popen([str(serve), "run", str(path)], env=env, cwd=ROOT,
-                            stdout=logfile.open("w"), stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def stop_stack(proc: subprocess.Popen) -> None:
-    stop(proc)
-    ray = Path(sys.executable).with_name("ray")
-    subprocess.run([str(ray), "stop", "--force"], capture_output=True)
 
 
 def run_load(base_url: str, model_path: Path, args: argparse.Namespace, out: Path, name: str) -> dict:

@@ -13,6 +13,8 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
 from ray.serve.config import RequestRouterConfig
 
+from adapters.registry import AdapterError
+from deployments.controller import PlacementController, make_registry
 from deployments.ingress import ingress_deployment
 from deployments.replica import LLMReplica
 from ruvllm.config import AppConfig, ConfigError
@@ -21,18 +23,30 @@ from ruvllm.model_store import resolve_model
 logger = logging.getLogger("ray.serve")
 
 ROUTER_CLASSES = {
-    "queued_tokens": "router.queued_tokens:QueuedTokensRouter",
+    "placement_aware": "router.placement_router:PlacementAwareRouter",
+    "round_robin": "router.placement_router:RoundRobinRouter",
     "power_of_two": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
 }
 
 
 def _router_config(config: AppConfig) -> RequestRouterConfig:
+    r = config.router
+    kwargs = {}
+    if r.policy == "placement_aware":
+        kwargs = {
+            "ledger_ttl_s": 1.5 * config.ingress.request_timeout_s,
+            "session_affinity": r.session_affinity,
+            "prefix_affinity": r.prefix_affinity,
+            "max_imbalance_tokens": r.max_imbalance_tokens,
+            "prefix_imbalance_per_token": r.prefix_imbalance_per_token,
+            "cold_adapter_penalty_tokens": r.cold_adapter_penalty_tokens,
+            "affinity_table_size": r.affinity_table_size,
+        }
     return RequestRouterConfig(
-        request_router_class=ROUTER_CLASSES[config.router.policy],
-        request_routing_stats_period_s=config.router.stats_period_s,
-        request_routing_stats_timeout_s=max(5.0, 5 * config.router.stats_period_s),
-        request_router_kwargs={"ledger_ttl_s": 1.5 * config.ingress.request_timeout_s}
-        if config.router.policy == "queued_tokens" else {},
+        request_router_class=ROUTER_CLASSES[r.policy],
+        request_routing_stats_period_s=r.stats_period_s,
+        request_routing_stats_timeout_s=max(5.0, 5 * r.stats_period_s),
+        request_router_kwargs=kwargs,
     )
 
 
@@ -79,13 +93,23 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         from deployments.vllm_engine import check_engine_args
 
         check_engine_args(model_path, config.model.name, config.engine)
-    logger.info("ruvllm app %r: model %s at %s", config.name, config.model.name, model_path)
+    try:
+        adapters = make_registry(config).snapshot()
+    except AdapterError as e:
+        raise ConfigError(f"adapters.declared: {e.message}") from None
+    logger.info("ruvllm app %r: model %s at %s, %d declared adapter(s)", config.name,
+                config.model.name, model_path, len(adapters))
 
-    replica = serve.deployment(LLMReplica).options(**_replica_options(config)).bind(config)
+    controller = serve.deployment(PlacementController).options(
+        name="PlacementController", num_replicas=1, max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(config)
+    replica = serve.deployment(LLMReplica).options(**_replica_options(config)).bind(
+        config, controller)
     ingress = ingress_deployment().options(
         name="OpenAIIngress",
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
-    return ingress.bind(replica, config)
+    return ingress.bind(replica, controller, config)

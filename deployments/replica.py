@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
 from typing import Any, AsyncIterator
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
-from deployments.protocol import Engine, ReplyHead
+from adapters.slots import AdapterSlots
+from deployments.protocol import Engine, ReplyHead, error_body
 from router.hints import RoutingHints
+from router.metrics import AdapterMetrics
+from router.placement import ReplicaReport
 from ruvllm.config import AppConfig, EngineConfig
 from ruvllm.model_store import resolve_model
 
@@ -51,7 +56,7 @@ def make_engine(config: AppConfig) -> Engine:
 class LLMReplica:
     """Serve replica around one engine. Registered as a deployment by the app builder."""
 
-    async def __init__(self, config: AppConfig) -> None:
+    async def __init__(self, config: AppConfig, controller: DeploymentHandle | None = None) -> None:
         context = serve.get_replica_context()
         self._replica_id = context.replica_tag
         rank = getattr(context, "rank", None)
@@ -59,28 +64,115 @@ class LLMReplica:
         if config.replicas.num_gpus == 0:
             # Must be in place before vLLM spawns its engine-core process.
             os.environ.update(cpu_engine_env(config.engine, local_rank, _replicas_per_node(config)))
+        self._config = config
         self._engine = make_engine(config)
         await self._engine.start()
+        slots = config.engine.max_cpu_loras or config.engine.max_loras
+        self._slots = AdapterSlots(slots if config.engine.enable_lora else 0)
+        self._adapter_lock = asyncio.Lock()
+        self._adapter_counts = {"loads": 0, "evictions": 0, "hits": 0}
+        self._metrics = AdapterMetrics()
+        self._controller = controller
+        self._report_task = (asyncio.get_running_loop().create_task(self._report_loop())
+                             if controller is not None else None)
+
+    # -- requests ------------------------------------------------------------------------
 
     async def chat(self, body: dict[str, Any], request_id: str,
                    hints: RoutingHints | None = None) -> AsyncIterator[ReplyHead | str]:
-        async for item in self._tagged(self._engine.chat(body, request_id)):
+        async for item in self._serve(self._engine.chat, body, request_id, hints):
             yield item
 
     async def completion(self, body: dict[str, Any], request_id: str,
                          hints: RoutingHints | None = None) -> AsyncIterator[ReplyHead | str]:
-        async for item in self._tagged(self._engine.completion(body, request_id)):
+        async for item in self._serve(self._engine.completion, body, request_id, hints):
             yield item
 
-    async def _tagged(self, reply: AsyncIterator[ReplyHead | str]) -> AsyncIterator[ReplyHead | str]:
-        async for item in reply:
-            if isinstance(item, ReplyHead):
-                item = dataclasses.replace(item, replica_id=self._replica_id)
-            yield item
+    async def _serve(self, method: Any, body: dict[str, Any], request_id: str,
+                     hints: RoutingHints | None) -> AsyncIterator[ReplyHead | str]:
+        adapter = hints.adapter if hints is not None else None
+        if adapter is not None:
+            # Held before loading, so a concurrent load elsewhere never evicts it.
+            self._slots.acquire(adapter)
+        try:
+            if adapter is not None:
+                try:
+                    await self._ensure_adapter(adapter, hints.adapter_path, cause="request")
+                except Exception as e:  # a broken adapter fails its request, not the replica
+                    logger.warning("adapter %s failed to load: %s", adapter, e)
+                    yield ReplyHead(422, error_body(
+                        422, f"adapter {adapter!r} could not be loaded: {e}"),
+                        replica_id=self._replica_id)
+                    return
+            async for item in method(body, request_id):
+                if isinstance(item, ReplyHead):
+                    item = dataclasses.replace(item, replica_id=self._replica_id)
+                yield item
+        finally:
+            if adapter is not None:
+                self._slots.release(adapter)
+
+    # -- adapters ------------------------------------------------------------------------
+
+    async def _ensure_adapter(self, name: str, path: str | None, cause: str) -> None:
+        if name in self._slots:
+            self._slots.touch(name)
+            if cause == "request":
+                self._count("hits")
+            return
+        if path is None:
+            raise ValueError("no path given for a non-resident adapter")
+        async with self._adapter_lock:
+            if name in self._slots:
+                return
+            for victim in self._slots.victims_for_one_more():
+                if not self._slots.is_idle(victim):
+                    continue  # picked up by a request while we were unloading another
+                await self._engine.unload_adapter(victim)
+                self._slots.remove(victim)
+                self._count("evictions")
+            await self._engine.load_adapter(name, path)
+            self._slots.add(name)
+            self._count("loads", cause)
+            self._metrics.resident.set(len(self._slots.resident()))
+
+    def _count(self, what: str, cause: str | None = None) -> None:
+        self._adapter_counts[what] += 1
+        if what == "loads":
+            self._metrics.loads.inc(tags={"cause": cause or "request"})
+        elif what == "evictions":
+            self._metrics.evictions.inc()
+        else:
+            self._metrics.hits.inc()
+
+    async def _report_loop(self) -> None:
+        period = self._config.placement.report_period_s
+        while True:
+            try:
+                plan = await self._controller.report.remote(self._report())
+                for adapter, path in plan.load:
+                    await self._ensure_adapter(adapter, path, cause="plan")
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the controller restarting must not stop serving
+                logger.warning("placement report failed: %r", e)
+            await asyncio.sleep(period)
+
+    def _report(self) -> ReplicaReport:
+        s = self._engine.stats()
+        return ReplicaReport(
+            replica_id=self._replica_id, resident=self._slots.resident(),
+            slots=self._slots.capacity, queued_tokens=s.kv_usage * s.kv_capacity_tokens,
+            kv_capacity_tokens=s.kv_capacity_tokens, max_num_seqs=s.max_num_seqs,
+            running=s.running, waiting=s.waiting, prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits, **self._adapter_counts)
+
+    # -- operators and routers -----------------------------------------------------------
 
     def engine_stats(self, hints: RoutingHints | None = None) -> dict[str, Any]:
         stats = dataclasses.asdict(self._engine.stats())
-        stats["replica_id"] = self._replica_id
+        stats.update(replica_id=self._replica_id, adapters=self._slots.resident(),
+                     adapter_slots=self._slots.capacity, **self._adapter_counts)
         return stats
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -92,6 +184,8 @@ class LLMReplica:
             "kv_usage": s.kv_usage,
             "kv_capacity_tokens": s.kv_capacity_tokens,
             "max_num_seqs": s.max_num_seqs,
+            "adapters": self._slots.resident(),
+            "adapter_slots_free": self._slots.free,
         }
 
     async def check_health(self) -> None:
@@ -99,6 +193,9 @@ class LLMReplica:
 
     def __del__(self) -> None:
         # Stop the engine-core process with the replica instead of orphaning it.
+        task = getattr(self, "_report_task", None)
+        if task is not None:
+            task.cancel()
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()

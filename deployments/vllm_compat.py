@@ -80,3 +80,15 @@ def client_error_types() -> tuple[type[BaseException], ...]:
         return (VLLMClientError, ValueError)
     except ImportError:
         return (ValueError,)
+
+
+def lora_admin_requests() -> tuple[Any, Any]:
+    load = _first(
+        ("vllm.entrypoints.serve.lora.protocol", "LoadLoRAAdapterRequest"),
+        ("vllm.entrypoints.openai.protocol", "LoadLoRAAdapterRequest"),
+    )
+    unload = _first(
+        ("vllm.entrypoints.serve.lora.protocol", "UnloadLoRAAdapterRequest"),
+        ("vllm.entrypoints.openai.protocol", "UnloadLoRAAdapterRequest"),
+    )
+    return load, unload

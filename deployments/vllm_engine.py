@@ -109,6 +109,7 @@ class VLLMEngine:
         self._engine: Any = None
         self._chat: Any = None
         self._completion: Any = None
+        self._models: Any = None
         self._stats = EngineStats()
 
     async def start(self) -> None:
@@ -136,6 +137,7 @@ class VLLMEngine:
         await vllm_compat.init_app_state()(self._engine, state, args, **init_kwargs)
         self._chat = state.openai_serving_chat
         self._completion = state.openai_serving_completion
+        self._models = state.openai_serving_models
 
         vllm_config = self._engine.vllm_config
         self._stats.block_size = vllm_config.cache_config.block_size
@@ -199,6 +201,22 @@ class VLLMEngine:
         yield ReplyHead(200)
         async for chunk in result:
             yield chunk
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter through vLLM's own OpenAI model registry, so requests
+        naming it as `model` resolve to its LoRARequest."""
+        load_cls, _ = vllm_compat.lora_admin_requests()
+        result = await self._models.load_lora_adapter(load_cls(lora_name=name, lora_path=path))
+        if isinstance(result, vllm_compat.error_response_cls()):
+            raise RuntimeError(f"vLLM could not load adapter {name!r}: {result.error.message}")
+
+    async def unload_adapter(self, name: str) -> None:
+        _, unload_cls = vllm_compat.lora_admin_requests()
+        lora = self._models.lora_requests.get(name)
+        await self._models.unload_lora_adapter(unload_cls(lora_name=name))
+        if lora is not None:
+            # The registry entry is gone; free the engine's CPU cache slot as well.
+            await self._engine.remove_lora(lora.lora_int_id)
 
     async def check_health(self) -> None:
         await self._engine.check_health()

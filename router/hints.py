@@ -1,5 +1,5 @@
-"""What the ingress tells the request router about a request, so the router never
-has to parse an OpenAI body on its hot path."""
+"""What the ingress tells the request router (and the replica) about a request, so the
+router never parses an OpenAI body on its hot path."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ class RoutingHints:
     prompt_tokens: int = 0
     max_tokens: int = 0
     model: str = ""
+    adapter: str | None = None  # LoRA adapter name when `model` names one
+    adapter_path: str | None = None  # where the replica loads it from (validated)
     session_id: str | None = None
+    # (length, hash) of the prompt's first 1, 2, 4, ... KV blocks, shortest first
+    prefix_keys: tuple[tuple[int, int], ...] = ()
     tenant: str | None = None
     # Operator calls (stats, adapter loads) that must reach one specific replica.
     replica_id: str | None = None

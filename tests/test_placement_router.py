@@ -1,0 +1,220 @@
+"""PlacementAwareRouter's choices, driven through Ray Serve's RequestRouter interface
+with fake replicas (pure routing logic; the e2e tests route real requests)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.serve._private.common import (
+    DeploymentHandleSource,
+    DeploymentID,
+    ReplicaID,
+    RequestMetadata,
+)
+from ray.serve.request_router import PendingRequest
+
+from router.hints import RoutingHints
+from router.placement_router import PlacementAwareRouter, RoundRobinRouter
+
+DEPLOYMENT = DeploymentID(name="LLMReplica", app_name="test")
+
+
+@dataclass
+class FakeReplica:
+    replica_id: ReplicaID
+    routing_stats: dict[str, Any] = field(default_factory=dict)
+
+
+def replica(name: str, **stats: Any) -> FakeReplica:
+    return FakeReplica(ReplicaID(unique_id=name, deployment_id=DEPLOYMENT), dict(stats))
+
+
+def pending(request_id: str, hints: RoutingHints | None) -> PendingRequest:
+    return PendingRequest(
+        args=[{}, request_id], kwargs={"hints": hints} if hints else {},
+        metadata=RequestMetadata(request_id=request_id, internal_request_id=request_id),
+    )
+
+
+def make_router(**kwargs: Any) -> PlacementAwareRouter:
+    router = PlacementAwareRouter(deployment_id=DEPLOYMENT,
+                                  handle_source=DeploymentHandleSource.UNKNOWN)
+    router.initialize_state(ledger_ttl_s=60, **kwargs)
+    return router
+
+
+async def route(router, replicas, request_id: str, hints: RoutingHints, force=None):
+    """Rank, then resolve the request's future as Serve would: with the first rank, or
+    with `force` (as when Serve falls back past a full replica)."""
+    req = pending(request_id, hints)
+    ranks = await router.choose_replicas(replicas, req)
+    chosen = force or ranks[0][0]
+    req.future.set_result(chosen)
+    await asyncio.sleep(0)
+    return chosen
+
+
+def test_fewest_queued_tokens_wins_and_completion_releases():
+    async def scenario():
+        router = make_router()
+        a, b = replica("a"), replica("b")
+        big = pending("big", RoutingHints(prompt_tokens=900, max_tokens=100))
+        ranks = await router.choose_replicas([a, b], big)
+        assert [len(r) for r in ranks] == [1, 1]
+        first = ranks[0][0]
+        big.future.set_result(first)  # Serve resolves the future with its pick
+        await asyncio.sleep(0)
+        assert router.queued_tokens(first) == 1000
+
+        small = pending("small", RoutingHints(prompt_tokens=10, max_tokens=10))
+        ranks = await router.choose_replicas([a, b], small)
+        other = b if first is a else a
+        assert ranks[0][0] is other, "the idle replica must rank first"
+
+        router.on_request_completed(first.replica_id, "big")
+        assert router.queued_tokens(first) == 0
+
+    asyncio.run(scenario())
+
+
+def test_charge_follows_serves_final_pick_not_the_first_rank():
+    async def scenario():
+        router = make_router()
+        a, b = replica("a"), replica("b")
+        req = pending("r", RoutingHints(prompt_tokens=50, max_tokens=50))
+        ranks = await router.choose_replicas([a, b], req)
+        fallback = ranks[1][0]  # e.g. the first was at max_ongoing_requests
+        req.future.set_result(fallback)
+        await asyncio.sleep(0)
+        assert router.queued_tokens(fallback) == 100
+        assert router.queued_tokens(ranks[0][0]) == 0
+
+    asyncio.run(scenario())
+
+
+def test_engine_reported_load_counts_for_traffic_from_other_routers():
+    async def scenario():
+        router = make_router()
+        busy = replica("busy", kv_usage=0.5, kv_capacity_tokens=10000, waiting=3)
+        idle = replica("idle", kv_usage=0.0, kv_capacity_tokens=10000, waiting=0)
+        for i in range(5):
+            ranks = await router.choose_replicas([busy, idle], pending(f"q{i}", RoutingHints(1, 1)))
+            assert ranks[0][0] is idle
+
+    asyncio.run(scenario())
+
+
+def test_pinned_request_goes_only_to_its_replica():
+    async def scenario():
+        router = make_router()
+        a, b = replica("a"), replica("b")
+        ranks = await router.choose_replicas([a, b], pending("p", RoutingHints(replica_id="b")))
+        assert ranks == [[b]]
+        ranks = await router.choose_replicas([a, b], pending("p2", RoutingHints(replica_id="zz")))
+        assert ranks == [[]]
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_request_is_never_charged():
+    async def scenario():
+        router = make_router()
+        a = replica("a")
+        req = pending("c", RoutingHints(prompt_tokens=10, max_tokens=10))
+        await router.choose_replicas([a], req)
+        req.future.cancel()
+        await asyncio.sleep(0)
+        assert router.queued_tokens(a) == 0
+
+    asyncio.run(scenario())
+
+
+def test_adapter_residency_wins_within_the_imbalance_bound():
+    async def scenario():
+        router = make_router(max_imbalance_tokens=500, cold_adapter_penalty_tokens=1000)
+        holder = replica("holder", adapters=["a1"], adapter_slots_free=1)
+        other = replica("other", adapters=[], adapter_slots_free=2)
+        for i in range(3):
+            got = await route(router, [holder, other], f"r{i}", RoutingHints(10, 90, adapter="a1"))
+            assert got is holder
+        # holder now has 300 queued tokens; 2 more pass the 500 bound...
+        await route(router, [holder, other], "r3", RoutingHints(10, 90, adapter="a1"))
+        await route(router, [holder, other], "r4", RoutingHints(10, 90, adapter="a1"))
+        # ...and still fine: the cold penalty (1000) outweighs 500 tokens of imbalance
+        got = await route(router, [holder, other], "r5", RoutingHints(10, 90, adapter="a1"))
+        assert got is holder
+        for i in range(6, 20):
+            await route(router, [holder, other], f"r{i}", RoutingHints(10, 90, adapter="a1"))
+        # Load eventually beats residency: the adapter spills onto the other replica.
+        assert router.queued_tokens(other) > 0
+
+    asyncio.run(scenario())
+
+
+def test_router_remembers_where_it_just_sent_an_adapter():
+    async def scenario():
+        router = make_router()
+        a, b = replica("a"), replica("b")
+        first = await route(router, [a, b], "x1", RoutingHints(5, 5, adapter="new"))
+        router.on_request_completed(first.replica_id, "x1")
+        again = await route(router, [a, b], "x2", RoutingHints(5, 5, adapter="new"))
+        assert again is first, "the replica that just loaded it must win until reports arrive"
+
+    asyncio.run(scenario())
+
+
+def test_session_and_prefix_affinity_are_bounded_by_load():
+    async def scenario():
+        router = make_router(max_imbalance_tokens=300)
+        a, b = replica("a"), replica("b")
+        home = await route(router, [a, b], "s1", RoutingHints(50, 50, session_id="sess"))
+        router.on_request_completed(home.replica_id, "s1")
+        # Same session again: back home even with a tie on load.
+        for i in range(5):
+            got = await route(router, [a, b], f"s{i + 2}", RoutingHints(50, 50, session_id="sess"))
+            router.on_request_completed(got.replica_id, f"s{i + 2}")
+            assert got is home
+        # Same prompt prefix, new session: follows the prefix.
+        got = await route(router, [a, b], "p1",
+                          RoutingHints(50, 50, prefix_keys=((32, 11), (64, 22))))
+        router.on_request_completed(got.replica_id, "p1")
+        got2 = await route(router, [a, b], "p2",
+                           RoutingHints(50, 50, prefix_keys=((32, 11), (64, 22), (128, 33))))
+        assert got2 is got, "the longest known prefix must match"
+        router.on_request_completed(got2.replica_id, "p2")
+        # Pile load on home: affinity yields once it is > 300 tokens busier.
+        for i in range(4):
+            await route(router, [a, b], f"load{i}", RoutingHints(100, 0), force=home)
+        other = b if home is a else a
+        assert router.queued_tokens(home) - router.queued_tokens(other) > 300
+        got = await route(router, [a, b], "s-late", RoutingHints(50, 50, session_id="sess"))
+        assert got is other
+
+    asyncio.run(scenario())
+
+
+def test_a_short_shared_prefix_tolerates_little_imbalance():
+    async def scenario():
+        router = make_router(prefix_imbalance_per_token=2.0)
+        a, b = replica("a"), replica("b")
+        short = ((32, 7),)  # e.g. a shared one-block system prompt
+        home = await route(router, [a, b], "q0", RoutingHints(40, 60, prefix_keys=short))
+        # 100 tokens queued on home > 2 x 32 allowed: the next one goes elsewhere.
+        nxt = await route(router, [a, b], "q1", RoutingHints(40, 60, prefix_keys=short))
+        assert nxt is not home
+
+    asyncio.run(scenario())
+
+
+def test_round_robin_alternates():
+    async def scenario():
+        router = RoundRobinRouter(deployment_id=DEPLOYMENT,
+                                  handle_source=DeploymentHandleSource.UNKNOWN)
+        a, b = replica("a"), replica("b")
+        firsts = [(await router.choose_replicas([a, b], pending(f"q{i}", None)))[0][0]
+                  for i in range(4)]
+        assert firsts[0] is not firsts[1] and firsts[0] is firsts[2]
+
+    asyncio.run(scenario())
