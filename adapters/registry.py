@@ -30,6 +30,9 @@ class AdapterError(Exception):
         self.status = status
         self.message = message
 
+    def __reduce__(self):  # crosses Ray process boundaries as a return value
+        return (AdapterError, (self.status, self.message))
+
 
 @dataclass(frozen=True)
 class AdapterSpec:

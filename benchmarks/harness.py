@@ -67,6 +67,7 @@ def start_stack(port: int, logfile: Path, overrides: Callable[[dict], None]) -> 
     # A fresh local Ray cluster per target, never one left over from elsewhere.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["HF_HUB_OFFLINE"] = "1"
+    env.setdefault("RAY_worker_niceness", "0")  # as `make serve` runs it (see Makefile)
     proc = subprocess.Popen([str(serve), "run", str(path)], env=env, cwd=ROOT,
                             stdout=logfile.open("w"), stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"

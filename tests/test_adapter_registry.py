@@ -110,3 +110,10 @@ def test_tensor_shapes_must_fit_the_base(base, root):
     (root / "alpha" / "adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(AdapterError, match="unreadable"):
         registry(base, root).register("alpha", "alpha")
+
+
+def test_adapter_error_survives_pickling():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(AdapterError(403, "outside the roots")))
+    assert (e.status, e.message) == (403, "outside the roots")

@@ -76,15 +76,16 @@ def test_flooding_tenant_does_not_starve_a_light_one(serve_app):
             flood = [asyncio.create_task(request(client, "flood", i)) for i in range(48)]
             await asyncio.sleep(1.0)  # the flood fills the engines and the queue first
             light = []
-            for i in range(4):
+            for i in range(2):
                 light.append(await request(client, "light", i))
             return await asyncio.gather(*flood), light
 
     flood, light = asyncio.run(run())
-    assert [status for status, _ in light] == [200] * 4, light
-    flood_done = [t for status, t in flood if status == 200]
-    assert flood_done, "some flood requests must be served too"
-    # The light tenant finished its 4 sequential requests while the flood was still
-    # being served: it was not queued behind all of it.
-    assert light[-1][1] < max(flood_done)
+    assert [status for status, _ in light] == [200] * 2, light
     assert {status for status, _ in flood} <= {200, 429}
+    flood_done = sorted(t for status, t in flood if status == 200)
+    # First in, first out would put the light tenant's request behind every queued flood
+    # request (16 of them); fair queuing admits it at the next free slot, so a good part
+    # of the flood is still being served when it is done.
+    after_light = [t for t in flood_done if t > light[0][1]]
+    assert len(after_light) >= 8, (len(after_light), len(flood_done))

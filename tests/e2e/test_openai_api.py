@@ -16,11 +16,11 @@ MODEL = "smollm2-135m-instruct"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def test_models_lists_the_served_model(openai_client):
+def test_models_lists_the_served_model_first(openai_client):
     models = openai_client.models.list()
-    ids = [m.id for m in models.data]
-    assert ids == [MODEL]
+    assert models.data[0].id == MODEL
     assert models.data[0].max_model_len == 2048
+    assert all(m.parent == MODEL for m in models.data[1:])  # the LoRA adapters
 
 
 def test_chat_answers_paris_at_temperature_zero(openai_client):
