@@ -99,6 +99,12 @@ def write_report(out: Path, targets: dict[str, dict], meta: dict) -> None:
         f"{meta['input_len']} random prompt tokens, {meta['output_len']} output tokens "
         f"(ignore_eos); load client: vLLM's `vllm bench serve`.",
         "",
+        f"Engine settings, the same for every target (cluster.yaml): {meta['engine']}. "
+        "bare = vLLM's OpenAI server with vLLM's default CPU binding; stack = cluster.yaml as "
+        "shipped (2 replicas, each engine on its own core); stack-1 = one replica bound like "
+        "bare vLLM. Ray workers run at niceness 0 (`RAY_worker_niceness=0`, as `make serve` "
+        "starts them; Ray's default 15 cost the stack 11% here).",
+        "",
         "| target | output tok/s | ratio vs bare | TTFT p50 / p90 / p99 (ms) "
         "| ITL p50 / p90 / p99 (ms) | failed | startup (s) |",
         "|---|---|---|---|---|---|---|",
@@ -189,6 +195,7 @@ def main() -> int:
         "concurrency": args.concurrency, "num_prompts": args.num_prompts,
         "input_len": args.input_len, "output_len": args.output_len,
         "targets": {"stack throughput": ">= 0.9x bare vLLM"},
+        "engine": ", ".join(f"{k}={v}" for k, v in engine_settings().items()),
     }
     write_report(args.out, results, meta)
     log(f"report: {args.out / 'report.md'}")
