@@ -17,7 +17,7 @@ from adapters.registry import AdapterError
 from deployments.controller import PlacementController, make_registry
 from deployments.ingress import ingress_deployment
 from deployments.replica import LLMReplica
-from ruvllm.config import AppConfig, ConfigError
+from ruvllm.config import AppConfig, ConfigError, ReplicaConfig, XLoraMixture
 from ruvllm.model_store import resolve_model
 
 logger = logging.getLogger("ray.serve")
@@ -50,10 +50,11 @@ def _router_config(config: AppConfig) -> RequestRouterConfig:
     )
 
 
-def _replica_options(config: AppConfig) -> dict[str, Any]:
-    r = config.replicas
+def _replica_options(config: AppConfig, r: ReplicaConfig | None = None,
+                     name: str = "LLMReplica") -> dict[str, Any]:
+    r = r or config.replicas
     options: dict[str, Any] = {
-        "name": "LLMReplica",
+        "name": name,
         "max_ongoing_requests": r.max_ongoing_requests,
         "ray_actor_options": {
             "num_cpus": r.num_cpus,
@@ -106,10 +107,28 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     ).bind(config)
     replica = serve.deployment(LLMReplica).options(**_replica_options(config)).bind(
         config, controller)
+    mixtures = {}
+    for mixture in config.xlora:
+        _check_mixture(mixture, config)
+        mixtures[mixture.name] = serve.deployment(LLMReplica).options(
+            **_replica_options(config, mixture.replicas, f"XLoRA-{mixture.name}"),
+        ).bind(config, controller, mixture)
     ingress = ingress_deployment().options(
         name="OpenAIIngress",
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
-    return ingress.bind(replica, controller, config)
+    return ingress.bind(replica, controller, config, mixtures)
+
+
+def _check_mixture(mixture: XLoraMixture, config: AppConfig) -> None:
+    from adapters.xlora.checkpoint import read_checkpoint
+
+    if mixture.checkpoint == "builtin:fixture":
+        return  # built (and checked) by the replica on first start
+    try:
+        read_checkpoint(mixture.checkpoint, num_layers=1)
+    except (AdapterError, OSError, KeyError, ValueError) as e:
+        message = getattr(e, "message", str(e))
+        raise ConfigError(f"xlora.{mixture.name}.checkpoint: {message}") from None

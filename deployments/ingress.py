@@ -104,8 +104,10 @@ class OpenAIIngress:
     """Registered as a Serve deployment with `serve.ingress(api)` by the app builder."""
 
     def __init__(self, engine: DeploymentHandle, controller: DeploymentHandle,
-                 config: AppConfig) -> None:
+                 config: AppConfig, mixtures: dict[str, DeploymentHandle] | None = None) -> None:
         self._engine = engine
+        self._mixtures = dict(mixtures or {})
+        self._mixture_roots = {m.name: m.checkpoint for m in config.xlora}
         self._controller = controller
         self._config = config
         self._base_name = config.model.name
@@ -148,6 +150,9 @@ class OpenAIIngress:
         cards += [self._card_cls(id=name, root=spec.path, parent=self._base_name,
                                  owned_by="ruvllm", max_model_len=self._max_model_len)
                   for name, spec in sorted(self._cluster.adapters.items())]
+        cards += [self._card_cls(id=name, root=root, parent=self._base_name, owned_by="ruvllm",
+                                 max_model_len=self._max_model_len)
+                  for name, root in sorted(self._mixture_roots.items())]
         return JSONResponse(self._list_cls(data=cards).model_dump())
 
     # -- OpenAI inference ----------------------------------------------------------------
@@ -187,7 +192,7 @@ class OpenAIIngress:
             raise ClientError(400, str(e), getattr(e, "parameter", None)) from None
 
     async def _adapter_for(self, model: str | None) -> AdapterSpec | None:
-        if model in (None, self._base_name):
+        if model in (None, self._base_name) or model in self._mixtures:
             return None
         spec = self._cluster.adapters.get(model)
         if spec is None:
@@ -198,7 +203,7 @@ class OpenAIIngress:
                 pass
             spec = self._cluster.adapters.get(model)
         if spec is None:
-            known = [self._base_name, *sorted(self._cluster.adapters)]
+            known = [self._base_name, *sorted(self._mixtures), *sorted(self._cluster.adapters)]
             raise ClientError(404, f"The model `{model}` does not exist. Available: "
                               f"{', '.join(known[:20])}.", "model")
         return spec
@@ -233,8 +238,9 @@ class OpenAIIngress:
         admission = await self._admit(hints)
         if adapter is not None:
             self._cluster.count_request(adapter.name)
+        engine = self._mixtures.get(parsed.model, self._engine)
         try:
-            response = await self._dispatch(method, body, request_id, hints, admission)
+            response = await self._dispatch(engine, method, body, request_id, hints, admission)
         except BaseException:
             admission.release()
             raise
@@ -253,9 +259,9 @@ class OpenAIIngress:
         self._admission_metrics.queue_wait_seconds.observe(admission.waited_s)
         return admission
 
-    async def _dispatch(self, method: str, body: dict[str, Any], request_id: str,
-                        hints: RoutingHints, admission: Admission):
-        reply = getattr(self._engine.options(stream=True), method).remote(
+    async def _dispatch(self, engine: DeploymentHandle, method: str, body: dict[str, Any],
+                        request_id: str, hints: RoutingHints, admission: Admission):
+        reply = getattr(engine.options(stream=True), method).remote(
             body, request_id, hints=hints)
         watchdog = Watchdog(self._timeout_s, reply.cancel)
         try:

@@ -16,7 +16,7 @@ from deployments.protocol import Engine, ReplyHead, error_body
 from router.hints import RoutingHints
 from router.metrics import AdapterMetrics
 from router.placement import ReplicaReport
-from ruvllm.config import AppConfig, EngineConfig
+from ruvllm.config import AppConfig, EngineConfig, XLoraMixture
 from ruvllm.model_store import resolve_model
 
 logger = logging.getLogger("ray.serve")
@@ -44,19 +44,34 @@ def cpu_engine_env(config: EngineConfig, local_rank: int, local_world_size: int)
     return env
 
 
-def make_engine(config: AppConfig) -> Engine:
-    model_path = resolve_model(config.model.source, config.resolved_cache_dir)
-    if config.engine.kind == "vllm":
-        from deployments.vllm_engine import VLLMEngine
+def make_engine(config: AppConfig, mixture: XLoraMixture | None = None) -> Engine:
+    if config.engine.kind != "vllm":
+        raise ValueError(f"engine.kind {config.engine.kind!r} is not available")
+    from deployments.vllm_engine import VLLMEngine
 
+    if mixture is None:
+        model_path = resolve_model(config.model.source, config.resolved_cache_dir)
         return VLLMEngine(model_path, config.model.name, config.engine)
-    raise ValueError(f"engine.kind {config.engine.kind!r} is not available")
+    from adapters.xlora.checkpoint import mixture_model_dir
+
+    # The experts live in the model itself; vLLM's own LoRA stays off. Non-granular
+    # mode leaves the scaling pass's cache unfilled for generated tokens, so a prefix
+    # cache hit on them would read garbage: it serves without prefix caching. The
+    # two-pass forward (and non-granular's data-dependent skip) runs eagerly: vLLM's
+    # torch.compile / CUDA-graph capture assume one pass per step.
+    engine = config.engine.model_copy(update={
+        "enable_lora": False,
+        "enforce_eager": True,
+        "enable_prefix_caching": config.engine.enable_prefix_caching and not mixture.non_granular,
+    })
+    return VLLMEngine(mixture_model_dir(mixture, config), mixture.name, engine)
 
 
 class LLMReplica:
     """Serve replica around one engine. Registered as a deployment by the app builder."""
 
-    async def __init__(self, config: AppConfig, controller: DeploymentHandle | None = None) -> None:
+    async def __init__(self, config: AppConfig, controller: DeploymentHandle | None = None,
+                       mixture: XLoraMixture | None = None) -> None:
         context = serve.get_replica_context()
         self._replica_id = context.replica_tag
         rank = getattr(context, "rank", None)
@@ -65,10 +80,11 @@ class LLMReplica:
             # Must be in place before vLLM spawns its engine-core process.
             os.environ.update(cpu_engine_env(config.engine, local_rank, _replicas_per_node(config)))
         self._config = config
-        self._engine = make_engine(config)
+        self._mixture = mixture
+        self._engine = make_engine(config, mixture)
         await self._engine.start()
         slots = config.engine.max_cpu_loras or config.engine.max_loras
-        self._slots = AdapterSlots(slots if config.engine.enable_lora else 0)
+        self._slots = AdapterSlots(slots if config.engine.enable_lora and mixture is None else 0)
         self._adapter_lock = asyncio.Lock()
         self._adapter_counts = {"loads": 0, "evictions": 0, "hits": 0}
         self._metrics = AdapterMetrics()
@@ -160,8 +176,10 @@ class LLMReplica:
 
     def _report(self) -> ReplicaReport:
         s = self._engine.stats()
+        # A mixture's replicas hold its experts for good: report the mixture as resident.
+        resident = [self._mixture.name] if self._mixture else self._slots.resident()
         return ReplicaReport(
-            replica_id=self._replica_id, resident=self._slots.resident(),
+            replica_id=self._replica_id, resident=resident,
             slots=self._slots.capacity, queued_tokens=s.kv_usage * s.kv_capacity_tokens,
             kv_capacity_tokens=s.kv_capacity_tokens, max_num_seqs=s.max_num_seqs,
             running=s.running, waiting=s.waiting, prefix_cache_queries=s.prefix_cache_queries,

@@ -17,6 +17,37 @@ def _prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _xlora_fixture(args: argparse.Namespace) -> int:
+    from adapters.xlora.fixture import build_fixture
+    from ruvllm.model_store import prepare_builtin
+
+    print(build_fixture(prepare_builtin(args.base, args.cache_dir), cache_dir=args.cache_dir))
+    return 0
+
+
+def _k8s_render(args: argparse.Namespace) -> int:
+    from ruvllm.k8s import PROFILES, manifest_path, render_text
+
+    profiles = list(PROFILES) if args.all else [args.profile]
+    for profile in profiles:
+        text = render_text(args.config, profile)
+        if args.stdout:
+            print(text)
+            continue
+        out = manifest_path(args.config, profile)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(out)
+    if args.all and not args.stdout:
+        from ruvllm.grafana import DASHBOARD_PATH, dashboard_text
+
+        out = args.config.resolve().parent.joinpath(*DASHBOARD_PATH)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(dashboard_text())
+        print(out)
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from ruvllm.config import ConfigError
     from ruvllm.serve_config import load_app_configs
@@ -42,6 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(func=_prepare_model)
+
+    p = sub.add_parser("xlora-fixture",
+                       help="train the small X-LoRA checkpoint used by tests and benchmarks")
+    p.add_argument("--base", default="smollm2-135m-instruct")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.set_defaults(func=_xlora_fixture)
+
+    p = sub.add_parser("k8s", help="Kubernetes (KubeRay) manifests")
+    k8s = p.add_subparsers(dest="k8s_command", required=True)
+    p = k8s.add_parser("render", help="render RayService manifests from a Serve config")
+    p.add_argument("--config", type=Path, default=Path("cluster.yaml"))
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--profile", choices=["cpu-dev", "gpu"])
+    group.add_argument("--all", action="store_true", help="every profile")
+    p.add_argument("--stdout", action="store_true", help="print instead of writing k8s/overlays")
+    p.set_defaults(func=_k8s_render)
 
     p = sub.add_parser("validate", help="validate the ruvllm args of a Serve config file")
     p.add_argument("config", type=Path, nargs="?", default=Path("cluster.yaml"))

@@ -263,6 +263,31 @@ class AdmissionConfig(_Strict):
     tenants: dict[str, TenantLimits] = Field(default_factory=dict)
 
 
+class XLoraMixture(_Strict):
+    """An X-LoRA mixture served under its own model name by its own replicas."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    checkpoint: str = Field(
+        description="peft X-LoRA checkpoint directory, or `builtin:fixture` for the small "
+        "three-expert checkpoint `ruvllm xlora-fixture` trains."
+    )
+    non_granular: bool = Field(
+        False,
+        description="Compute scalings from the prompt and reuse them for every generated "
+        "token, skipping the scaling pass in decode steps (turns prefix caching off: the "
+        "scaling pass's cache is not filled for generated tokens).",
+    )
+    top_k_lora: int | None = Field(None, ge=1)
+    softmax_temperature: float | None = Field(None, gt=0)
+    global_scaling_weight: float | None = None
+    replicas: ReplicaConfig = Field(default_factory=ReplicaConfig)
+
+    def overrides(self) -> dict[str, Any]:
+        return {"non_granular": self.non_granular, "top_k_lora": self.top_k_lora,
+                "softmax_temperature": self.softmax_temperature,
+                "global_scaling_weight": self.global_scaling_weight}
+
+
 class AppConfig(_Strict):
     name: str = "ruvllm"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -273,6 +298,7 @@ class AppConfig(_Strict):
     adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    xlora: list[XLoraMixture] = Field(default_factory=list)
     cache_dir: Path | None = Field(
         None, description="Model cache; default $RUVLLM_CACHE_DIR or ~/.cache/ruvllm."
     )
@@ -286,6 +312,11 @@ class AppConfig(_Strict):
             raise ValueError("adapters.declared needs adapters.allowed_roots")
         if self.model.name in a.declared:
             raise ValueError(f"adapters.declared: {self.model.name!r} is the base model's name")
+        names = [m.name for m in self.xlora]
+        clash = set(names) & ({self.model.name} | set(a.declared))
+        if clash or len(set(names)) != len(names):
+            raise ValueError(f"xlora: mixture names must be unique and differ from the base "
+                             f"model and adapters ({sorted(clash) or names})")
         return self
 
     @property

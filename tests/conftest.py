@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,9 +26,10 @@ def cluster_app_args() -> dict[str, Any]:
 
 ADMIN_TOKEN = "test-admin-token"
 DECLARED = ("alpha", "beta", "gamma")  # delta and epsilon get registered at run time
+XLORA_NAME = "mix"
 
 
-def e2e_app_args(adapter_root: Path) -> dict[str, Any]:
+def e2e_app_args(adapter_root: Path, xlora_checkpoint: Path) -> dict[str, Any]:
     """cluster.yaml's app, with eager engines (fast start), LoRA on, two adapter slots
     per replica (so eviction shows), and 16 sequences per engine: 32 in the cluster,
     well below the 100 sessions the admission test opens."""
@@ -39,6 +41,8 @@ def e2e_app_args(adapter_root: Path) -> dict[str, Any]:
                         "declared": {name: name for name in DECLARED},
                         "admin_token": ADMIN_TOKEN}
     args["admission"] = {**args.get("admission", {}), "max_queue": 16, "queue_timeout_s": 20}
+    args["xlora"] = [{"name": XLORA_NAME, "checkpoint": str(xlora_checkpoint),
+                      "replicas": {"num_replicas": 1, "num_cpus": 0.25}}]
     return args
 
 
@@ -63,6 +67,14 @@ def adapter_root(tmp_path_factory, base_model_path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def xlora_checkpoint(base_model_path) -> Path:
+    """The three-expert X-LoRA fixture (trained once with peft, then cached)."""
+    from adapters.xlora.fixture import build_fixture
+
+    return build_fixture(base_model_path)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,7 +82,8 @@ def _free_port() -> int:
 
 
 class ServeApp:
-    def __init__(self, base_url: str, app_name: str, config: Any) -> None:
+    def __init__(self, base_url: str, app_name: str, config: Any, head: "RayHead") -> None:
+        self.head = head
         self.base_url = base_url
         self.app_name = app_name
         self.config = config
@@ -79,10 +92,10 @@ class ServeApp:
     def openai_url(self) -> str:
         return f"{self.base_url}/v1"
 
-    def replica_handle(self):
+    def replica_handle(self, deployment: str = "LLMReplica"):
         from ray import serve
 
-        return serve.get_deployment_handle("LLMReplica", app_name=self.app_name)
+        return serve.get_deployment_handle(deployment, app_name=self.app_name)
 
     def admin_headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -92,36 +105,157 @@ class ServeApp:
 
         described = httpx.get(f"{self.openai_url}/adapters", headers=self.admin_headers(),
                               timeout=30).json()
-        return sorted(r["replica_id"] for r in described["replicas"])
+        # The X-LoRA mixture's own replica reports too (its mixture resident, no slots).
+        return sorted(r["replica_id"] for r in described["replicas"]
+                      if XLORA_NAME not in r["resident"])
 
-    def engine_stats(self, replica_id: str) -> dict[str, Any]:
+    def engine_stats(self, replica_id: str, deployment: str = "LLMReplica") -> dict[str, Any]:
         from router.hints import RoutingHints
 
-        response = self.replica_handle().engine_stats.remote(
+        response = self.replica_handle(deployment).engine_stats.remote(
             hints=RoutingHints(replica_id=replica_id))
         return response.result(timeout_s=30)
 
 
-@pytest.fixture(scope="session")
-def serve_app(adapter_root: Path) -> Iterator[ServeApp]:
-    import ray
-    from ray import serve
+class RayHead:
+    """`ray start --head --block` in a subprocess: a local cluster like KubeRay's head pod
+    (dashboard with Serve's REST API, Prometheus metrics on its own port)."""
 
-    from deployments.app import build_app
+    def __init__(self, tmp: Path) -> None:
+        import sys
+
+        self.gcs_port, self.dashboard_port, self.metrics_port = (_free_port() for _ in range(3))
+        ray = Path(sys.executable).with_name("ray")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_worker_niceness": "0"}
+        self.log = open(tmp / "ray-head.log", "w")
+        self.process = subprocess.Popen(
+            [str(ray), "start", "--head", "--block", "--disable-usage-stats",
+             f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={self.dashboard_port}",
+             f"--metrics-export-port={self.metrics_port}"],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def auth_headers(self) -> dict[str, str]:
+        """Ray >= 2.5x turns token auth on for new clusters (token in ~/.ray/auth_token);
+        the REST API then wants it, as `serve deploy` sends it."""
+        try:
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available)
+            from ray._private.authentication.http_token_authentication import (
+                get_auth_headers_if_auth_enabled)
+
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+            return dict(get_auth_headers_if_auth_enabled({}))
+        except ImportError:  # older Ray: no token auth
+            return {}
+
+    def wait_for_dashboard(self, timeout_s: float = 120) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ray start exited {self.process.returncode}; "
+                                   f"see {self.log.name}")
+            try:
+                status = httpx.get(f"{self.dashboard_url}/api/serve/applications/",
+                                   headers=self.auth_headers(), timeout=5).status_code
+                if status == 200:
+                    return
+                if status in (401, 403):
+                    raise RuntimeError(f"Ray dashboard refused the test's token ({status})")
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError("the Ray dashboard did not come up")
+
+    def stop(self) -> None:
+        self.process.terminate()  # `--block` stops the whole local cluster on SIGTERM
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def kuberay_serve_config(args: dict[str, Any], http_port: int) -> dict[str, Any]:
+    """What KubeRay would submit for the cpu-dev profile (the generated serveConfigV2),
+    with the test's engine/adapter settings and local paths merged into the app's args,
+    and the HTTP options KubeRay would set on the head."""
+    from ruvllm.k8s import PROFILES, serve_config_v2
+
+    serve_config = serve_config_v2(ROOT / "cluster.yaml", PROFILES["cpu-dev"])
+    (app,) = serve_config["applications"]
+    from ruvllm.config import resolve_cache_dir
+
+    app["args"] = {**app["args"], "cache_dir": str(resolve_cache_dir(None)), **args}
+    serve_config["http_options"] = {"host": "127.0.0.1", "port": http_port}
+    return serve_config
+
+
+def deploy_and_wait(head: RayHead, serve_config: dict[str, Any], timeout_s: float = 900) -> None:
+    """PUT the config to Serve's REST API (KubeRay's path) and wait for RUNNING."""
+    import httpx
+
+    url = f"{head.dashboard_url}/api/serve/applications/"
+    headers = head.auth_headers()
+    response = httpx.put(url, json=serve_config, headers=headers, timeout=60)
+    assert response.status_code == 200, response.text
+    names = [a["name"] for a in serve_config["applications"]]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        apps = (httpx.get(url, headers=headers, timeout=30).json().get("applications") or {})
+        statuses = {n: (apps.get(n) or {}).get("status") for n in names}
+        if all(s == "RUNNING" for s in statuses.values()):
+            return
+        for n, s in statuses.items():
+            if s == "DEPLOY_FAILED":
+                raise RuntimeError(f"{n}: {apps[n].get('message')}")
+        time.sleep(2)
+    raise TimeoutError(f"applications not RUNNING after {timeout_s} s: {statuses}")
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory) -> Iterator[RayHead]:
+    head = RayHead(tmp_path_factory.mktemp("ray"))
+    try:
+        head.wait_for_dashboard()
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_head: RayHead, adapter_root: Path, xlora_checkpoint: Path) -> Iterator[ServeApp]:
+    import ray
+
     from ruvllm.config import AppConfig
 
     port = _free_port()
-    ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, include_dashboard=False,
-             log_to_driver=bool(os.environ.get("RUVLLM_TEST_LOGS")))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = e2e_app_args(adapter_root)
+    args = e2e_app_args(adapter_root, xlora_checkpoint)
+    serve_config = kuberay_serve_config(args, port)
     started = time.monotonic()
-    serve.run(build_app(args), name="ruvllm", route_prefix="/")
+    deploy_and_wait(ray_head, serve_config)
     print(f"\nServe app up in {time.monotonic() - started:.0f} s on port {port}")
+    # The tests' own driver, for deployment handles (replica stats).
+    ray.init(address=ray_head.address, log_to_driver=bool(os.environ.get("RUVLLM_TEST_LOGS")))
     try:
-        yield ServeApp(f"http://127.0.0.1:{port}", "ruvllm", AppConfig.from_args(args))
+        (app,) = serve_config["applications"]
+        yield ServeApp(f"http://127.0.0.1:{port}", "ruvllm", AppConfig.from_args(app["args"]),
+                       ray_head)
     finally:
-        serve.shutdown()
         ray.shutdown()
 
 

@@ -1,0 +1,123 @@
+"""Parity of the vLLM X-LoRA model with peft's XLoraModel on the same checkpoint.
+
+    python -m adapters.xlora.parity --xlora DIR --base DIR [--prompts 5 --tokens 32]
+
+Greedy-decodes each prompt with vLLM (float32, CPU, prefix caching on) and, token by
+token, with peft (which needs `use_cache=False`, so it recomputes the scaling pass over
+the whole sequence at every step, which is what the dual KV cache must reproduce), and
+prints a JSON report: the greedy tokens of both and the log-probability of every chosen
+token under both. Runs in its own process because vLLM spawns workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+PROMPTS = [
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    '{"id": 17, "name": "vega-kernel", "city": "Oslo", "tags": [',
+    "The module provides a simple way to manage temporary files, and",
+    "import json\n\ndata = {\"user\": \"u42\", \"level\": 3}\nprint(json.dumps(",
+    "Return a new list containing all items from the iterable in ascending order. A custom",
+    "class Point:\n    def __init__(self, x, y):\n",
+]
+
+
+def vllm_side(model_dir: Path, prompt_ids: list[list[int]], tokens: int) -> list[dict]:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, block_size=32,
+              enable_prefix_caching=True, max_model_len=512, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, logprobs=1, ignore_eos=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params)
+    # Again, continuing each answer part-way: the new prompt spans at least one full
+    # block (32 tokens) that the first run cached, in both KV caches, so it is a prefix hit.
+    cut = [min(tokens - 1, max(tokens // 2, 40 - len(ids))) for ids in prompt_ids]
+    resumed = [ids + list(o.outputs[0].token_ids[:k]) for ids, o, k in zip(prompt_ids, outputs, cut)]
+    again = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in resumed],
+                         [SamplingParams(temperature=0.0, max_tokens=tokens - k, ignore_eos=True)
+                          for k in cut])
+    result = []
+    for out, out2, k in zip(outputs, again, cut):
+        c = out.outputs[0]
+        result.append({
+            "tokens": list(c.token_ids),
+            "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
+            "tokens_prefix_cached": list(c.token_ids[:k]) + list(out2.outputs[0].token_ids),
+            "prefix_cached_prompt_tokens": int(out2.num_cached_tokens or 0),
+        })
+    del llm
+    return result
+
+
+def peft_side(xlora_dir: Path, base_dir: Path, prompt_ids: list[list[int]], tokens: int,
+              forced: list[list[int]]) -> list[dict]:
+    """peft's logprobs along vLLM's token path (so one early divergence cannot hide
+    later agreement), plus peft's own greedy choices on that path."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from adapters.xlora.fixture import load_peft_xlora
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model.config.use_cache = False
+    model = load_peft_xlora(model, xlora_dir).eval()
+    result = []
+    with torch.no_grad():
+        for ids, path in zip(prompt_ids, forced):
+            seq = list(ids)
+            logprobs, greedy = [], []
+            for step in range(tokens):
+                logits = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1]
+                lp = torch.log_softmax(logits.float(), dim=-1)
+                greedy.append(int(lp.argmax()))
+                logprobs.append(float(lp[path[step]]))
+                seq.append(path[step])
+            result.append({"tokens": greedy, "logprobs": logprobs})
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--xlora", type=Path, required=True, help="peft X-LoRA checkpoint")
+    parser.add_argument("--base", type=Path, required=True, help="base model checkpoint")
+    parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from adapters.xlora.checkpoint import export_for_vllm
+
+    tokenizer = AutoTokenizer.from_pretrained(str(args.base))
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:args.prompts]]
+    model_dir = export_for_vllm(args.xlora, args.base, args.xlora.parent / "exported")
+    ours = vllm_side(model_dir, prompt_ids, args.tokens)
+    ref = peft_side(args.xlora, args.base, prompt_ids, args.tokens, [o["tokens"] for o in ours])
+    report = []
+    for o, r in zip(ours, ref):
+        diffs = [abs(a - b) for a, b in zip(o["logprobs"], r["logprobs"])]
+        report.append({"vllm_tokens": o["tokens"], "peft_tokens": r["tokens"],
+                       "prefix_cached_tokens": o["tokens_prefix_cached"],
+                       "identical_greedy": o["tokens"] == r["tokens"],
+                       "identical_with_prefix_cache": o["tokens"] == o["tokens_prefix_cached"],
+                       "prefix_cached_prompt_tokens": o["prefix_cached_prompt_tokens"],
+                       "max_abs_logprob_diff": max(diffs), "text": tokenizer.decode(o["tokens"])})
+    text = json.dumps({"prompts": report,
+                       "max_abs_logprob_diff": max(p["max_abs_logprob_diff"] for p in report)},
+                      indent=2)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

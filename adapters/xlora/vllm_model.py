@@ -1,0 +1,317 @@
+"""X-LoRA for Llama-architecture models inside vLLM (registered as an out-of-tree model).
+
+Each forward runs two passes over vLLM's own Llama layers:
+
+1. the *scaling pass*: the base model (adapters scaled by `scaling_pass_value`, 0 by
+   default, i.e. no adapter at all) through a second set of attention layers, so its
+   keys and values live in their own KV cache, paged by vLLM with the same block tables
+   as the real pass (prefix caching therefore stays valid for both);
+2. the classifier turns the scaling pass's final hidden states into per-token scalings
+   (token x adapted module x expert: softmax with temperature, optional top-k, global
+   weight), exactly as peft's `XLoraClassifier` / `XLoraLayer` do;
+3. the *real pass*: every adapted module adds sum_e s_e * scale_e * B_e A_e x, computed
+   with the experts stacked, two GEMMs per module: (x A_cat^T * s) B_cat^T.
+
+Non-granular mode (mistral.rs's `tgt_non_granular_index`): scalings come from the
+prompt; every generated token reuses the scalings of the token before it, read from a
+per-token scalings store paged like the KV cache, and a batch with only generated tokens
+skips the scaling pass entirely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+
+try:
+    from vllm.model_executor.layers.attention import Attention
+except ImportError:  # vLLM < 0.30
+    from vllm.attention.layer import Attention
+
+# Order in which peft numbers adapted modules inside one Llama layer (module
+# registration order), which fixes the layer index of layerwise scalings.
+MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _xlora(config: Any) -> dict[str, Any]:
+    spec = getattr(config, "xlora", None)
+    if not isinstance(spec, dict):
+        raise ValueError("config.json has no 'xlora' section; export the checkpoint with "
+                         "adapters.xlora.checkpoint.export_for_vllm")
+    return spec
+
+
+class XLoraClassifier(nn.Module):
+    """peft's XLoraClassifier (inference form: dropout is a no-op)."""
+
+    def __init__(self, hidden: int, spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.n_experts = spec["n_experts"]
+        self.n_modules = spec["n_modules"]
+        self.layerwise = spec["layerwise_scalings"]
+        out = self.n_experts * (self.n_modules if self.layerwise else 1)
+        depth, size = spec["classifier"]["depth"], spec["classifier"]["size"]
+        layers: list[nn.Module] = []
+        if depth == 1:
+            layers.append(nn.Linear(hidden, out, bias=True))
+        else:
+            layers += [nn.Linear(hidden, size, bias=True), nn.ReLU()]
+            for _ in range(depth - 2):
+                layers += [nn.Linear(size, size, bias=True), nn.ReLU()]
+            layers.append(nn.Linear(size, out, bias=True))
+        self.layers = nn.Sequential(*layers)
+        self.enable_softmax = spec["enable_softmax"]
+        self.temperature = spec["softmax_temperature"]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H] -> scalings [T, n_modules, n_experts] (or [T, 1, E] shared)."""
+        logits = self.layers(hidden)
+        logits = logits.view(hidden.shape[0], self.n_modules if self.layerwise else 1, self.n_experts)
+        if self.enable_softmax:
+            logits = torch.softmax(logits / self.temperature, dim=-1)
+        return logits
+
+
+class XLoraMixer:
+    """Turns classifier scalings into per-module expert weights (peft's
+    `get_maybe_topk_scalings`, then the per-expert LoRA scale and the global weight)."""
+
+    def __init__(self, spec: dict[str, Any], expert_scales: torch.Tensor) -> None:
+        self.top_k = spec.get("top_k_lora")
+        self.softmax_topk = spec.get("enable_softmax_topk", False)
+        self.global_weight = spec["global_scaling_weight"]
+        self.layerwise = spec["layerwise_scalings"]
+        self.expert_scales = expert_scales  # [E]: lora_alpha / r of each expert
+
+    def weights(self, scalings: torch.Tensor, module_index: int) -> torch.Tensor:
+        s = scalings[:, module_index if self.layerwise else 0, :]
+        if self.top_k is not None:
+            _, top = torch.topk(s, k=self.top_k, dim=-1)
+            mask = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
+            s = s * mask.to(s.dtype)
+        if self.softmax_topk:
+            nonzero = s != 0
+            s = torch.softmax(s.masked_fill(~nonzero, float("-inf")), dim=-1).masked_fill(~nonzero, 0.0)
+        return s * self.expert_scales * self.global_weight
+
+
+class XLoraDecoderLayer(LlamaDecoderLayer):
+    """A Llama layer with stacked LoRA experts and a second attention (own KV cache) for
+    the scaling pass."""
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", **kwargs: Any) -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        config = vllm_config.model_config.hf_config
+        spec = _xlora(config)
+        sa = self.self_attn
+        self.scaling_attn = Attention(
+            sa.num_heads, sa.head_dim, sa.scaling, num_kv_heads=sa.num_kv_heads,
+            cache_config=vllm_config.cache_config, quant_config=None,
+            prefix=f"{prefix}.self_attn.scaling_attn")
+        self.layer_index = int(prefix.rsplit(".", 1)[-1])
+        self.targets = tuple(t for t in MODULE_ORDER if t in spec["targets"])
+        rank_total = spec["n_experts"] * spec["rank"]
+        dims = _module_dims(config, sa)
+        dtype = vllm_config.model_config.dtype
+        self.lora_A = nn.ParameterDict({
+            t: nn.Parameter(torch.zeros(rank_total, dims[t][1], dtype=dtype), requires_grad=False)
+            for t in self.targets})
+        self.lora_B = nn.ParameterDict({
+            t: nn.Parameter(torch.zeros(dims[t][0], rank_total, dtype=dtype), requires_grad=False)
+            for t in self.targets})
+        self.rank = spec["rank"]
+        self.first_module = self.layer_index * len(self.targets)
+        self.mixer: XLoraMixer | None = None  # set by the model once expert scales load
+
+    def _delta(self, target: str, x: torch.Tensor, scalings: torch.Tensor | None) -> torch.Tensor | None:
+        if scalings is None or target not in self.lora_A:
+            return None
+        w = self.mixer.weights(scalings, self.first_module + self.targets.index(target))
+        xa = x @ self.lora_A[target].t()  # [T, E*r]
+        xa = xa * w.repeat_interleave(self.rank, dim=-1)
+        return xa @ self.lora_B[target].t()
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None, xlora_scalings: torch.Tensor | None = None,
+                xlora_scaling_pass: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        s = xlora_scalings
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+
+        sa = self.self_attn
+        qkv, _ = sa.qkv_proj(hidden_states)
+        deltas = [self._delta(t, hidden_states, s) for t in ("q_proj", "k_proj", "v_proj")]
+        if any(d is not None for d in deltas):
+            widths = (sa.q_size, sa.kv_size, sa.kv_size)
+            qkv = qkv + torch.cat([d if d is not None else qkv.new_zeros(qkv.shape[0], w)
+                                   for d, w in zip(deltas, widths)], dim=-1)
+        q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
+        q, k = sa.rotary_emb(positions, q, k)
+        attn = self.scaling_attn if xlora_scaling_pass else sa.attn
+        attn_out = attn(q, k, v)
+        out, _ = sa.o_proj(attn_out)
+        d = self._delta("o_proj", attn_out, s)
+        hidden_states = out if d is None else out + d
+
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        mlp = self.mlp
+        gate_up, _ = mlp.gate_up_proj(hidden_states)
+        deltas = [self._delta(t, hidden_states, s) for t in ("gate_proj", "up_proj")]
+        if any(d is not None for d in deltas):
+            half = gate_up.shape[-1] // 2
+            gate_up = gate_up + torch.cat([d if d is not None else gate_up.new_zeros(gate_up.shape[0], half)
+                                           for d in deltas], dim=-1)
+        act = mlp.act_fn(gate_up)
+        down, _ = mlp.down_proj(act)
+        d = self._delta("down_proj", act, s)
+        hidden_states = down if d is None else down + d
+        return hidden_states, residual
+
+
+def _module_dims(config: Any, sa: Any) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each Llama projection (tensor parallel size 1)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    return {"q_proj": (sa.q_size, hidden), "k_proj": (sa.kv_size, hidden),
+            "v_proj": (sa.kv_size, hidden), "o_proj": (hidden, sa.q_size),
+            "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
+            "down_proj": (hidden, inter)}
+
+
+class XLoraLlamaForCausalLM(LlamaForCausalLM):
+    """vLLM model for a checkpoint exported by `adapters.xlora.checkpoint`."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=XLoraDecoderLayer)
+        config = vllm_config.model_config.hf_config
+        self.xlora_spec = spec = _xlora(config)
+        self.xlora_classifier = XLoraClassifier(config.hidden_size, spec)
+        self.xlora_classifier.to(vllm_config.model_config.dtype)
+        self.register_buffer("xlora_expert_scales",
+                             torch.ones(spec["n_experts"], dtype=vllm_config.model_config.dtype),
+                             persistent=False)
+        self.scaling_pass_value = float(spec.get("scaling_pass_value", 0.0))
+        self.non_granular = bool(spec.get("non_granular", False))
+        self._cache_config = vllm_config.cache_config
+        self._block_size = vllm_config.cache_config.block_size
+        self._mixer = XLoraMixer(spec, self.xlora_expert_scales)
+        for layer in self.model.layers:
+            layer.mixer = self._mixer
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None,
+                **_: Any) -> torch.Tensor:
+        if self.non_granular:
+            scalings = self._non_granular_scalings(input_ids, positions, inputs_embeds)
+        else:
+            scalings = self.xlora_scalings(input_ids, positions, inputs_embeds)
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds,
+                          xlora_scalings=scalings)
+
+    # -- non-granular mode ---------------------------------------------------------------
+
+    def _batch_layout(self) -> Any:
+        """The attention metadata of this step (None while vLLM profiles memory)."""
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if not is_forward_context_available():
+            return None
+        metadata = get_forward_context().attn_metadata
+        if isinstance(metadata, list):
+            metadata = metadata[0] if metadata else None
+        if isinstance(metadata, dict):
+            metadata = metadata.get(self.model.layers[0].self_attn.attn.layer_name)
+        return metadata
+
+    def _non_granular_scalings(self, input_ids, positions, inputs_embeds) -> torch.Tensor:
+        meta = self._batch_layout()
+        if meta is None or getattr(meta, "block_table", None) is None:
+            return self.xlora_scalings(input_ids, positions, inputs_embeds)
+        n = positions.shape[0]
+        qsl = meta.query_start_loc
+        num_reqs = qsl.shape[0] - 1
+        query_lens = (qsl[1:] - qsl[:-1]).to(torch.long)
+        context_lens = meta.seq_lens[:num_reqs].to(torch.long) - query_lens
+        # A step of one token on top of earlier tokens is a decode step: it reuses the
+        # scalings of the token before it, so they stay those of the prompt's end.
+        decode_req = (query_lens == 1) & (context_lens > 0)
+        owner = torch.repeat_interleave(torch.arange(num_reqs, device=positions.device), query_lens)
+        if owner.shape[0] < n:  # padding tokens at the end of the batch
+            owner = torch.cat([owner, owner.new_zeros(n - owner.shape[0])])
+        decode_tok = decode_req[owner] & (torch.arange(n, device=positions.device) < qsl[-1])
+        store = self._scalings_store()
+        block = self._block_size
+        prev = positions.to(torch.long) - 1
+        prev_slots = (meta.block_table[owner, prev.clamp(min=0) // block].to(torch.long) * block
+                      + prev.clamp(min=0) % block)
+        if bool(decode_tok.all()):
+            scalings = store[prev_slots]  # the scaling pass is skipped
+        else:
+            scalings = self.xlora_scalings(input_ids, positions, inputs_embeds)
+            if bool(decode_tok.any()):
+                scalings = torch.where(decode_tok[:, None, None], store[prev_slots], scalings)
+        slots = meta.slot_mapping[:n].to(torch.long)
+        valid = slots >= 0
+        store[slots[valid]] = scalings[valid]
+        return scalings
+
+    def _scalings_store(self) -> torch.Tensor:
+        store = getattr(self, "_store", None)
+        if store is None:
+            cache = self._cache_config
+            slots = (cache.num_gpu_blocks or 0) * cache.block_size
+            if slots <= 0:
+                raise RuntimeError("KV cache not initialised; no slots for X-LoRA scalings")
+            modules = self.xlora_spec["n_modules"] if self.xlora_spec["layerwise_scalings"] else 1
+            store = torch.zeros(slots, modules, self.xlora_spec["n_experts"],
+                                dtype=self.xlora_expert_scales.dtype,
+                                device=self.xlora_expert_scales.device)
+            self._store = store
+        return store
+
+    def xlora_scalings(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                       inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The classifier's scalings for every token of the batch: [T, modules, E]."""
+        dummy = None
+        if self.scaling_pass_value != 0.0:
+            n = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+            modules = self.xlora_spec["n_modules"] if self.xlora_spec["layerwise_scalings"] else 1
+            dummy = torch.full((n, modules, self.xlora_spec["n_experts"]), self.scaling_pass_value,
+                               dtype=self.xlora_expert_scales.dtype, device=positions.device)
+        hidden = self.model(input_ids, positions, None, inputs_embeds,
+                            xlora_scalings=dummy, xlora_scaling_pass=True)
+        return self.xlora_classifier(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        own: dict[str, torch.Tensor] = {}
+
+        def base_weights():
+            for name, tensor in weights:
+                if name.startswith("xlora."):
+                    own[name] = tensor
+                else:
+                    yield name, tensor
+
+        loaded = set(super().load_weights(base_weights()))
+        for name, tensor in own.items():
+            parts = name.split(".")
+            if parts[1] == "layers":  # xlora.layers.{i}.{target}.{A|B}
+                layer = self.model.layers[int(parts[2])]
+                param = (layer.lora_A if parts[4] == "A" else layer.lora_B)[parts[3]]
+                param.data.copy_(tensor.to(param.dtype))
+                loaded.add(f"model.layers.{parts[2]}.lora_{parts[4]}.{parts[3]}")
+            elif parts[1] == "classifier":  # xlora.classifier.{k}.{weight|bias}
+                module = self.xlora_classifier.layers[int(parts[2])]
+                getattr(module, parts[3]).data.copy_(tensor.to(module.weight.dtype))
+                loaded.add(f"xlora_classifier.layers.{parts[2]}.{parts[3]}")
+            elif parts[1] == "expert_scales":
+                self.xlora_expert_scales.copy_(tensor.to(self.xlora_expert_scales.dtype))
+        return loaded

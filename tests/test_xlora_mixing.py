@@ -1,0 +1,48 @@
+"""The stacked two-GEMM expert mixing equals peft's per-expert X-LoRA layer math,
+including top-k and top-k softmax (pure tensor check against peft's own code)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from peft.tuners.xlora.layer import XLoraLayer
+
+from adapters.xlora.vllm_model import XLoraMixer
+
+E, R, IN, OUT, T, MODULES = 3, 4, 16, 12, 7, 5
+
+
+@pytest.mark.parametrize("top_k,softmax_topk,layerwise,global_weight", [
+    (None, False, False, 1.0),
+    (None, False, True, 0.7),
+    (2, False, True, 1.0),
+    (2, True, True, 1.3),
+    (1, True, False, 1.0),
+])
+def test_stacked_mixing_matches_peft(top_k, softmax_topk, layerwise, global_weight):
+    torch.manual_seed(0)
+    x = torch.randn(T, IN)
+    a = [torch.randn(R, IN) for _ in range(E)]
+    b = [torch.randn(OUT, R) for _ in range(E)]
+    scales = torch.tensor([2.0, 0.5, 1.0])
+    scalings = torch.softmax(torch.randn(T, MODULES, E), dim=-1)  # [T, modules, E]
+    module = 3
+
+    # peft: XLoraLayer.get_maybe_topk_scalings on [batch, seq, modules, E], then a loop.
+    config = types.SimpleNamespace(top_k_lora=top_k, enable_softmax_topk=softmax_topk,
+                                   global_scaling_weight=global_weight)
+    peft_self = types.SimpleNamespace(config=config, layer_number=module)
+    peft_scalings = scalings if layerwise else scalings[:, :1].expand(T, MODULES, E)
+    s = XLoraLayer.get_maybe_topk_scalings(peft_self, peft_scalings.unsqueeze(0))[0]
+    expected = sum((x * s[:, e:e + 1]) @ a[e].t() @ b[e].t() * scales[e] * global_weight
+                   for e in range(E))
+
+    spec = {"top_k_lora": top_k, "enable_softmax_topk": softmax_topk,
+            "global_scaling_weight": global_weight, "layerwise_scalings": layerwise}
+    ours_scalings = scalings if layerwise else scalings[:, :1]
+    w = XLoraMixer(spec, scales).weights(ours_scalings, module)
+    a_cat, b_cat = torch.cat(a, dim=0), torch.cat(b, dim=1)
+    got = ((x @ a_cat.t()) * w.repeat_interleave(R, dim=-1)) @ b_cat.t()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

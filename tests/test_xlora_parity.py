@@ -1,0 +1,26 @@
+"""The vLLM X-LoRA model against peft's XLoraModel, same checkpoint, float32 on CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_vllm_xlora_matches_peft(tmp_path, xlora_checkpoint, base_model_path):
+    out = tmp_path / "parity.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "adapters.xlora.parity", "--xlora", str(xlora_checkpoint),
+         "--base", str(base_model_path), "--prompts", "5", "--tokens", "32", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert len(report["prompts"]) == 5
+    for prompt in report["prompts"]:
+        assert len(prompt["vllm_tokens"]) == 32
+        assert prompt["identical_greedy"], prompt
+        assert prompt["identical_with_prefix_cache"], prompt
+        assert prompt["prefix_cached_prompt_tokens"] >= 32, prompt  # a real prefix hit
+    assert report["max_abs_logprob_diff"] < 1e-2, report["max_abs_logprob_diff"]
