@@ -34,12 +34,12 @@ class FixtureSpec:
     rank: int = 8
     alpha: int = 16
     # Sized for 2 CPU cores: a step of 4 x 64 tokens through all 30 layers takes ~2 s,
-    # so the whole build is ~4 minutes (seq 128 doubles it; bf16 autocast is 25x slower).
+    # so the whole build is ~5 minutes (seq 128 doubles it; bf16 autocast is 25x slower).
     seq_len: int = 64
     batch: int = 4
     expert_steps: int = 30
     expert_lr: float = 2e-3
-    classifier_steps: int = 30
+    classifier_steps: int = 50
     classifier_lr: float = 3e-3
     xlora_depth: int = 2
     xlora_size: int = 128

@@ -88,6 +88,25 @@ class XLoraMixer:
         self.global_weight = spec["global_scaling_weight"]
         self.layerwise = spec["layerwise_scalings"]
         self.expert_scales = expert_scales  # [E]: lora_alpha / r of each expert
+        self._scalings: torch.Tensor | None = None
+        self._shared: torch.Tensor | None = None
+        self._rank = 1
+
+    def prepare(self, scalings: torch.Tensor | None, rank: int) -> None:
+        """Per forward: with shared scalings every module uses the same expert weights, so
+        they are computed (and repeated per rank) once instead of once per module."""
+        self._scalings, self._rank = scalings, rank
+        self._shared = None
+        if scalings is not None and not self.layerwise:
+            self._shared = self.weights(scalings, 0).repeat_interleave(rank, dim=-1)
+
+    def repeated(self, module_index: int) -> torch.Tensor | None:
+        """[T, E*r] weights of one module for the stacked A output (None: no adapters)."""
+        if self._scalings is None:
+            return None
+        if self._shared is not None:
+            return self._shared
+        return self.weights(self._scalings, module_index).repeat_interleave(self._rank, dim=-1)
 
     def weights(self, scalings: torch.Tensor, module_index: int) -> torch.Tensor:
         s = scalings[:, module_index if self.layerwise else 0, :]
@@ -129,18 +148,17 @@ class XLoraDecoderLayer(LlamaDecoderLayer):
         self.first_module = self.layer_index * len(self.targets)
         self.mixer: XLoraMixer | None = None  # set by the model once expert scales load
 
-    def _delta(self, target: str, x: torch.Tensor, scalings: torch.Tensor | None) -> torch.Tensor | None:
-        if scalings is None or target not in self.lora_A:
+    def _delta(self, target: str, x: torch.Tensor) -> torch.Tensor | None:
+        if target not in self.lora_A:
             return None
-        w = self.mixer.weights(scalings, self.first_module + self.targets.index(target))
-        xa = x @ self.lora_A[target].t()  # [T, E*r]
-        xa = xa * w.repeat_interleave(self.rank, dim=-1)
-        return xa @ self.lora_B[target].t()
+        w = self.mixer.repeated(self.first_module + self.targets.index(target))
+        if w is None:
+            return None
+        return ((x @ self.lora_A[target].t()) * w) @ self.lora_B[target].t()
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None, xlora_scalings: torch.Tensor | None = None,
-                xlora_scaling_pass: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        s = xlora_scalings
+                residual: torch.Tensor | None, xlora_scaling_pass: bool = False,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
@@ -149,30 +167,32 @@ class XLoraDecoderLayer(LlamaDecoderLayer):
 
         sa = self.self_attn
         qkv, _ = sa.qkv_proj(hidden_states)
-        deltas = [self._delta(t, hidden_states, s) for t in ("q_proj", "k_proj", "v_proj")]
-        if any(d is not None for d in deltas):
-            widths = (sa.q_size, sa.kv_size, sa.kv_size)
-            qkv = qkv + torch.cat([d if d is not None else qkv.new_zeros(qkv.shape[0], w)
-                                   for d, w in zip(deltas, widths)], dim=-1)
+        # Deltas are added in place into the fused projection's output slices.
+        offset = 0
+        for target, width in (("q_proj", sa.q_size), ("k_proj", sa.kv_size), ("v_proj", sa.kv_size)):
+            d = self._delta(target, hidden_states)
+            if d is not None:
+                qkv[:, offset:offset + width] += d
+            offset += width
         q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
         q, k = sa.rotary_emb(positions, q, k)
         attn = self.scaling_attn if xlora_scaling_pass else sa.attn
         attn_out = attn(q, k, v)
         out, _ = sa.o_proj(attn_out)
-        d = self._delta("o_proj", attn_out, s)
+        d = self._delta("o_proj", attn_out)
         hidden_states = out if d is None else out + d
 
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         mlp = self.mlp
         gate_up, _ = mlp.gate_up_proj(hidden_states)
-        deltas = [self._delta(t, hidden_states, s) for t in ("gate_proj", "up_proj")]
-        if any(d is not None for d in deltas):
-            half = gate_up.shape[-1] // 2
-            gate_up = gate_up + torch.cat([d if d is not None else gate_up.new_zeros(gate_up.shape[0], half)
-                                           for d in deltas], dim=-1)
+        half = gate_up.shape[-1] // 2
+        for target, start in (("gate_proj", 0), ("up_proj", half)):
+            d = self._delta(target, hidden_states)
+            if d is not None:
+                gate_up[:, start:start + half] += d
         act = mlp.act_fn(gate_up)
         down, _ = mlp.down_proj(act)
-        d = self._delta("down_proj", act, s)
+        d = self._delta("down_proj", act)
         hidden_states = down if d is None else down + d
         return hidden_states, residual
 
@@ -213,8 +233,11 @@ class XLoraLlamaForCausalLM(LlamaForCausalLM):
             scalings = self._non_granular_scalings(input_ids, positions, inputs_embeds)
         else:
             scalings = self.xlora_scalings(input_ids, positions, inputs_embeds)
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds,
-                          xlora_scalings=scalings)
+        self._mixer.prepare(scalings, self.xlora_spec["rank"])
+        try:
+            return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        finally:
+            self._mixer.prepare(None, 1)
 
     # -- non-granular mode ---------------------------------------------------------------
 
@@ -286,8 +309,11 @@ class XLoraLlamaForCausalLM(LlamaForCausalLM):
             modules = self.xlora_spec["n_modules"] if self.xlora_spec["layerwise_scalings"] else 1
             dummy = torch.full((n, modules, self.xlora_spec["n_experts"]), self.scaling_pass_value,
                                dtype=self.xlora_expert_scales.dtype, device=positions.device)
-        hidden = self.model(input_ids, positions, None, inputs_embeds,
-                            xlora_scalings=dummy, xlora_scaling_pass=True)
+        self._mixer.prepare(dummy, self.xlora_spec["rank"])
+        try:
+            hidden = self.model(input_ids, positions, None, inputs_embeds, xlora_scaling_pass=True)
+        finally:
+            self._mixer.prepare(None, 1)
         return self.xlora_classifier(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
