@@ -188,6 +188,16 @@ class RayHead:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+        # Unlike `ray stop`, SIGTERM leaves Ray's "current cluster" file behind, and a later
+        # `serve run` (make serve) would try to join this dead cluster.
+        import tempfile
+
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        try:
+            if current.read_text().strip().endswith(f":{self.gcs_port}"):
+                current.unlink()
+        except OSError:
+            pass
 
 
 def kuberay_serve_config(args: dict[str, Any], http_port: int) -> dict[str, Any]:
