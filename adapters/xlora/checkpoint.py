@@ -14,14 +14,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adapters.registry import AdapterError
 from adapters.xlora.vllm_model import MODULE_ORDER
+from ruvllm.atomic_dir import build_once
 
 ARCHITECTURE = "XLoraLlamaForCausalLM"
 _LORA_KEY = re.compile(r"layers\.(\d+)\.(?:.+\.)?([^.]+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
@@ -138,11 +137,8 @@ def export_for_vllm(xlora_path: Path | str, base_path: Path | str, out_root: Pat
          "mtime": max(p.stat().st_mtime for p in xlora_path.rglob("*.safetensors"))},
         sort_keys=True).encode()).hexdigest()[:12]
     target = Path(out_root) / f"{xlora_path.name}-{digest}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         tensors: dict[str, torch.Tensor] = {}
         per_expert: list[dict[tuple[int, str, str], torch.Tensor]] = []
         for expert in ckpt.experts:
@@ -169,10 +165,9 @@ def export_for_vllm(xlora_path: Path | str, base_path: Path | str, out_root: Pat
             os.symlink(item.resolve(), tmp / item.name)
         config = {**base_config, "architectures": [ARCHITECTURE], "xlora": spec}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # Replicas of one mixture may start together: the lock makes one of them export.
+    build_once(target, "config.json", build)
     return target
 
 

@@ -14,14 +14,13 @@ import dataclasses
 import hashlib
 import json
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ruvllm.atomic_dir import build_once
 from ruvllm.config import resolve_cache_dir
 from ruvllm.corpus import DOMAINS, corpus, mixed_windows, token_windows
 
@@ -64,23 +63,14 @@ def fixture_dir(spec: FixtureSpec = FixtureSpec(), cache_dir: Path | str | None 
 def build_fixture(base_path: Path | str, spec: FixtureSpec = FixtureSpec(),
                   cache_dir: Path | str | None = None, progress: Progress = _log) -> Path:
     """The X-LoRA checkpoint for `spec` (one expert sub-directory per domain)."""
-    from filelock import FileLock
-
     target = fixture_dir(spec, cache_dir)
-    if (target / "fixture.json").is_file():
+
+    def build(tmp: Path) -> None:
+        report = _train(Path(base_path), spec, tmp, progress)
+        (tmp / "fixture.json").write_text(json.dumps(report, indent=2))
+
+    if not build_once(target, "fixture.json", build):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{target.name}.lock")):
-        if (target / "fixture.json").is_file():
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            report = _train(Path(base_path), spec, tmp, progress)
-            (tmp / "fixture.json").write_text(json.dumps(report, indent=2))
-            tmp.rename(target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     progress(f"X-LoRA fixture ready at {target}")
     return target
 

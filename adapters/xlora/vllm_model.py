@@ -144,7 +144,6 @@ class XLoraDecoderLayer(LlamaDecoderLayer):
         self.lora_B = nn.ParameterDict({
             t: nn.Parameter(torch.zeros(dims[t][0], rank_total, dtype=dtype), requires_grad=False)
             for t in self.targets})
-        self.rank = spec["rank"]
         self.first_module = self.layer_index * len(self.targets)
         self.mixer: XLoraMixer | None = None  # set by the model once expert scales load
 

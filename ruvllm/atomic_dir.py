@@ -1,0 +1,33 @@
+"""Directories built once and published whole: under a file lock, in a temporary
+sibling renamed into place, so concurrent builders do the work once and a crash never
+leaves a half-written directory that a replica could load."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> bool:
+    """Run `build(tmp)` and rename tmp to `target`, unless `target/marker` exists (before
+    or after taking the lock). Returns whether this call built it."""
+    from filelock import FileLock
+
+    if (target / marker).is_file():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if (target / marker).is_file():
+            return False
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            build(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return True
