@@ -16,8 +16,8 @@ from ray.serve.config import RequestRouterConfig
 from adapters.registry import AdapterError
 from deployments.controller import PlacementController, make_registry
 from deployments.ingress import ingress_deployment
-from deployments.replica import LLMReplica
-from ruvllm.config import AppConfig, ConfigError, ReplicaConfig, XLoraMixture
+from deployments.replica import LLMReplica, QuantizedServing
+from ruvllm.config import AppConfig, ConfigError, QuantizedModel, ReplicaConfig, XLoraMixture
 from ruvllm.model_store import resolve_model
 
 logger = logging.getLogger("ray.serve")
@@ -107,19 +107,52 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     ).bind(config)
     replica = serve.deployment(LLMReplica).options(**_replica_options(config)).bind(
         config, controller)
-    mixtures = {}
+    # Models with deployments of their own: name -> (handle, checkpoint shown in /v1/models).
+    dedicated = {}
     for mixture in config.xlora:
         _check_mixture(mixture, config)
-        mixtures[mixture.name] = serve.deployment(LLMReplica).options(
+        dedicated[mixture.name] = (serve.deployment(LLMReplica).options(
             **_replica_options(config, mixture.replicas, f"XLoRA-{mixture.name}"),
-        ).bind(config, controller, mixture)
+        ).bind(config, controller, mixture), mixture.checkpoint)
+    for variant in config.quantized:
+        quantized_dir = _quantize(variant, model_path, config)
+        dedicated[variant.name] = (serve.deployment(LLMReplica).options(
+            **_replica_options(config, variant.replicas, f"ISQ-{variant.name}"),
+        ).bind(config, controller, None, QuantizedServing(variant.name, str(quantized_dir))),
+            str(quantized_dir))
     ingress = ingress_deployment().options(
         name="OpenAIIngress",
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
-    return ingress.bind(replica, controller, config, mixtures)
+    return ingress.bind(replica, controller, config, dedicated)
+
+
+def _quantize(variant: QuantizedModel, model_path: Any, config: AppConfig) -> Any:
+    """Run the variant's ISQ job as a Ray task and wait for it, so its replicas start on
+    the quantized checkpoint; a cached result returns at once. Any failure (quality
+    gate, toolkit, timeout) fails the build with the variant's field path."""
+    from isq.job import IsqQualityError, quantize_on_ray
+    from isq.serving import serving_problem
+
+    where = f"quantized.{variant.name}.isq"
+    on_gpu = variant.replicas.num_gpus > 0
+    problem = serving_problem(variant.isq, on_gpu)
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+    logger.info("%s: %s job for %s (progress in the job's log)", where,
+                variant.isq.describe(), config.model.name)
+    try:
+        result = quantize_on_ray(model_path, config.model.name, variant.isq,
+                                 config.resolved_cache_dir, use_gpu=on_gpu)
+    except IsqQualityError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except (RuntimeError, TimeoutError, OSError, ValueError) as e:
+        raise ConfigError(f"{where}: the quantization job failed: {e}") from None
+    logger.info("%s: %s checkpoint at %s (%s)", where, variant.isq.describe(), result.path,
+                "cached" if result.reused else "built")
+    return result.path
 
 
 def _check_mixture(mixture: XLoraMixture, config: AppConfig) -> None:

@@ -104,10 +104,12 @@ class OpenAIIngress:
     """Registered as a Serve deployment with `serve.ingress(api)` by the app builder."""
 
     def __init__(self, engine: DeploymentHandle, controller: DeploymentHandle,
-                 config: AppConfig, mixtures: dict[str, DeploymentHandle] | None = None) -> None:
+                 config: AppConfig,
+                 dedicated: dict[str, tuple[DeploymentHandle, str]] | None = None) -> None:
         self._engine = engine
-        self._mixtures = dict(mixtures or {})
-        self._mixture_roots = {m.name: m.checkpoint for m in config.xlora}
+        # X-LoRA mixtures and quantized variants: their own deployments, by model name.
+        self._dedicated = {name: handle for name, (handle, _) in (dedicated or {}).items()}
+        self._dedicated_roots = {name: root for name, (_, root) in (dedicated or {}).items()}
         self._controller = controller
         self._config = config
         self._base_name = config.model.name
@@ -152,7 +154,7 @@ class OpenAIIngress:
                   for name, spec in sorted(self._cluster.adapters.items())]
         cards += [self._card_cls(id=name, root=root, parent=self._base_name, owned_by="ruvllm",
                                  max_model_len=self._max_model_len)
-                  for name, root in sorted(self._mixture_roots.items())]
+                  for name, root in sorted(self._dedicated_roots.items())]
         return JSONResponse(self._list_cls(data=cards).model_dump())
 
     # -- OpenAI inference ----------------------------------------------------------------
@@ -192,7 +194,7 @@ class OpenAIIngress:
             raise ClientError(400, str(e), getattr(e, "parameter", None)) from None
 
     async def _adapter_for(self, model: str | None) -> AdapterSpec | None:
-        if model in (None, self._base_name) or model in self._mixtures:
+        if model in (None, self._base_name) or model in self._dedicated:
             return None
         spec = self._cluster.adapters.get(model)
         if spec is None:
@@ -203,7 +205,7 @@ class OpenAIIngress:
                 pass
             spec = self._cluster.adapters.get(model)
         if spec is None:
-            known = [self._base_name, *sorted(self._mixtures), *sorted(self._cluster.adapters)]
+            known = [self._base_name, *sorted(self._dedicated), *sorted(self._cluster.adapters)]
             raise ClientError(404, f"The model `{model}` does not exist. Available: "
                               f"{', '.join(known[:20])}.", "model")
         return spec
@@ -238,7 +240,7 @@ class OpenAIIngress:
         admission = await self._admit(hints)
         if adapter is not None:
             self._cluster.count_request(adapter.name)
-        engine = self._mixtures.get(parsed.model, self._engine)
+        engine = self._dedicated.get(parsed.model, self._engine)
         try:
             response = await self._dispatch(engine, method, body, request_id, hints, admission)
         except BaseException:

@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 import logging
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -44,11 +46,24 @@ def cpu_engine_env(config: EngineConfig, local_rank: int, local_world_size: int)
     return env
 
 
-def make_engine(config: AppConfig, mixture: XLoraMixture | None = None) -> Engine:
+@dataclass(frozen=True)
+class QuantizedServing:
+    """A quantized variant of the base model (built by an ISQ job before the replicas)."""
+
+    name: str
+    model_dir: str
+
+
+def make_engine(config: AppConfig, mixture: XLoraMixture | None = None,
+                quantized: QuantizedServing | None = None) -> Engine:
     if config.engine.kind != "vllm":
         raise ValueError(f"engine.kind {config.engine.kind!r} is not available")
     from deployments.vllm_engine import VLLMEngine
 
+    if quantized is not None:
+        # Adapters stay on the base deployment: this variant serves its own name only.
+        engine = config.engine.model_copy(update={"enable_lora": False})
+        return VLLMEngine(Path(quantized.model_dir), quantized.name, engine)
     if mixture is None:
         model_path = resolve_model(config.model.source, config.resolved_cache_dir)
         return VLLMEngine(model_path, config.model.name, config.engine)
@@ -71,7 +86,8 @@ class LLMReplica:
     """Serve replica around one engine. Registered as a deployment by the app builder."""
 
     async def __init__(self, config: AppConfig, controller: DeploymentHandle | None = None,
-                       mixture: XLoraMixture | None = None) -> None:
+                       mixture: XLoraMixture | None = None,
+                       quantized: QuantizedServing | None = None) -> None:
         context = serve.get_replica_context()
         self._replica_id = context.replica_tag
         rank = getattr(context, "rank", None)
@@ -81,10 +97,13 @@ class LLMReplica:
             os.environ.update(cpu_engine_env(config.engine, local_rank, _replicas_per_node(config)))
         self._config = config
         self._mixture = mixture
-        self._engine = make_engine(config, mixture)
+        # A dedicated model (X-LoRA mixture, quantized variant) is resident for good.
+        self._dedicated = mixture.name if mixture else quantized.name if quantized else None
+        self._engine = make_engine(config, mixture, quantized)
         await self._engine.start()
         slots = config.engine.max_cpu_loras or config.engine.max_loras
-        self._slots = AdapterSlots(slots if config.engine.enable_lora and mixture is None else 0)
+        self._slots = AdapterSlots(
+            slots if config.engine.enable_lora and self._dedicated is None else 0)
         self._adapter_lock = asyncio.Lock()
         self._adapter_counts = {"loads": 0, "evictions": 0, "hits": 0}
         self._metrics = AdapterMetrics()
@@ -149,6 +168,10 @@ class LLMReplica:
                 self._count("evictions")
             await self._engine.load_adapter(name, path)
             self._slots.add(name)
+            if cause == "plan":
+                # The plan sends an adapter in demand elsewhere: credit it one request so
+                # the next rarely used adapter does not evict it before its traffic comes.
+                self._slots.note_demand(name)
             self._count("loads", cause)
             self._metrics.resident.set(len(self._slots.resident()))
 
@@ -176,8 +199,7 @@ class LLMReplica:
 
     def _report(self) -> ReplicaReport:
         s = self._engine.stats()
-        # A mixture's replicas hold its experts for good: report the mixture as resident.
-        resident = [self._mixture.name] if self._mixture else self._slots.resident()
+        resident = [self._dedicated] if self._dedicated else self._slots.resident()
         return ReplicaReport(
             replica_id=self._replica_id, resident=resident,
             slots=self._slots.capacity, queued_tokens=s.kv_usage * s.kv_capacity_tokens,

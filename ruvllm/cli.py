@@ -63,6 +63,42 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _isq(args: argparse.Namespace) -> int:
+    from isq.job import IsqQualityError, quantize, quantize_on_ray
+    from ruvllm.config import ConfigError
+    from ruvllm.model_store import resolve_model
+    from ruvllm.serve_config import load_app_configs
+
+    try:
+        configs = load_app_configs(args.config)
+    except ConfigError as e:
+        print(f"{args.config}: {e}", file=sys.stderr)
+        return 1
+    jobs = [(config, v) for config in configs.values() for v in config.quantized]
+    if not jobs:
+        print(f"{args.config}: no `quantized` models configured", file=sys.stderr)
+        return 1
+    if args.ray_address:
+        import ray
+
+        ray.init(address=args.ray_address)
+    failed = 0
+    for config, variant in jobs:
+        base = resolve_model(config.model.source, config.resolved_cache_dir)
+        run = quantize_on_ray if args.ray_address else quantize
+        try:
+            result = run(base, config.model.name, variant.isq, config.resolved_cache_dir)
+        except IsqQualityError as e:
+            print(f"{variant.name}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        r = result.report
+        print(f"{variant.name}: {result.path} ({'cached' if result.reused else 'built'}; "
+              f"perplexity {r['perplexity']:.3f} vs {r['base_perplexity']:.3f}, "
+              f"{100 * r['perplexity_increase']:+.2f}%; {r['bytes']['ratio']:.2f}x bf16 bytes)")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ruvllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--all", action="store_true", help="every profile")
     p.add_argument("--stdout", action="store_true", help="print instead of writing k8s/overlays")
     p.set_defaults(func=_k8s_render)
+
+    p = sub.add_parser("isq", help="run the quantization jobs of a Serve config ahead of "
+                       "time (results are cached; deployments then start at once)")
+    p.add_argument("config", type=Path, nargs="?", default=Path("cluster.yaml"))
+    p.add_argument("--ray-address", default=None,
+                   help="run each job as a Ray task on this cluster instead of in-process")
+    p.set_defaults(func=_isq)
 
     p = sub.add_parser("validate", help="validate the ruvllm args of a Serve config file")
     p.add_argument("config", type=Path, nargs="?", default=Path("cluster.yaml"))

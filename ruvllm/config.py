@@ -288,6 +288,142 @@ class XLoraMixture(_Strict):
                 "global_scaling_weight": self.global_scaling_weight}
 
 
+class CalibrationConfig(_Strict):
+    source: str = Field(
+        "builtin",
+        description="`builtin`: windows from the corpus's train splits (Python source, JSON "
+        "records, English prose; never the held-out text); or a local .txt (paragraphs) "
+        "or .jsonl (a `text` field per line) file.",
+    )
+    samples: int = Field(128, ge=1, le=4096)
+    seq_len: int = Field(256, ge=16, le=8192)
+
+    @model_validator(mode="after")
+    def _check(self) -> "CalibrationConfig":
+        if self.source != "builtin":
+            path = Path(self.source).expanduser()
+            if not path.is_file():
+                raise ValueError(f"calibration file {self.source!r} does not exist")
+            if path.suffix not in (".txt", ".jsonl"):
+                raise ValueError("calibration file must be .txt or .jsonl")
+        return self
+
+
+class EvaluationConfig(_Strict):
+    """Held-out text for the quality gate: the corpus's eval splits (disjoint from the
+    builtin calibration text), in equal shares of Python, JSON and prose."""
+
+    windows: int = Field(32, ge=1, le=1024)
+    seq_len: int = Field(512, ge=16, le=8192)
+
+
+IsqMethod = Literal["awq", "gptq", "rtn", "smoothquant", "fp8"]
+# Which bit widths each method has here (llmcompressor schemes vLLM serves natively).
+ISQ_BITS: dict[str, tuple[int, ...]] = {
+    "awq": (4,), "gptq": (4, 8), "rtn": (4, 8), "smoothquant": (8,), "fp8": (8,)}
+
+
+class IsqConfig(_Strict):
+    """In-situ quantization of a deployment's base weights, run as a Ray task before its
+    replicas start (isq/job.py). Results are cached by content; see README "ISQ"."""
+
+    method: IsqMethod
+    bits: Literal[4, 8] = Field(4, description="Default: 4, or 8 for smoothquant and fp8.")
+    group_size: int | None = Field(
+        None,
+        description="Weights per quantization group for awq/gptq/rtn (default 128; -1 "
+        "for one scale per output channel). Not used by smoothquant (per-channel W8A8) "
+        "or fp8 (per-channel FP8 with dynamic per-token activations).",
+    )
+    activation_bits: Literal[8, 16] = Field(
+        16,
+        description="8: int8 weights with dynamic per-token int8 activations (W8A8) for "
+        "rtn/gptq, served by vLLM's oneDNN int8 kernels, which every x86 CPU build has; "
+        "16: weight-only (W4A16/W8A16). smoothquant and fp8 are always 8.",
+    )
+    actorder: bool = Field(False, description="GPTQ activation ordering (static).")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    max_perplexity_increase: float = Field(
+        0.25,
+        gt=0,
+        description="Quality gate, relative: 0.25 allows held-out perplexity up to 1.25x "
+        "the base model's. Past it the job fails and the deployment does not start.",
+    )
+    evaluation: EvaluationConfig = Field(default_factory=lambda: EvaluationConfig())
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs the job reserves.")
+    timeout_s: float = Field(
+        7200, gt=0, description="The deployment fails if the job (including waiting for "
+        "a node with free resources) takes longer.")
+    threads: int | None = Field(None, ge=1, description="torch threads; default all cores.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_bits(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("method") in ISQ_BITS:
+            if "bits" not in data:
+                data = {**data, "bits": ISQ_BITS[data["method"]][0]}
+            if data["method"] in ("smoothquant", "fp8"):
+                data = {"activation_bits": 8, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "IsqConfig":
+        allowed = ISQ_BITS[self.method]
+        if self.bits not in allowed:
+            raise ValueError(f"bits: {self.method} supports {' or '.join(map(str, allowed))} "
+                             f"bits here, not {self.bits}")
+        if self.group_size is not None:
+            if self.method in ("smoothquant", "fp8"):
+                raise ValueError(f"group_size: {self.method} quantizes per channel; "
+                                 "leave group_size unset")
+            if self.group_size != -1 and (self.group_size < 16 or self.group_size % 16):
+                raise ValueError("group_size must be a positive multiple of 16, or -1 "
+                                 "for per-channel")
+        if self.activation_bits == 8 and (self.method == "awq" or self.bits != 8):
+            raise ValueError("activation_bits: 8-bit activations need bits 8 and method "
+                             "rtn, gptq, smoothquant or fp8")
+        if self.activation_bits == 16 and self.method in ("smoothquant", "fp8"):
+            raise ValueError(f"activation_bits: {self.method} quantizes activations to 8 bits")
+        if self.activation_bits == 8 and self.group_size not in (None, -1):
+            raise ValueError("group_size: 8-bit activation schemes quantize weights per "
+                             "channel; leave group_size unset")
+        if self.actorder and self.method != "gptq":
+            raise ValueError("actorder applies to method gptq only")
+        return self
+
+    @property
+    def resolved_group_size(self) -> int | None:
+        if self.activation_bits == 8 or self.group_size == -1:
+            return None
+        return self.group_size or 128
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in ("awq", "gptq", "smoothquant")
+
+    def job_params(self) -> dict[str, Any]:
+        """What determines the quantized weights (with base weights and calibration)."""
+        return {"method": self.method, "bits": self.bits,
+                "activation_bits": self.activation_bits,
+                "group_size": self.resolved_group_size,
+                "actorder": "static" if self.actorder else None,
+                "save_dtype": "bfloat16",
+                "evaluation": self.evaluation.model_dump()}
+
+    def describe(self) -> str:
+        group = f" g{self.resolved_group_size}" if self.resolved_group_size else ""
+        act = f"A{self.activation_bits}"
+        return f"{self.method} W{self.bits}{act}{group}"
+
+
+class QuantizedModel(_Strict):
+    """The base model quantized in situ, served under its own name by its own replicas."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    isq: IsqConfig
+    replicas: ReplicaConfig = Field(default_factory=ReplicaConfig)
+
+
 class AppConfig(_Strict):
     name: str = "ruvllm"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -299,6 +435,7 @@ class AppConfig(_Strict):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     xlora: list[XLoraMixture] = Field(default_factory=list)
+    quantized: list[QuantizedModel] = Field(default_factory=list)
     cache_dir: Path | None = Field(
         None, description="Model cache; default $RUVLLM_CACHE_DIR or ~/.cache/ruvllm."
     )
@@ -312,11 +449,11 @@ class AppConfig(_Strict):
             raise ValueError("adapters.declared needs adapters.allowed_roots")
         if self.model.name in a.declared:
             raise ValueError(f"adapters.declared: {self.model.name!r} is the base model's name")
-        names = [m.name for m in self.xlora]
+        names = [m.name for m in self.xlora] + [q.name for q in self.quantized]
         clash = set(names) & ({self.model.name} | set(a.declared))
         if clash or len(set(names)) != len(names):
-            raise ValueError(f"xlora: mixture names must be unique and differ from the base "
-                             f"model and adapters ({sorted(clash) or names})")
+            raise ValueError(f"xlora/quantized: model names must be unique and differ from "
+                             f"the base model and adapters ({sorted(clash) or names})")
         return self
 
     @property

@@ -27,6 +27,15 @@ def cluster_app_args() -> dict[str, Any]:
 ADMIN_TOKEN = "test-admin-token"
 DECLARED = ("alpha", "beta", "gamma")  # delta and epsilon get registered at run time
 XLORA_NAME = "mix"
+ISQ_NAME = "smollm2-gptq-w8a8"
+# GPTQ (a calibrated method) at W8A8: the int8 kernels every x86 vLLM-CPU build has. A
+# small calibration and held-out set keep the job near a minute on 2 cores.
+ISQ_VARIANT = {"name": ISQ_NAME,
+               "isq": {"method": "gptq", "bits": 8, "activation_bits": 8,
+                       "calibration": {"samples": 32, "seq_len": 256},
+                       "evaluation": {"windows": 12, "seq_len": 256},
+                       "max_perplexity_increase": 0.25},
+               "replicas": {"num_replicas": 1, "num_cpus": 0.25}}
 
 
 def e2e_app_args(adapter_root: Path, xlora_checkpoint: Path) -> dict[str, Any]:
@@ -43,6 +52,7 @@ def e2e_app_args(adapter_root: Path, xlora_checkpoint: Path) -> dict[str, Any]:
     args["admission"] = {**args.get("admission", {}), "max_queue": 16, "queue_timeout_s": 20}
     args["xlora"] = [{"name": XLORA_NAME, "checkpoint": str(xlora_checkpoint),
                       "replicas": {"num_replicas": 1, "num_cpus": 0.25}}]
+    args["quantized"] = [ISQ_VARIANT]
     return args
 
 
@@ -82,8 +92,10 @@ def _free_port() -> int:
 
 
 class ServeApp:
-    def __init__(self, base_url: str, app_name: str, config: Any, head: "RayHead") -> None:
+    def __init__(self, base_url: str, app_name: str, config: Any, head: "RayHead",
+                 serve_config: dict[str, Any]) -> None:
         self.head = head
+        self.serve_config = serve_config
         self.base_url = base_url
         self.app_name = app_name
         self.config = config
@@ -105,9 +117,10 @@ class ServeApp:
 
         described = httpx.get(f"{self.openai_url}/adapters", headers=self.admin_headers(),
                               timeout=30).json()
-        # The X-LoRA mixture's own replica reports too (its mixture resident, no slots).
+        # The X-LoRA mixture's and the quantized model's own replicas report too (their
+        # model resident, no slots).
         return sorted(r["replica_id"] for r in described["replicas"]
-                      if XLORA_NAME not in r["resident"])
+                      if not {XLORA_NAME, ISQ_NAME} & set(r["resident"]))
 
     def engine_stats(self, replica_id: str, deployment: str = "LLMReplica") -> dict[str, Any]:
         from router.hints import RoutingHints
@@ -264,7 +277,7 @@ def serve_app(ray_head: RayHead, adapter_root: Path, xlora_checkpoint: Path) -> 
     try:
         (app,) = serve_config["applications"]
         yield ServeApp(f"http://127.0.0.1:{port}", "ruvllm", AppConfig.from_args(app["args"]),
-                       ray_head)
+                       ray_head, serve_config)
     finally:
         ray.shutdown()
 
