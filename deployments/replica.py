@@ -82,6 +82,23 @@ def make_engine(config: AppConfig, mixture: XLoraMixture | None = None,
     return VLLMEngine(mixture_model_dir(mixture, config), mixture.name, engine)
 
 
+XLORA_SCALINGS_FIELD = "xlora_scalings"
+
+
+def _expert_names(mixture: XLoraMixture, config: AppConfig) -> list[str] | None:
+    """Experts named by their training domain where the checkpoint records it (the
+    fixture's fixture.json), else by their peft names."""
+    import json
+
+    from adapters.xlora.checkpoint import mixture_checkpoint_dir
+
+    meta = mixture_checkpoint_dir(mixture, config) / "fixture.json"
+    if not meta.is_file():
+        return None
+    experts = json.loads(meta.read_text()).get("experts", {})
+    return [f"{name}:{info.get('domain', name)}" for name, info in sorted(experts.items())]
+
+
 class LLMReplica:
     """Serve replica around one engine. Registered as a deployment by the app builder."""
 
@@ -125,6 +142,10 @@ class LLMReplica:
 
     async def _serve(self, method: Any, body: dict[str, Any], request_id: str,
                      hints: RoutingHints | None) -> AsyncIterator[ReplyHead | str]:
+        if body.get(XLORA_SCALINGS_FIELD) is not None:
+            async for item in self._serve_with_scalings(method, body, request_id):
+                yield item
+            return
         adapter = hints.adapter if hints is not None else None
         if adapter is not None:
             # Held before loading, so a concurrent load elsewhere never evicts it.
@@ -146,6 +167,57 @@ class LLMReplica:
         finally:
             if adapter is not None:
                 self._slots.release(adapter)
+
+    async def _serve_with_scalings(self, method: Any, body: dict[str, Any],
+                                   request_id: str) -> AsyncIterator[ReplyHead | str]:
+        """A mixture request asking for its per-token expert weights (debugging)."""
+        option = body[XLORA_SCALINGS_FIELD]
+        problem = None
+        if self._mixture is None:
+            problem = "is only available for X-LoRA mixture models"
+        elif body.get("stream"):
+            problem = "is only available without streaming"
+        elif option not in (True, False, "per_module"):
+            problem = "must be true, false or \"per_module\""
+        elif (body.get("n") or 1) != 1:
+            problem = "needs n = 1"
+        if problem:
+            yield ReplyHead(400, error_body(400, f"{XLORA_SCALINGS_FIELD} {problem}",
+                                            param=XLORA_SCALINGS_FIELD),
+                            replica_id=self._replica_id)
+            return
+        wanted_ids = bool(body.get("return_token_ids"))
+        body = {k: v for k, v in body.items() if k != XLORA_SCALINGS_FIELD}
+        if option is False:
+            async for item in self._serve(method, body, request_id, None):
+                yield item
+            return
+        body["return_token_ids"] = True
+        async for item in self._serve(method, body, request_id, None):
+            if isinstance(item, ReplyHead) and item.status == 200 and isinstance(item.body, dict):
+                reply = item.body
+                choice = reply["choices"][0]
+                prompt_ids = reply.get("prompt_token_ids") or choice.get("prompt_token_ids") or []
+                explainer = await self._scalings_explainer()
+                reply[XLORA_SCALINGS_FIELD] = await asyncio.to_thread(
+                    explainer.explain, list(prompt_ids), list(choice.get("token_ids") or []),
+                    option == "per_module")
+                if not wanted_ids:
+                    reply.pop("prompt_token_ids", None)
+                    for c in reply["choices"]:
+                        c.pop("token_ids", None)
+                        c.pop("prompt_token_ids", None)
+            yield item
+
+    async def _scalings_explainer(self) -> Any:
+        if getattr(self, "_explainer", None) is None:
+            from adapters.xlora.checkpoint import mixture_model_dir
+            from adapters.xlora.explain import ScalingsExplainer
+
+            model_dir = mixture_model_dir(self._mixture, self._config)
+            self._explainer = await asyncio.to_thread(ScalingsExplainer, model_dir,
+                                                      _expert_names(self._mixture, self._config))
+        return self._explainer
 
     # -- adapters ------------------------------------------------------------------------
 

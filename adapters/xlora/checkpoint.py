@@ -171,6 +171,18 @@ def export_for_vllm(xlora_path: Path | str, base_path: Path | str, out_root: Pat
     return target
 
 
+def mixture_checkpoint_dir(mixture: Any, config: Any) -> Path:
+    """The peft X-LoRA checkpoint of mixture `mixture` (building the fixture on first use)."""
+    from ruvllm.model_store import resolve_model
+
+    if mixture.checkpoint == "builtin:fixture":
+        from adapters.xlora.fixture import build_fixture
+
+        cache = config.resolved_cache_dir
+        return build_fixture(resolve_model(config.model.source, cache), cache_dir=cache)
+    return Path(mixture.checkpoint).expanduser()
+
+
 def mixture_model_dir(mixture: Any, config: Any) -> Path:
     """The vLLM model directory serving X-LoRA mixture `mixture` of app config `config`
     (building the fixture checkpoint and the export on first use; both are cached)."""
@@ -178,10 +190,5 @@ def mixture_model_dir(mixture: Any, config: Any) -> Path:
 
     cache = config.resolved_cache_dir
     base = resolve_model(config.model.source, cache)
-    if mixture.checkpoint == "builtin:fixture":
-        from adapters.xlora.fixture import build_fixture
-
-        checkpoint = build_fixture(base, cache_dir=cache)
-    else:
-        checkpoint = Path(mixture.checkpoint).expanduser()
-    return export_for_vllm(checkpoint, base, cache / "xlora" / "exported", mixture.overrides())
+    return export_for_vllm(mixture_checkpoint_dir(mixture, config), base,
+                           cache / "xlora" / "exported", mixture.overrides())

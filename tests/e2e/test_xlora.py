@@ -70,3 +70,32 @@ def test_mixture_output_differs_from_the_base_model(serve_app):
         return r.json()["choices"][0]["text"]
 
     assert complete(XLORA_NAME) != complete(BASE)
+
+
+def test_per_token_expert_weights_on_request(serve_app):
+    r = httpx.post(f"{serve_app.openai_url}/completions", timeout=120, json={
+        "model": XLORA_NAME, "prompt": '{"id": 3, "name": "lyra-kernel", "tags": [',
+        "max_tokens": 12, "temperature": 0, "xlora_scalings": True})
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    scalings = reply["xlora_scalings"]
+    assert [e.split(":")[-1] for e in scalings["experts"]] == ["python", "json", "prose"]
+    assert len(scalings["tokens"]) == reply["usage"]["completion_tokens"]
+    for row in scalings["tokens"]:
+        assert len(row["weights"]) == 3
+        assert abs(sum(row["weights"]) - 1) < 1e-3  # softmax over experts, no top-k
+    # Continuing a JSON record, the classifier leans on the JSON expert.
+    mean = [sum(row["weights"][e] for row in scalings["tokens"]) / len(scalings["tokens"])
+            for e in range(3)]
+    assert mean[1] == max(mean), mean
+    assert "token_ids" not in reply["choices"][0]  # used internally, not asked for
+
+
+def test_expert_weights_field_is_refused_where_it_cannot_apply(serve_app):
+    for model, extra in ((BASE, {}), (XLORA_NAME, {"stream": True}),
+                         (XLORA_NAME, {"xlora_scalings": "sometimes"})):
+        body = {"model": model, "prompt": "Hello", "max_tokens": 4, "xlora_scalings": True,
+                **extra}
+        r = httpx.post(f"{serve_app.openai_url}/completions", timeout=120, json=body)
+        assert r.status_code == 400, (model, extra, r.text)
+        assert r.json()["error"]["param"] == "xlora_scalings"
