@@ -79,13 +79,18 @@ def allow_awq_on_cpu() -> None:
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
 
-def perplexity(model, windows: list[list[int]]) -> float:
+def perplexity(model, windows: list[list[int]], what: str) -> float:
     import torch
 
     total_nll, total_tokens = 0.0, 0
     device = next(model.parameters()).device
+    started = last = time.monotonic()
     with torch.no_grad():
-        for ids in windows:
+        for i, ids in enumerate(windows, 1):
+            if time.monotonic() - last > 15:
+                last = time.monotonic()
+                log(f"{what} perplexity: {i - 1}/{len(windows)} windows "
+                    f"({last - started:.0f} s)")
             x = torch.tensor([ids], device=device)
             out = model(input_ids=x, labels=x)
             n = len(ids) - 1
@@ -128,7 +133,7 @@ def main(spec_path: str) -> None:
     model = load(spec["base_dir"], work_dtype)
     if base_ppl is None:
         t = time.monotonic()
-        base_ppl = perplexity(model, heldout)
+        base_ppl = perplexity(model, heldout, "base")
         log(f"base perplexity {base_ppl:.3f} on {len(heldout)} held-out windows "
             f"({time.monotonic() - t:.0f} s)")
     metrics["base_perplexity"] = base_ppl
@@ -163,7 +168,7 @@ def main(spec_path: str) -> None:
 
     t = time.monotonic()
     quantized = load(str(out), work_dtype)  # decompressed by compressed-tensors
-    metrics["perplexity"] = perplexity(quantized, heldout)
+    metrics["perplexity"] = perplexity(quantized, heldout, "quantized")
     metrics["eval_seconds"] = time.monotonic() - t
     log(f"quantized perplexity {metrics['perplexity']:.3f} (base {base_ppl:.3f}, "
         f"{100 * (metrics['perplexity'] / base_ppl - 1):+.2f}%)")

@@ -1,0 +1,244 @@
+"""ISQ: every method and bit width on the default model, one run, same held-out text.
+
+    python -m benchmarks.isq_bench                 # ~60 min on 2 cores (AWQ alone ~20)
+    python -m benchmarks.isq_bench --only rtn-w8a16,gptq-w4a16-g64
+
+For each scheme the job runs exactly as a deployment runs it (isq.job.quantize: the
+toolkit venv, 128 x 256-token calibration windows from the corpus's train splits,
+held-out perplexity on 32 x 512 tokens of its eval splits) and the report records job
+wall time, checkpoint bytes against the base at bfloat16 (whole checkpoint, and the
+quantized Linear layers alone) and the perplexity increase. Then every checkpoint vLLM
+can serve on this machine is served (compiled vLLM-CPU, float32 activations) next to
+the unquantized base in the same run: decode tokens/s and the ratio to the base.
+
+Writes report.json, report.md and report.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.harness import MODEL, ROOT, log
+
+# name -> IsqConfig fields. 4-bit schemes use group size 64 (the reference's), 8-bit
+# weight-only RTN/GPTQ too; the A8 schemes are per channel.
+SCHEMES: dict[str, dict] = {
+    "rtn-w4a16-g64": {"method": "rtn", "bits": 4, "group_size": 64},
+    "gptq-w4a16-g64": {"method": "gptq", "bits": 4, "group_size": 64},
+    "gptq-w4a16-g64-actorder": {"method": "gptq", "bits": 4, "group_size": 64, "actorder": True},
+    "awq-w4a16-g64": {"method": "awq", "bits": 4, "group_size": 64},
+    "rtn-w8a16-g64": {"method": "rtn", "bits": 8, "group_size": 64},
+    "gptq-w8a16-g64": {"method": "gptq", "bits": 8, "group_size": 64},
+    "rtn-w8a8": {"method": "rtn", "bits": 8, "activation_bits": 8},
+    "gptq-w8a8": {"method": "gptq", "bits": 8, "activation_bits": 8},
+    "smoothquant-w8a8": {"method": "smoothquant"},
+    "fp8-w8a8": {"method": "fp8"},
+}
+
+SPEED_SCRIPT = r'''
+import json, os, sys, time
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    model, n, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    llm = LLM(model=model, dtype="float32", max_model_len=512, enable_prefix_caching=False,
+              seed=0)
+    prompts = [f"Write a short story about the number {i}." for i in range(n)]
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4))  # warm up
+    started = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - started
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    chat = llm.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
+        add_generation_prompt=True)
+    answer = llm.generate([chat], SamplingParams(temperature=0.0, max_tokens=16))[0]
+    print("RESULT " + json.dumps({"tokens": generated, "seconds": elapsed,
+                                  "answer": answer.outputs[0].text}))
+'''
+
+
+def run_jobs(base: Path, names: list[str], cache: Path) -> dict[str, dict]:
+    from isq.job import quantize
+    from isq.serving import serving_problem
+    from ruvllm.config import IsqConfig
+
+    results = {}
+    for i, name in enumerate(names, 1):
+        isq = IsqConfig.model_validate({**SCHEMES[name], "max_perplexity_increase": 100})
+        log(f"[{i}/{len(names)}] {name}: job")
+        started = time.monotonic()
+        result = quantize(base, MODEL, isq, cache, progress=lambda m: log(f"  {m}"))
+        r = dict(result.report)
+        r.update(path=str(result.path), reused=result.reused,
+                 wall_seconds_this_run=time.monotonic() - started,
+                 serving_problem=serving_problem(isq, on_gpu=False))
+        results[name] = r
+        log(f"[{i}/{len(names)}] {name}: {100 * r['perplexity_increase']:+.2f}% perplexity, "
+            f"{r['bytes']['ratio']:.3f}x bytes, linear {r['bytes']['linear_ratio']:.3f}x, "
+            f"job {r['job_seconds']:.0f} s{' (cached)' if result.reused else ''}")
+    return results
+
+
+def speed(targets: dict[str, Path], prompts: int, tokens: int) -> dict[str, dict]:
+    script = Path(tempfile.mkdtemp(prefix="isq-bench-")) / "speed_run.py"
+    script.write_text(SPEED_SCRIPT)
+    out = {}
+    for name, model in targets.items():
+        log(f"speed: {name}")
+        run = subprocess.run([sys.executable, str(script), str(model), str(prompts), str(tokens)],
+                             capture_output=True, text=True, cwd=ROOT)
+        line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            tail = run.stderr.strip().splitlines()[-3:]
+            out[name] = {"error": " / ".join(tail)}
+            log(f"speed: {name}: could not serve: {out[name]['error'][:300]}")
+            continue
+        r = json.loads(line[7:])
+        r["tok_per_s"] = r["tokens"] / r["seconds"]
+        out[name] = r
+        log(f"speed: {name}: {r['tok_per_s']:.1f} tok/s; answer {r['answer']!r}")
+    base = out.get("base (float32)", {}).get("tok_per_s")
+    for r in out.values():
+        if base and "tok_per_s" in r:
+            r["ratio_vs_base"] = r["tok_per_s"] / base
+    return out
+
+
+def write_report(out: Path, result: dict) -> None:
+    jobs, served = result["jobs"], result["speed"]
+    lines = [
+        "# ISQ benchmark", "",
+        f"Measured {result['measured']} on {result['machine']}; model {MODEL} "
+        f"(SmolLM2-135M-Instruct, Llama architecture). Toolkit: "
+        f"{', '.join(result['toolkit'])} in its own venv (isq/toolkit_env.py).", "",
+        f"Calibration: {result['calibration']}. Held-out: {result['heldout']}; "
+        f"base perplexity **{result['base_perplexity']:.3f}**. Bytes are against the base "
+        "checkpoint at bfloat16 (the stored base is float32); `linear` counts only the "
+        "decoder's quantized Linear layers (the tied 49152 x 576 embedding stays bfloat16).",
+        "",
+        "| scheme | job (s) | bytes vs bf16 | linear bytes vs bf16 | perplexity | increase "
+        "| served here | decode tok/s | vs base |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in jobs.items():
+        s = served.get(name, {})
+        serve_note = ("yes" if "tok_per_s" in s else
+                      "no: no weight-only CPU kernel (AVX-512 only)" if r["serving_problem"]
+                      else f"no: {s.get('error', '-')[:80]}")
+        lines.append(
+            f"| {name} | {r['job_seconds']:.0f} | {r['bytes']['ratio']:.3f} | "
+            f"{r['bytes']['linear_ratio']:.3f} | {r['perplexity']:.3f} | "
+            f"{100 * r['perplexity_increase']:+.2f}% | {serve_note} | "
+            f"{s.get('tok_per_s', float('nan')):.1f} | {s.get('ratio_vs_base', float('nan')):.2f}x |")
+    base = served.get("base (float32)", {})
+    if "tok_per_s" in base:
+        lines += ["", f"Unquantized base, same run: {base['tok_per_s']:.1f} decode tok/s "
+                  f"({result['speed_workload']})."]
+    lines += ["", "## Targets", ""]
+    for t in result["targets"]:
+        lines.append(f"- {t['what']}: {t['measured']} — **{'met' if t['met'] else 'missed'}**")
+    lines += ["", "![perplexity increase vs bytes](report.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def targets(jobs: dict[str, dict]) -> list[dict]:
+    inc = {n: r["perplexity_increase"] for n, r in jobs.items()}
+    out = []
+    eight = {n: v for n, v in inc.items() if "w8" in n}
+    if eight:
+        worst = max(eight, key=eight.get)
+        out.append({"what": "8-bit methods <= +2%",
+                    "measured": ", ".join(f"{n} {100 * v:+.2f}%" for n, v in eight.items()),
+                    "met": eight[worst] <= 0.02})
+    rtn4 = inc.get("rtn-w4a16-g64")
+    for n in ("gptq-w4a16-g64", "awq-w4a16-g64"):
+        if rtn4 and n in inc:
+            out.append({"what": f"{n} increase <= 0.6x RTN's (same group size)",
+                        "measured": f"{inc[n] / rtn4:.2f}x ({100 * inc[n]:+.2f}% vs "
+                                    f"{100 * rtn4:+.2f}%)", "met": inc[n] <= 0.6 * rtn4})
+    four = {n: v for n, v in inc.items() if "w4" in n}
+    if four:
+        best = min(four, key=four.get)
+        out.append({"what": "best 4-bit result <= +20%",
+                    "measured": f"{best} {100 * four[best]:+.2f}%", "met": four[best] <= 0.20})
+        lin = {n: jobs[n]["bytes"]["linear_ratio"] for n in four}
+        out.append({"what": "Linear-layer bytes <= 0.3x bf16 at 4 bits",
+                    "measured": ", ".join(f"{n} {v:.3f}x" for n, v in lin.items()),
+                    "met": max(lin.values()) <= 0.3})
+    return out
+
+
+def plot(out: Path, jobs: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, r in jobs.items():
+        x, y = r["bytes"]["quantized"] / 1e6, 100 * r["perplexity_increase"]
+        ax.scatter(x, y, s=40)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    base_mb = next(iter(jobs.values()))["bytes"]["base_bf16"] / 1e6
+    ax.axvline(base_mb, color="grey", linestyle="--", linewidth=1)
+    ax.annotate("base bf16", (base_mb, 0), textcoords="offset points", xytext=(-60, 5),
+                fontsize=8, color="grey")
+    ax.set_xlabel("checkpoint size (MB)")
+    ax.set_ylabel("held-out perplexity increase (%)")
+    ax.set_title(f"ISQ on {MODEL}: quality lost vs bytes")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(SCHEMES), help="comma-separated schemes")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "isq")
+    args = parser.parse_args()
+
+    from isq.toolkit_env import TOOLKIT_REQUIREMENTS
+    from ruvllm.config import CalibrationConfig, EvaluationConfig, resolve_cache_dir
+    from ruvllm.model_store import prepare_builtin
+
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = set(names) - set(SCHEMES)
+    if unknown:
+        parser.error(f"unknown schemes {sorted(unknown)}; known: {', '.join(SCHEMES)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = prepare_builtin(MODEL)
+    jobs = run_jobs(base, names, resolve_cache_dir(None))
+    speed_targets = {"base (float32)": base}
+    speed_targets.update({n: Path(r["path"]) for n, r in jobs.items() if not r["serving_problem"]})
+    served = {} if args.skip_speed else speed(speed_targets, args.prompts, args.tokens)
+    c, e = CalibrationConfig(), EvaluationConfig()
+    result = {
+        "measured": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": "2 CPU cores (AVX2, no AVX-512), no GPU; vLLM-CPU 0.32",
+        "toolkit": list(TOOLKIT_REQUIREMENTS),
+        "calibration": f"{c.samples} x {c.seq_len} tokens (builtin corpus, train splits)",
+        "heldout": f"{e.windows} x {e.seq_len} tokens (eval splits)",
+        "base_perplexity": next(iter(jobs.values()))["base_perplexity"],
+        "speed_workload": f"{args.prompts} prompts x {args.tokens} tokens, compiled engines",
+        "jobs": jobs, "speed": served, "targets": targets(jobs),
+    }
+    (args.out / "report.json").write_text(json.dumps(result, indent=2))
+    write_report(args.out, result)
+    plot(args.out, jobs)
+    log(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
