@@ -48,14 +48,21 @@ def _k8s_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _validate(args: argparse.Namespace) -> int:
+def _load_configs(path: Path) -> dict | None:
+    """The ruvllm apps of a Serve config file, or None after printing why not."""
     from ruvllm.config import ConfigError
     from ruvllm.serve_config import load_app_configs
 
     try:
-        configs = load_app_configs(args.config)
+        return load_app_configs(path)
     except ConfigError as e:
-        print(f"{args.config}: {e}", file=sys.stderr)
+        print(f"{path}: {e}", file=sys.stderr)
+        return None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    configs = _load_configs(args.config)
+    if configs is None:
         return 1
     for app_name, config in configs.items():
         print(f"{args.config}: application {app_name!r} OK "
@@ -65,14 +72,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _isq(args: argparse.Namespace) -> int:
     from isq.job import IsqQualityError, quantize, quantize_on_ray
-    from ruvllm.config import ConfigError
     from ruvllm.model_store import resolve_model
-    from ruvllm.serve_config import load_app_configs
 
-    try:
-        configs = load_app_configs(args.config)
-    except ConfigError as e:
-        print(f"{args.config}: {e}", file=sys.stderr)
+    configs = _load_configs(args.config)
+    if configs is None:
         return 1
     jobs = [(config, v) for config in configs.values() for v in config.quantized]
     if not jobs:
