@@ -10,8 +10,9 @@ engines, two replicas):
              placement-aware routing vs Ray Serve's default (power of two choices).
              Adapter loads (from the replicas' own counters) and TTFT p50/p99.
   prefix     multi-turn sessions, each with its own long document after a shared system
-             prompt: placement-aware (session/prefix affinity) vs round robin. vLLM's
-             prefix-cache hit rate (its scheduler's own counters) and TTFT.
+             prompt, sized so that all sessions together fit in the two replicas' KV
+             caches but not in one: placement-aware (session/prefix affinity) vs round
+             robin. vLLM's prefix-cache hit rate (its scheduler's own counters) and TTFT.
   sessions   50, 100 and 200 concurrent 3-turn sessions against the shipped admission
              settings: goodput, TTFT p99, rejection rate, 5xx count.
   decision   PlacementAwareRouter.choose_replicas timed in-process: p50/p99 per decision.
@@ -403,7 +404,10 @@ def main() -> int:
     parser.add_argument("--prefix-sessions", type=int, default=32)
     parser.add_argument("--prefix-concurrency", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--doc-words", type=int, default=600)
+    # 300 words = ~660 tokens: the 32 sessions' documents and turns fill ~60% of the two
+    # replicas' KV cache together (2 x 23k tokens at 1 GiB each), more than one replica
+    # holds: the regime where the choice of replica decides whether the cache hits.
+    parser.add_argument("--doc-words", type=int, default=300)
     parser.add_argument("--session-counts", default="50,100,200")
     parser.add_argument("--decisions", type=int, default=20000)
     args = parser.parse_args()
