@@ -59,10 +59,18 @@ def with_stack(name: str, out: Path, overrides: Callable[[dict], None],
         overrides(args)
 
     log(f"{name}: starting the stack")
+    started = time.monotonic()
     proc, url = start_stack(PORT, out / "logs" / f"{name}.log", configure)
     try:
         ready = wait_until_ready(f"{url}/v1/models", proc, 900, name)
-        time.sleep(3)  # let every replica send its first placement report
+        # The ingress answers before the engines have compiled; until every replica has
+        # reported its capacity, admission holds requests (and 429s them after 30 s).
+        while replica_totals(url)["replicas"] < 2:
+            if time.monotonic() - started > 900:
+                raise TimeoutError(f"{name}: engine replicas never reported")
+            time.sleep(2)
+        ready = time.monotonic() - started
+        time.sleep(3)  # and the ingress has synced that capacity
         log(f"{name}: ready in {ready:.0f} s")
         result = body(url)
         result["startup_s"] = ready
