@@ -18,7 +18,7 @@ logger = logging.getLogger("ray.serve")
 
 class ClusterView:
     def __init__(self, controller: DeploymentHandle, period_s: float,
-                 on_capacity: Callable[[int, int], None]) -> None:
+                 on_capacity: Callable[[str | None, int, int], None]) -> None:
         self._controller = controller
         self._period_s = period_s
         self._on_capacity = on_capacity
@@ -57,7 +57,9 @@ class ClusterView:
                 self.adapters = state["adapters"]
                 self._version = state["version"]
             self.replicas = state["replicas"]
-            self._on_capacity(state["kv_tokens"], state["max_seqs"])
+            self._on_capacity(None, state["kv_tokens"], state["max_seqs"])
+            for model, (kv, seqs) in state.get("dedicated_capacity", {}).items():
+                self._on_capacity(model, kv, seqs)
 
     async def _loop(self) -> None:
         while True:

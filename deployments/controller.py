@@ -69,6 +69,9 @@ class PlacementController:
         state: dict[str, Any] = {
             "kv_tokens": kv_tokens,
             "max_seqs": max_seqs,
+            # Each dedicated model's own replicas: requests for it are admitted there.
+            "dedicated_capacity": {pool: list(c) for pool, c in
+                                   self._planner.capacities().items() if pool is not None},
             "replicas": len(self._planner.replicas()),
             "version": self._registry.version,
         }

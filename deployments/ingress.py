@@ -126,12 +126,21 @@ class OpenAIIngress:
         self._card_cls, self._list_cls = vllm_compat.model_list_classes()
 
         self._admission_metrics = AdmissionMetrics()
+        # One admission pool per set of engines: the base replicas (base model and LoRA
+        # adapters) and each dedicated model's own replicas, so a burst on one never
+        # borrows capacity the other's engines would have to provide.
         self._admission = AdmissionController(config.admission, on_change=self._admission_changed)
+        self._dedicated_admission = {
+            name: AdmissionController(config.admission, on_change=self._admission_changed)
+            for name in self._dedicated}
         ingress_share = max(1, config.ingress.num_replicas)
-        self._cluster = ClusterView(
-            controller, config.placement.report_period_s,
-            on_capacity=lambda kv, seqs: self._admission.set_capacity(
-                kv // ingress_share, max(1, seqs // ingress_share) if seqs else 0))
+
+        def on_capacity(model: str | None, kv: int, seqs: int) -> None:
+            pool = self._admission if model is None else self._dedicated_admission.get(model)
+            if pool is not None:
+                pool.set_capacity(kv // ingress_share, max(1, seqs // ingress_share) if seqs else 0)
+
+        self._cluster = ClusterView(controller, config.placement.report_period_s, on_capacity)
         self._cluster.start()
 
     def __del__(self) -> None:
@@ -251,9 +260,9 @@ class OpenAIIngress:
     async def _admit(self, hints: RoutingHints) -> Admission:
         if not self._config.admission.enabled:
             return _UNLIMITED
+        pool = self._dedicated_admission.get(hints.model, self._admission)
         try:
-            admission = await self._admission.admit(hints.tenant or "anonymous",
-                                                    hints.predicted_tokens)
+            admission = await pool.admit(hints.tenant or "anonymous", hints.predicted_tokens)
         except Rejected as r:
             self._admission_metrics.rejected.inc(tags={"reason": r.reason})
             raise ClientError(429, r.message, headers={"retry-after": str(r.retry_after_s)}) from None
@@ -312,9 +321,10 @@ class OpenAIIngress:
             watchdog.disarm()
             admission.release()
 
-    def _admission_changed(self, admission: AdmissionController) -> None:
-        self._admission_metrics.queued.set(admission.queued)
-        self._admission_metrics.inflight_tokens.set(admission.inflight_tokens)
+    def _admission_changed(self, _: AdmissionController) -> None:
+        pools = [self._admission, *getattr(self, "_dedicated_admission", {}).values()]
+        self._admission_metrics.queued.set(sum(p.queued for p in pools))
+        self._admission_metrics.inflight_tokens.set(sum(p.inflight_tokens for p in pools))
 
     # -- adapter administration ----------------------------------------------------------
 

@@ -277,7 +277,8 @@ class LLMReplica:
             slots=self._slots.capacity, queued_tokens=s.kv_usage * s.kv_capacity_tokens,
             kv_capacity_tokens=s.kv_capacity_tokens, max_num_seqs=s.max_num_seqs,
             running=s.running, waiting=s.waiting, prefix_cache_queries=s.prefix_cache_queries,
-            prefix_cache_hits=s.prefix_cache_hits, **self._adapter_counts)
+            prefix_cache_hits=s.prefix_cache_hits, dedicated=self._dedicated,
+            **self._adapter_counts)
 
     # -- operators and routers -----------------------------------------------------------
 

@@ -34,6 +34,9 @@ class ReplicaReport:
     hits: int = 0
     prefix_cache_queries: int = 0  # vLLM scheduler counters, tokens
     prefix_cache_hits: int = 0
+    # The model a dedicated replica serves (X-LoRA mixture, quantized variant); None for
+    # the base replicas, which serve the base model and its LoRA adapters.
+    dedicated: str | None = None
 
 
 @dataclass
@@ -104,10 +107,14 @@ class PlacementPlanner:
         self._expire()
         return [r.report for r in self._replicas.values()]
 
-    def capacity(self) -> tuple[int, int]:
-        """(KV tokens, sequences) the live engines can hold together."""
-        reports = self.replicas()
+    def capacity(self, dedicated: str | None = None) -> tuple[int, int]:
+        """(KV tokens, sequences) the live engines of one pool can hold together: the base
+        replicas (None), or the replicas of one dedicated model."""
+        reports = [r for r in self.replicas() if r.dedicated == dedicated]
         return (sum(r.kv_capacity_tokens for r in reports), sum(r.max_num_seqs for r in reports))
+
+    def capacities(self) -> dict[str | None, tuple[int, int]]:
+        return {pool: self.capacity(pool) for pool in {r.dedicated for r in self.replicas()}}
 
     # -- the plan ------------------------------------------------------------------------
 

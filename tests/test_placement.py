@@ -65,3 +65,16 @@ def test_silent_replicas_drop_out_of_table_and_capacity():
     clock.now += 3
     assert planner.table() == {"a0": ["r2"]}
     assert planner.capacity() == (1000, 8)
+
+
+def test_capacity_is_pooled_by_what_the_replicas_serve():
+    planner = PlacementPlanner(1.0, 10, replica_timeout_s=30, clock=Clock())
+    planner.report(report("r1"), PATHS)
+    planner.report(report("r2"), PATHS)
+    mix = report("x1", ["mix"])
+    mix.dedicated = "mix"
+    planner.report(mix, PATHS)
+    # Base-model requests cannot run on the mixture's replica: not in the base pool.
+    assert planner.capacity() == (2000, 16)
+    assert planner.capacity("mix") == (1000, 8)
+    assert planner.capacities() == {None: (2000, 16), "mix": (1000, 8)}
