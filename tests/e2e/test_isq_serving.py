@@ -83,8 +83,15 @@ def test_job_runs_as_a_ray_task_and_its_result_is_reused(serve_app, base_model_p
     assert time.monotonic() - started < first.report["job_seconds"]
 
     assert ray.is_initialized()
-    tasks = list_tasks(filters=[("name", "=", f"isq:{BASE}:rtn-w8")], detail=True)
-    assert len([t for t in tasks if t.state == "FINISHED"]) >= 2, tasks
+    # Ray's task events reach its state API a little after the task ends.
+    deadline = time.monotonic() + 60
+    while True:
+        tasks = list_tasks(filters=[("name", "=", f"isq:{BASE}:rtn-w8")], detail=True)
+        finished = [t for t in tasks if t.state == "FINISHED"]
+        if len(finished) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert len(finished) >= 2, [(t.task_id, t.state) for t in tasks]
 
 
 def test_failing_quality_gate_stops_the_deployment(serve_app):
