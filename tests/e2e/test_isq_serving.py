@@ -86,7 +86,8 @@ def test_job_runs_as_a_ray_task_and_its_result_is_reused(serve_app, base_model_p
     # Ray's task events reach its state API a little after the task ends.
     deadline = time.monotonic() + 60
     while True:
-        tasks = list_tasks(filters=[("name", "=", f"isq:{BASE}:rtn-w8")], detail=True)
+        tasks = list_tasks(address=ray.get_runtime_context().gcs_address,
+                           filters=[("name", "=", f"isq:{BASE}:rtn-w8")], detail=True)
         finished = [t for t in tasks if t.state == "FINISHED"]
         if len(finished) >= 2 or time.monotonic() > deadline:
             break
