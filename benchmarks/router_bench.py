@@ -306,6 +306,10 @@ def section_decision(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 # -- report -----------------------------------------------------------------------------
 
+def _num(value: Any) -> str:
+    return "not recorded" if value is None else f"{value:.0f}"
+
+
 def write_report(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> None:
     (out / "report.json").write_text(json.dumps({"meta": meta, **results}, indent=2))
     lines = ["# Router benchmarks", "",
@@ -323,10 +327,13 @@ def write_report(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> No
                   "|---|---|---|---|---|---|"]
         for policy in ("power_of_two", "placement_aware"):
             r = a[policy]
-            lines.append(f"| {policy} | {r['adapter_loads']:.0f} | {r['adapter_evictions']:.0f} | "
-                         f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['errors_5xx']} |")
+            lines.append(f"| {policy} | {_num(r['adapter_loads'])} | "
+                         f"{_num(r.get('adapter_evictions'))} | {_num(r.get('ttft_p50_ms'))} | "
+                         f"{_num(r['ttft_p99_ms'])} | {_num(r.get('errors_5xx'))} |")
         lines += ["", f"Cold loads: **{a['load_reduction']:.1f}x fewer** with placement-aware "
                   "routing (target >= 3x).", ""]
+        if a.get("note"):
+            lines += [a["note"], ""]
     if "prefix" in results:
         p = results["prefix"]
         w = p["workload"]
