@@ -73,9 +73,26 @@ def start_stack(port: int, logfile: Path, overrides: Callable[[dict], None]) -> 
     return proc, f"http://127.0.0.1:{port}"
 
 
-def stop_stack(proc: subprocess.Popen) -> None:
+def _vllm_processes() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "VLLM::"], capture_output=True, text=True).stdout
+    return {int(pid) for pid in out.split()}
+
+
+def start_stack_engines_baseline() -> set[int]:
+    """vLLM engine processes alive before a stack starts (not the stack's to kill)."""
+    return _vllm_processes()
+
+
+def stop_stack(proc: subprocess.Popen, keep: set[int] | None = None) -> None:
     stop(proc)
     ray = Path(sys.executable).with_name("ray")
     subprocess.run([str(ray), "stop", "--force"], capture_output=True)
+    # `ray stop --force` kills Ray's workers; vLLM's engine-core and worker processes
+    # they spawned can outlive them and keep cores busy through the next measurement.
+    for pid in _vllm_processes() - (keep or set()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 

@@ -35,7 +35,9 @@ from typing import Any, Callable
 import httpx
 
 from benchmarks import loadgen
-from benchmarks.harness import MODEL, ROOT, log, start_stack, stop_stack, wait_until_ready
+from benchmarks.harness import (
+    MODEL, ROOT, log, start_stack, start_stack_engines_baseline, stop_stack, wait_until_ready,
+)
 
 ADMIN = "bench-admin"
 PORT = 8400
@@ -60,6 +62,7 @@ def with_stack(name: str, out: Path, overrides: Callable[[dict], None],
 
     log(f"{name}: starting the stack")
     started = time.monotonic()
+    others = start_stack_engines_baseline()
     proc, url = start_stack(PORT, out / "logs" / f"{name}.log", configure)
     try:
         ready = wait_until_ready(f"{url}/v1/models", proc, 900, name)
@@ -76,7 +79,7 @@ def with_stack(name: str, out: Path, overrides: Callable[[dict], None],
         result["startup_s"] = ready
         return result
     finally:
-        stop_stack(proc)
+        stop_stack(proc, keep=others)
 
 
 # -- adapters ---------------------------------------------------------------------------
