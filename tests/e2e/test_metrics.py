@@ -18,6 +18,9 @@ from ruvllm.grafana import metric_names
 pytestmark = pytest.mark.e2e
 
 BASE = "smollm2-135m-instruct"
+# Admission sends an engine no more sequences than it runs at once, so vLLM's own waiting
+# queue stays empty by design: this series must be exported, but it may read zero.
+PRESENCE_ONLY = {"ray_vllm_num_requests_waiting"}
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -87,7 +90,8 @@ def test_dashboard_metrics_are_exported_with_values(serve_app):
         for name in wanted:  # histograms are queried through `_bucket`; check the count
             if name.endswith("_bucket"):
                 seen[name] = max(final.get(name[:-7] + "_count", 0.0), seen[name])
-        missing = sorted(n for n, v in seen.items() if v <= 0)
+        missing = sorted(n for n, v in seen.items() if v <= 0 and not (
+            n in PRESENCE_ONLY and (n in final or n in peak)))
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(3)
