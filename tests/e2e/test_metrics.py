@@ -21,6 +21,10 @@ BASE = "smollm2-135m-instruct"
 # Admission sends an engine no more sequences than it runs at once, so vLLM's own waiting
 # queue stays empty by design: this series must be exported, but it may read zero.
 PRESENCE_ONLY = {"ray_vllm_num_requests_waiting"}
+STORY_SYSTEM = ("You are a storyteller for a children's library. Every story you tell is "
+                "short, kind and concrete, set in a small harbour town with a lighthouse, "
+                "a bakery, a ferry and a market square, and it ends with the characters "
+                "going home at dusk. Use simple words and no more than five sentences. ") * 2
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -41,8 +45,11 @@ def test_dashboard_metrics_are_exported_with_values(serve_app):
     statuses: list[int] = []
 
     async def request(client: httpx.AsyncClient, i: int) -> None:
+        # A shared system prompt of several KV blocks: prefix-cache hits within this test,
+        # whatever ran before it.
         body = {"model": BASE if i % 4 else ADAPTERS[i % 3], "max_tokens": 96,
-                "messages": [{"role": "user", "content": f"Tell story number {i}."}]}
+                "messages": [{"role": "system", "content": STORY_SYSTEM},
+                             {"role": "user", "content": f"Tell story number {i}."}]}
         r = await client.post(url, json=body, headers={"x-tenant-id": f"t{i % 5}"})
         statuses.append(r.status_code)
 
