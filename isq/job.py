@@ -32,6 +32,7 @@ from isq import checkpoint_bytes
 from isq.toolkit_env import TOOLKIT_REQUIREMENTS, toolkit_python
 
 REPORT = "isq-report.json"
+RECIPE_REVISIONS = {"gptq": 2}
 
 Progress = Callable[[str], None]
 
@@ -124,6 +125,11 @@ def cache_key(weights_sha256: str, isq: IsqConfig, calibration: list[list[int]] 
         if calibration is not None else None,
         "toolkit": TOOLKIT_REQUIREMENTS,
     }
+    # Bumped when the worker's recipe for a method changes the weights it writes for the
+    # same parameters (gptq 2: W8A8 honours actorder instead of always using static).
+    revision = RECIPE_REVISIONS.get(isq.method)
+    if revision:
+        payload["recipe"] = revision
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -37,15 +37,17 @@ def recipe(spec: dict):
 
     method, bits, group = spec["method"], spec["bits"], spec["group_size"]
     ignore = ["lm_head"]
-    if spec.get("activation_bits") == 8 and method in ("rtn", "gptq"):
+    if spec.get("activation_bits") == 8 and method == "rtn":
         # int8 per-channel weights, dynamic per-token int8 activations.
-        cls = QuantizationModifier if method == "rtn" else GPTQModifier
-        return cls(scheme="W8A8", targets=["Linear"], ignore=ignore)
+        return QuantizationModifier(scheme="W8A8", targets=["Linear"], ignore=ignore)
+    if spec.get("activation_bits") == 8 and method == "gptq":
+        return GPTQModifier(scheme="W8A8", targets=["Linear"], ignore=ignore,
+                            actorder=spec.get("actorder"))
     if method == "rtn":
         return QuantizationModifier(config_groups=weight_scheme(bits, group, True), ignore=ignore)
     if method == "gptq":
         return GPTQModifier(config_groups=weight_scheme(bits, group, True), ignore=ignore,
-                            actorder=spec.get("actorder") or None)
+                            actorder=spec.get("actorder"))
     if method == "awq":
         from llmcompressor.modifiers.transform.awq import AWQModifier
 

@@ -48,6 +48,14 @@ def test_defaults_per_method():
     assert IsqConfig(method="awq").needs_calibration
 
 
+def test_gptq_act_order_is_on_unless_turned_off():
+    assert IsqConfig(method="gptq").job_params()["actorder"] == "static"
+    assert IsqConfig(method="gptq", bits=8, activation_bits=8).job_params()["actorder"] == "static"
+    assert IsqConfig(method="gptq", actorder=False).job_params()["actorder"] is None
+    assert IsqConfig(method="rtn").job_params()["actorder"] is None
+    assert IsqConfig(method="awq").job_params()["actorder"] is None
+
+
 def test_variant_names_must_not_clash():
     with pytest.raises(ConfigError, match="unique"):
         AppConfig.from_args({"quantized": [{"name": "smollm2-135m-instruct",
