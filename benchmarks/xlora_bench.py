@@ -157,7 +157,9 @@ def write_report(out: Path, result: dict) -> None:
     sets = list(next(iter(q.values())).keys())
     experts = [k for k in q if k.startswith("expert")]
     lines = ["# X-LoRA quality and speed", "",
-             f"Measured {result['date']} on 2 CPU cores; fixture {result['fixture']}.", "",
+             f"Measured {result['date']} on 2 CPU cores; fixture {result['fixture']}.",
+             "Sections measured: " + ", ".join(f"{k} {v}" for k, v in
+                                             result["sections_measured"].items()) + ".", "",
              "## Held-out perplexity (lower is better)", "",
              "| model | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
     for name, row in q.items():
@@ -213,7 +215,13 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=192)
     parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--sections", default="quality,speed,classifier",
+                        help="what to measure; the others are kept from --out/report.json")
     args = parser.parse_args()
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    unknown = sections - {"quality", "speed", "classifier"}
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}")
     args.out.mkdir(parents=True, exist_ok=True)
 
     from adapters.xlora.fixture import build_fixture
@@ -221,11 +229,21 @@ def main() -> int:
 
     base = prepare_builtin(MODEL)
     xlora = build_fixture(base)
-    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "fixture": str(xlora),
-              "tokens": args.tokens}
-    result["quality"] = perplexities(base, xlora, args.windows, args.seq_len)
-    result["speed"] = speed(base, xlora, args.tokens, args.out)
-    result["classifier"] = classifier_time(base, xlora)
+    previous = args.out / "report.json"
+    result = json.loads(previous.read_text()) if previous.is_file() else {}
+    if set(result.get("sections_measured", {})) | sections < {"quality", "speed", "classifier"}:
+        parser.error(f"{previous} lacks sections that this run does not measure")
+    result.update(fixture=str(xlora), tokens=args.tokens)
+    measured = result.setdefault("sections_measured", {})
+    if "quality" in sections:
+        result["quality"] = perplexities(base, xlora, args.windows, args.seq_len)
+    if "speed" in sections:
+        result["speed"] = speed(base, xlora, args.tokens, args.out)
+    if "classifier" in sections:
+        result["classifier"] = classifier_time(base, xlora)
+    for section in sections:
+        measured[section] = time.strftime("%Y-%m-%d %H:%M")
+    result["date"] = max(measured.values())
     write_report(args.out, result)
     print((args.out / "report.md").read_text())
     return 0

@@ -133,6 +133,7 @@ class OpenAIIngress:
         self._dedicated_admission = {
             name: AdmissionController(config.admission, on_change=self._admission_changed)
             for name in self._dedicated}
+        self._admission_pools = (self._admission, *self._dedicated_admission.values())
         ingress_share = max(1, config.ingress.num_replicas)
 
         def on_capacity(model: str | None, kv: int, seqs: int) -> None:
@@ -322,7 +323,8 @@ class OpenAIIngress:
             admission.release()
 
     def _admission_changed(self, _: AdmissionController) -> None:
-        pools = [self._admission, *getattr(self, "_dedicated_admission", {}).values()]
+        # Pools change only once requests arrive, after __init__ has built all of them.
+        pools = self._admission_pools
         self._admission_metrics.queued.set(sum(p.queued for p in pools))
         self._admission_metrics.inflight_tokens.set(sum(p.inflight_tokens for p in pools))
 

@@ -10,16 +10,18 @@ from pathlib import Path
 from typing import Callable
 
 
-def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> bool:
+def build_once(target: Path, marker: str, build: Callable[[Path], None],
+               force: bool = False) -> bool:
     """Run `build(tmp)` and rename tmp to `target`, unless `target/marker` exists (before
-    or after taking the lock). Returns whether this call built it."""
+    or after taking the lock; `force` rebuilds once regardless). Returns whether this call
+    built it."""
     from filelock import FileLock
 
-    if (target / marker).is_file():
+    if (target / marker).is_file() and not force:
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.parent / f".{target.name}.lock")):
-        if (target / marker).is_file():
+        if (target / marker).is_file() and not force:
             return False
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:

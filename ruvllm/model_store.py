@@ -12,14 +12,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ruvllm.atomic_dir import build_once
 from ruvllm.config import BUILTIN_PREFIX, resolve_cache_dir
 
 MANIFEST = "ruvllm-model.json"
@@ -99,39 +98,21 @@ def prepare_builtin(
     if name not in BUILTIN_MODELS:
         raise KeyError(f"unknown builtin model {name!r}; known: {sorted(BUILTIN_MODELS)}")
     target = builtin_dir(name, cache_dir)
-    if (target / MANIFEST).is_file() and not force:
-        return target
-
-    from filelock import FileLock
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{name}.lock")):
-        if (target / MANIFEST).is_file() and not force:
-            progress(f"{name}: prepared by another process at {target}")
-            return target
-        _publish(name, BUILTIN_MODELS[name], target, convert or convert_gguf, progress)
-    return target
-
-
-def _publish(name: str, builtin: GgufBuiltin, target: Path,
-             convert: Callable[[GgufBuiltin, Path, Progress], None], progress: Progress) -> None:
+    builtin, convert = BUILTIN_MODELS[name], convert or convert_gguf
     started = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         convert(builtin, tmp, progress)
         (tmp / MANIFEST).write_text(json.dumps({
             "builtin": name,
             "source": f"{builtin.pip_spec}:{builtin.filename}",
             "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)  # the checkpoint appears whole or not at all
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    size = sum(f.stat().st_size for f in target.iterdir()) / 2**20
-    progress(f"{name}: ready at {target} ({size:.0f} MiB, {time.monotonic() - started:.0f} s)")
+
+    if build_once(target, MANIFEST, build, force=force):
+        size = sum(f.stat().st_size for f in target.iterdir()) / 2**20
+        progress(f"{name}: ready at {target} ({size:.0f} MiB, {time.monotonic() - started:.0f} s)")
+    return target
 
 
 def convert_gguf(builtin: GgufBuiltin, out_dir: Path, progress: Progress) -> None:

@@ -10,7 +10,8 @@ Each forward runs two passes over vLLM's own Llama layers:
    (token x adapted module x expert: softmax with temperature, optional top-k, global
    weight), exactly as peft's `XLoraClassifier` / `XLoraLayer` do;
 3. the *real pass*: every adapted module adds sum_e s_e * scale_e * B_e A_e x, computed
-   with the experts stacked, two GEMMs per module: (x A_cat^T * s) B_cat^T.
+   with the experts stacked, two GEMMs per module: (x A_cat^T * s) B_cat^T; modules
+   that share an input and a fused projection (q/k/v, gate/up) share the two GEMMs.
 
 Non-granular mode (mistral.rs's `tgt_non_granular_index`): scalings come from the
 prompt; every generated token reuses the scalings of the token before it, read from a
@@ -21,6 +22,7 @@ skips the scaling pass entirely.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -88,28 +90,33 @@ class XLoraMixer:
         self.global_weight = spec["global_scaling_weight"]
         self.layerwise = spec["layerwise_scalings"]
         self.expert_scales = expert_scales  # [E]: lora_alpha / r of each expert
-        self._scalings: torch.Tensor | None = None
-        self._shared: torch.Tensor | None = None
-        self._rank = 1
+        self._repeated: torch.Tensor | None = None
+        self._shared: dict[int, torch.Tensor] = {}
 
     def prepare(self, scalings: torch.Tensor | None, rank: int) -> None:
-        """Per forward: with shared scalings every module uses the same expert weights, so
-        they are computed (and repeated per rank) once instead of once per module."""
-        self._scalings, self._rank = scalings, rank
-        self._shared = None
-        if scalings is not None and not self.layerwise:
-            self._shared = self.weights(scalings, 0).repeat_interleave(rank, dim=-1)
+        """Once per forward, for every module at once: a handful of tensor ops instead of
+        a handful per module (210 modules on SmolLM2), which on a CPU decode step cost
+        more than the expert GEMMs themselves."""
+        self._shared = {}
+        self._repeated = (None if scalings is None
+                          else self.weights(scalings).repeat_interleave(rank, dim=-1))
 
-    def repeated(self, module_index: int) -> torch.Tensor | None:
-        """[T, E*r] weights of one module for the stacked A output (None: no adapters)."""
-        if self._scalings is None:
+    def group(self, first: int, count: int) -> torch.Tensor | None:
+        """[T, count*E*r]: the weights of `count` consecutive modules from `first`, laid
+        out like the stacked A output of those modules (None: no adapters this pass)."""
+        w = self._repeated
+        if w is None:
             return None
-        if self._shared is not None:
-            return self._shared
-        return self.weights(self._scalings, module_index).repeat_interleave(self._rank, dim=-1)
+        if not self.layerwise:  # one set of weights for every module
+            shared = self._shared.get(count)
+            if shared is None:
+                shared = self._shared[count] = w[:, 0, :].repeat(1, count)
+            return shared
+        return w[:, first:first + count, :].reshape(w.shape[0], -1)
 
-    def weights(self, scalings: torch.Tensor, module_index: int) -> torch.Tensor:
-        s = scalings[:, module_index if self.layerwise else 0, :]
+    def weights(self, scalings: torch.Tensor, module_index: int | None = None) -> torch.Tensor:
+        """[T, E] weights of one module, or [T, modules, E] of all when module_index is None."""
+        s = scalings if module_index is None else scalings[:, module_index if self.layerwise else 0, :]
         if self.top_k is not None:
             _, top = torch.topk(s, k=self.top_k, dim=-1)
             mask = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
@@ -118,6 +125,18 @@ class XLoraMixer:
             nonzero = s != 0
             s = torch.softmax(s.masked_fill(~nonzero, float("-inf")), dim=-1).masked_fill(~nonzero, 0.0)
         return s * self.expert_scales * self.global_weight
+
+
+@dataclass
+class ExpertGroup:
+    """Adapted modules that read the same input and write one fused projection's output
+    (q/k/v -> qkv_proj, gate/up -> gate_up_proj): their experts' A matrices stacked and
+    their B matrices placed block-diagonally, so the whole group costs two GEMMs."""
+
+    a: torch.Tensor  # [count*E*r, in]
+    b: torch.Tensor  # [fused out, count*E*r]
+    first_module: int
+    count: int
 
 
 class XLoraDecoderLayer(LlamaDecoderLayer):
@@ -146,14 +165,40 @@ class XLoraDecoderLayer(LlamaDecoderLayer):
             for t in self.targets})
         self.first_module = self.layer_index * len(self.targets)
         self.mixer: XLoraMixer | None = None  # set by the model once expert scales load
+        self.module_dims = dims
+        self.fuse_experts()
 
-    def _delta(self, target: str, x: torch.Tensor) -> torch.Tensor | None:
-        if target not in self.lora_A:
-            return None
-        w = self.mixer.repeated(self.first_module + self.targets.index(target))
-        if w is None:
-            return None
-        return ((x @ self.lora_A[target].t()) * w) @ self.lora_B[target].t()
+    def fuse_experts(self) -> None:
+        """Build the expert groups from the loaded per-module A/B (after load_weights)."""
+        groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
+                  "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+        self.expert_groups: dict[str, ExpertGroup] = {}
+        for name, members in groups.items():
+            present = [t for t in members if t in self.lora_A]
+            if not present:
+                continue
+            widths = [self.module_dims[t][0] for t in members]
+            a = torch.cat([self.lora_A[t] for t in present], dim=0)
+            rank_total = self.lora_A[present[0]].shape[0]
+            b = a.new_zeros(sum(widths), rank_total * len(present))
+            offset, column = 0, 0
+            for t, width in zip(members, widths):
+                if t in self.lora_A:
+                    b[offset:offset + width, column:column + rank_total] = self.lora_B[t]
+                    column += rank_total
+                offset += width
+            self.expert_groups[name] = ExpertGroup(
+                a=a, b=b, first_module=self.first_module + self.targets.index(present[0]),
+                count=len(present))
+
+    def _add_delta(self, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out += the group's mixed expert deltas for input x (in place)."""
+        g = self.expert_groups.get(group)
+        if g is None:
+            return
+        w = self.mixer.group(g.first_module, g.count)
+        if w is not None:
+            out.addmm_((x @ g.a.t()) * w, g.b.t())
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor | None, xlora_scaling_pass: bool = False,
@@ -166,33 +211,21 @@ class XLoraDecoderLayer(LlamaDecoderLayer):
 
         sa = self.self_attn
         qkv, _ = sa.qkv_proj(hidden_states)
-        # Deltas are added in place into the fused projection's output slices.
-        offset = 0
-        for target, width in (("q_proj", sa.q_size), ("k_proj", sa.kv_size), ("v_proj", sa.kv_size)):
-            d = self._delta(target, hidden_states)
-            if d is not None:
-                qkv[:, offset:offset + width] += d
-            offset += width
+        self._add_delta("qkv", hidden_states, qkv)
         q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
         q, k = sa.rotary_emb(positions, q, k)
         attn = self.scaling_attn if xlora_scaling_pass else sa.attn
         attn_out = attn(q, k, v)
-        out, _ = sa.o_proj(attn_out)
-        d = self._delta("o_proj", attn_out)
-        hidden_states = out if d is None else out + d
+        hidden_states, _ = sa.o_proj(attn_out)
+        self._add_delta("o", attn_out, hidden_states)
 
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         mlp = self.mlp
         gate_up, _ = mlp.gate_up_proj(hidden_states)
-        half = gate_up.shape[-1] // 2
-        for target, start in (("gate_proj", 0), ("up_proj", half)):
-            d = self._delta(target, hidden_states)
-            if d is not None:
-                gate_up[:, start:start + half] += d
+        self._add_delta("gate_up", hidden_states, gate_up)
         act = mlp.act_fn(gate_up)
-        down, _ = mlp.down_proj(act)
-        d = self._delta("down_proj", act)
-        hidden_states = down if d is None else down + d
+        hidden_states, _ = mlp.down_proj(act)
+        self._add_delta("down", act, hidden_states)
         return hidden_states, residual
 
 
@@ -339,4 +372,6 @@ class XLoraLlamaForCausalLM(LlamaForCausalLM):
                 loaded.add(f"xlora_classifier.layers.{parts[2]}.{parts[3]}")
             elif parts[1] == "expert_scales":
                 self.xlora_expert_scales.copy_(tensor.to(self.xlora_expert_scales.dtype))
+        for layer in self.model.layers:
+            layer.fuse_experts()
         return loaded
