@@ -78,6 +78,38 @@ def calibration_windows(base_dir: Path, calibration: CalibrationConfig) -> list[
     return corpus.token_windows(tokenizer, texts, calibration.seq_len, calibration.samples)
 
 
+def memoised_calibration_windows(base_dir: Path, calibration: CalibrationConfig,
+                                 weights_sha256: str, cache_dir: Path) -> list[list[int]]:
+    """calibration_windows, kept under the cache: building the corpus and tokenizing it
+    takes ~14 s here, which every app build would otherwise pay per calibrated variant
+    just to compute the cache key. The memo is keyed by everything the windows depend on:
+    the weights, the tokenizer files, the settings, the corpus code or the local file."""
+    from ruvllm import corpus
+
+    def stamp(path: Path) -> list:
+        return [path.name, path.stat().st_size, path.stat().st_mtime_ns]
+
+    ident: dict[str, Any] = {
+        "weights": weights_sha256, "settings": calibration.model_dump(),
+        "tokenizer": [stamp(f) for f in sorted(base_dir.glob("tokenizer*"))]}
+    if calibration.source == "builtin":
+        ident["corpus"] = hashlib.sha256(Path(corpus.__file__).read_bytes()).hexdigest()
+    else:
+        ident["file"] = stamp(Path(calibration.source).expanduser())
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+    memo = cache_dir / "isq" / "calibration" / f"{digest}.json"
+    try:
+        return json.loads(memo.read_text())
+    except (OSError, ValueError):
+        pass
+    windows = calibration_windows(base_dir, calibration)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(windows))
+    os.replace(tmp, memo)  # readers see the whole file or none
+    return windows
+
+
 def heldout_windows(base_dir: Path, evaluation: EvaluationConfig) -> list[list[int]]:
     from transformers import AutoTokenizer
 
@@ -147,8 +179,9 @@ def quantize(base_dir: Path, model_name: str, isq: IsqConfig, cache_dir: Path,
     apply the quality gate (IsqQualityError names both perplexities)."""
     base_dir = Path(base_dir)
     progress(f"{isq.describe()}: hashing the base weights and preparing calibration data")
-    calibration = calibration_windows(base_dir, isq.calibration) if isq.needs_calibration else None
     weights = weights_digest(base_dir)
+    calibration = (memoised_calibration_windows(base_dir, isq.calibration, weights, cache_dir)
+                   if isq.needs_calibration else None)
     key = cache_key(weights, isq, calibration)
     target = result_dir(cache_dir, model_name, isq, key)
 

@@ -133,3 +133,30 @@ def test_weight_only_schemes_need_a_kernel_this_cpu_may_lack():
         assert WNA16_OP in problem and "activation_bits: 8" in problem
     assert serving_problem(IsqConfig(method="rtn", bits=8, activation_bits=8),
                            on_gpu=False) is None
+
+
+def test_calibration_windows_are_memoised_per_weights_tokenizer_and_settings(tmp_path, monkeypatch):
+    import isq.job as job
+    from ruvllm.config import CalibrationConfig
+
+    calls = []
+
+    def fake_windows(base_dir, calibration):
+        calls.append(calibration.samples)
+        return [[calibration.samples, 1, 2]]
+
+    monkeypatch.setattr(job, "calibration_windows", fake_windows)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "tokenizer.json").write_text("{}")
+    cache = tmp_path / "cache"
+    small, large = CalibrationConfig(samples=8), CalibrationConfig(samples=16)
+
+    assert job.memoised_calibration_windows(base, small, "w1", cache) == [[8, 1, 2]]
+    assert job.memoised_calibration_windows(base, small, "w1", cache) == [[8, 1, 2]]
+    assert calls == [8]  # the second call read the memo
+    job.memoised_calibration_windows(base, large, "w1", cache)
+    job.memoised_calibration_windows(base, small, "w2", cache)
+    (base / "tokenizer.json").write_text('{"changed": true}')
+    job.memoised_calibration_windows(base, small, "w1", cache)
+    assert calls == [8, 16, 8, 8]
