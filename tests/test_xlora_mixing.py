@@ -46,3 +46,21 @@ def test_stacked_mixing_matches_peft(top_k, softmax_topk, layerwise, global_weig
     a_cat, b_cat = torch.cat(a, dim=0), torch.cat(b, dim=1)
     got = ((x @ a_cat.t()) * w.repeat_interleave(R, dim=-1)) @ b_cat.t()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_group_weights_line_up_with_stacked_modules(layerwise):
+    """mixer.group(first, count) is the per-module weights of `count` consecutive modules,
+    each repeated per rank, side by side: the layout of those modules' stacked A output."""
+    torch.manual_seed(1)
+    spec = {"top_k_lora": 2, "enable_softmax_topk": True, "global_scaling_weight": 0.9,
+            "layerwise_scalings": layerwise}
+    mixer = XLoraMixer(spec, torch.tensor([2.0, 0.5, 1.0]))
+    scalings = torch.softmax(torch.randn(T, MODULES if layerwise else 1, E), dim=-1)
+    mixer.prepare(scalings, R)
+    for first, count in ((0, 3), (3, 1), (2, 2)):
+        expected = torch.cat([mixer.weights(scalings, m).repeat_interleave(R, dim=-1)
+                              for m in range(first, first + count)], dim=-1)
+        torch.testing.assert_close(mixer.group(first, count), expected)
+    mixer.prepare(None, R)
+    assert mixer.group(0, 3) is None
