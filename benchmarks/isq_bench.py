@@ -162,10 +162,19 @@ def targets(jobs: dict[str, dict]) -> list[dict]:
     out = []
     eight = {n: v for n, v in inc.items() if "w8" in n}
     if eight:
-        worst = max(eight, key=eight.get)
-        out.append({"what": "8-bit methods <= +2%",
-                    "measured": ", ".join(f"{n} {100 * v:+.2f}%" for n, v in eight.items()),
-                    "met": eight[worst] <= 0.02})
+        out.append({"what": "every 8-bit scheme <= +2%",
+                    "measured": ", ".join(f"{n} {100 * v:+.2f}% ({'ok' if v <= 0.02 else 'over'})"
+                                          for n, v in eight.items()),
+                    "met": max(eight.values()) <= 0.02})
+        best: dict[str, tuple[str, float]] = {}
+        for n, v in eight.items():
+            method = jobs[n]["method"]
+            if method not in best or v < best[method][1]:
+                best[method] = (n, v)
+        out.append({"what": "each method's best 8-bit scheme <= +2%",
+                    "measured": ", ".join(f"{m}: {n} {100 * v:+.2f}%"
+                                          for m, (n, v) in best.items()),
+                    "met": all(v <= 0.02 for _, v in best.values())})
     rtn4 = inc.get("rtn-w4a16-g64")
     for n in inc:
         if rtn4 and n.startswith(("gptq-w4a16-g64", "awq-w4a16-g64")):
