@@ -91,7 +91,8 @@ if __name__ == "__main__":
 '''
 
 
-def speed(base: Path, xlora: Path, tokens: int, out: Path) -> dict:
+def speed(base: Path, xlora: Path, tokens: int, out: Path,
+          only: set[str] | None = None) -> dict:
     from adapters.xlora.checkpoint import export_for_vllm
 
     import tempfile
@@ -109,6 +110,8 @@ def speed(base: Path, xlora: Path, tokens: int, out: Path) -> dict:
         # deployment gets from vLLM's compiled mode on the same machine.
         "base (compiled)": (base, "", "compiled"),
     }
+    if only:
+        targets = {k: v for k, v in targets.items() if k in only | {"base"}}
     results = {}
     for name, (model, lora, mode) in targets.items():
         log(f"speed: {name}")
@@ -221,6 +224,9 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=192)
     parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--speed-models", default="",
+                        help="comma-separated subset of the speed rows (base always runs); "
+                        "the result goes to --out/speed-repeat.json, the report is kept")
     parser.add_argument("--sections", default="quality,speed,classifier",
                         help="what to measure; the others are kept from --out/report.json")
     args = parser.parse_args()
@@ -243,6 +249,16 @@ def main() -> int:
     measured = result.setdefault("sections_measured", {})
     if "quality" in sections:
         result["quality"] = perplexities(base, xlora, args.windows, args.seq_len)
+    if args.speed_models:
+        only = {m.strip() for m in args.speed_models.split(",")}
+        repeat = speed(base, xlora, args.tokens, args.out, only)
+        repeat_file = args.out / "speed-repeat.json"
+        runs = json.loads(repeat_file.read_text()) if repeat_file.is_file() else []
+        runs.append({"date": time.strftime("%Y-%m-%d %H:%M"), "speed": repeat})
+        repeat_file.write_text(json.dumps(runs, indent=2))
+        for name, r in repeat.items():
+            print(f"{name}: {r['tok_per_s']:.1f} tok/s, {r['ratio_vs_base']:.3f}x base")
+        return 0
     if "speed" in sections:
         result["speed"] = speed(base, xlora, args.tokens, args.out)
     if "classifier" in sections:
