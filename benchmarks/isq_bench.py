@@ -50,7 +50,7 @@ if __name__ == "__main__":
     from vllm import LLM, SamplingParams
     model, n, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     llm = LLM(model=model, dtype="float32", max_model_len=512, enable_prefix_caching=False,
-              seed=0)
+              seed=0, enforce_eager=sys.argv[4] == "eager")
     prompts = [f"Write a short story about the number {i}." for i in range(n)]
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4))  # warm up
@@ -89,13 +89,14 @@ def run_jobs(base: Path, names: list[str], cache: Path) -> dict[str, dict]:
     return results
 
 
-def speed(targets: dict[str, Path], prompts: int, tokens: int) -> dict[str, dict]:
+def speed(targets: dict[str, Path], prompts: int, tokens: int, mode: str) -> dict[str, dict]:
     script = Path(tempfile.mkdtemp(prefix="isq-bench-")) / "speed_run.py"
     script.write_text(SPEED_SCRIPT)
     out = {}
     for name, model in targets.items():
         log(f"speed: {name}")
-        run = subprocess.run([sys.executable, str(script), str(model), str(prompts), str(tokens)],
+        run = subprocess.run([sys.executable, str(script), str(model), str(prompts), str(tokens),
+                              mode],
                              capture_output=True, text=True, cwd=ROOT)
         line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
@@ -222,6 +223,9 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--eager", action="store_true",
+                        help="eager engines (start in seconds, not minutes; on this CPU "
+                        "compiled decode was only 1.03x eager in the X-LoRA bench)")
     parser.add_argument("--rewrite-report", action="store_true",
                         help="only re-render report.md/png from --out/report.json")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "isq")
@@ -247,7 +251,8 @@ def main() -> int:
     jobs = run_jobs(base, names, resolve_cache_dir(None))
     speed_targets = {"base (float32)": base}
     speed_targets.update({n: Path(r["path"]) for n, r in jobs.items() if not r["serving_problem"]})
-    served = {} if args.skip_speed else speed(speed_targets, args.prompts, args.tokens)
+    served = {} if args.skip_speed else speed(speed_targets, args.prompts, args.tokens,
+                                              "eager" if args.eager else "compiled")
     c, e = CalibrationConfig(), EvaluationConfig()
     result = {
         "measured": time.strftime("%Y-%m-%d %H:%M"),
@@ -256,7 +261,8 @@ def main() -> int:
         "calibration": f"{c.samples} x {c.seq_len} tokens (builtin corpus, train splits)",
         "heldout": f"{e.windows} x {e.seq_len} tokens (eval splits)",
         "base_perplexity": next(iter(jobs.values()))["base_perplexity"],
-        "speed_workload": f"{args.prompts} prompts x {args.tokens} tokens, compiled engines",
+        "speed_workload": f"{args.prompts} prompts x {args.tokens} tokens, "
+                          f"{'eager' if args.eager else 'compiled'} engines",
         "jobs": jobs, "speed": served, "targets": targets(jobs),
     }
     (args.out / "report.json").write_text(json.dumps(result, indent=2))
