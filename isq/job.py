@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ruvllm.atomic_dir import build_once
+from ruvllm.atomic_dir import build_once, write_text_atomic
 from ruvllm.config import CalibrationConfig, EvaluationConfig, IsqConfig
 from isq import checkpoint_bytes
 from isq.toolkit_env import TOOLKIT_REQUIREMENTS, toolkit_python
@@ -103,10 +103,7 @@ def memoised_calibration_windows(base_dir: Path, calibration: CalibrationConfig,
     except (OSError, ValueError):
         pass
     windows = calibration_windows(base_dir, calibration)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(windows))
-    os.replace(tmp, memo)  # readers see the whole file or none
+    write_text_atomic(memo, json.dumps(windows))
     return windows
 
 
@@ -143,7 +140,7 @@ def weights_digest(base_dir: Path) -> str:
                 h.update(chunk)
     digest = h.hexdigest()
     try:
-        memo.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
+        write_text_atomic(memo, json.dumps({"stamp": stamp, "sha256": digest}))
     except OSError:
         pass  # a read-only model directory: hash again next time
     return digest
@@ -206,8 +203,8 @@ def quantize(base_dir: Path, model_name: str, isq: IsqConfig, cache_dir: Path,
             run_worker(python, work_dir / "spec.json", progress)
         metrics = json.loads((tmp / "isq-metrics.json").read_text())
         if base_ppl is None:
-            base_ppl_file.parent.mkdir(parents=True, exist_ok=True)
-            base_ppl_file.write_text(json.dumps({"perplexity": metrics["base_perplexity"]}))
+            write_text_atomic(base_ppl_file,
+                              json.dumps({"perplexity": metrics["base_perplexity"]}))
         report = {
             "model": model_name, "base_dir": str(base_dir), "key": key,
             **isq.job_params(),

@@ -1,9 +1,11 @@
-"""Directories built once and published whole: under a file lock, in a temporary
-sibling renamed into place, so concurrent builders do the work once and a crash never
-leaves a half-written directory that a replica could load."""
+"""Files and directories published whole. Directories are built once under a file lock,
+in a temporary sibling renamed into place, so concurrent builders do the work once and a
+crash never leaves a half-written directory that a replica could load; small shared
+files (memos in the cache) are replaced atomically, so a reader sees all or nothing."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,3 +35,16 @@ def build_once(target: Path, marker: str, build: Callable[[Path], None],
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return True
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary sibling and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

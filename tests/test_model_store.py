@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ruvllm.atomic_dir import write_text_atomic
 from ruvllm.model_store import MANIFEST, prepare_builtin, resolve_model
 
 NAME = "smollm2-135m-instruct"
@@ -76,3 +77,19 @@ def test_real_builtin_checkpoint_is_a_llama_with_chat_template():
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
     assert (path / "chat_template.jinja").is_file() or "chat_template" in (
         path / "tokenizer_config.json").read_text()
+
+
+def test_write_text_atomic_replaces_whole_and_leaves_no_temp_files(tmp_path, monkeypatch):
+    target = tmp_path / "memo" / "x.json"
+    write_text_atomic(target, "first")
+    write_text_atomic(target, "second")
+    assert target.read_text() == "second"
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("ruvllm.atomic_dir.os.replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomic(target, "third")
+    assert target.read_text() == "second"  # a failed write leaves the old file whole
+    assert [p.name for p in target.parent.iterdir()] == ["x.json"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft.tuners.xlora.layer import XLoraLayer
 
-from adapters.xlora.vllm_model import XLoraMixer
+from adapters.xlora.vllm_model import ExpertGroup, XLoraMixer
 
 E, R, IN, OUT, T, MODULES = 3, 4, 16, 12, 7, 5
 
@@ -64,3 +64,31 @@ def test_group_weights_line_up_with_stacked_modules(layerwise):
         torch.testing.assert_close(mixer.group(first, count), expected)
     mixer.prepare(None, R)
     assert mixer.group(0, 3) is None
+
+
+def test_expert_group_equals_its_members_side_by_side():
+    """One fused group (q/k/v with k not adapted) loaded from per-module A/B tensors gives
+    each adapted member's mixed delta in that member's columns of the fused output, and
+    zero in the unadapted member's."""
+    torch.manual_seed(2)
+    dims = {"q_proj": (12, IN), "k_proj": (4, IN), "v_proj": (4, IN)}
+    adapted = ("q_proj", "v_proj")
+    group = ExpertGroup(("q_proj", "k_proj", "v_proj"), adapted, dims, E * R,
+                        first_module=0, dtype=torch.float32)
+    x = torch.randn(T, IN)
+    weights = {t: torch.rand(T, E * R) for t in adapted}
+    expected = []
+    for t in ("q_proj", "k_proj", "v_proj"):
+        if t not in adapted:
+            expected.append(torch.zeros(T, dims[t][0]))
+            continue
+        a, b = torch.randn(E * R, IN), torch.randn(dims[t][0], E * R)
+        group.load(t, "A", a)
+        group.load(t, "B", b)
+        expected.append(((x @ a.t()) * weights[t]) @ b.t())
+    out = torch.zeros(T, 20)
+    out.addmm_((x @ group.a.t()) * torch.cat([weights[t] for t in adapted], dim=-1),
+               group.b.t())
+    torch.testing.assert_close(out, torch.cat(expected, dim=-1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="q_proj.A: shape"):
+        group.load("q_proj", "A", torch.zeros(E * R, IN + 1))

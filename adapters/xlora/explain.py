@@ -55,8 +55,7 @@ class ScalingsExplainer:
         ids = prompt_ids + output_ids[:-1]  # the inputs that produced each output token
         hidden = self.base.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
         scalings = self.classifier(hidden)  # [T, modules or 1, E]
-        modules = scalings.shape[1]
-        weights = torch.stack([self.mixer.weights(scalings, m) for m in range(modules)], dim=1)
+        weights = self.mixer.weights(scalings)  # [T, modules or 1, E]
         first = len(prompt_ids) - 1
         rows = []
         for k in range(len(output_ids)):

@@ -22,7 +22,6 @@ skips the scaling pass entirely.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -127,16 +126,48 @@ class XLoraMixer:
         return s * self.expert_scales * self.global_weight
 
 
-@dataclass
-class ExpertGroup:
-    """Adapted modules that read the same input and write one fused projection's output
-    (q/k/v -> qkv_proj, gate/up -> gate_up_proj): their experts' A matrices stacked and
-    their B matrices placed block-diagonally, so the whole group costs two GEMMs."""
+# Adapted modules that read the same input and write one fused projection's output.
+EXPERT_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
+                 "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
 
-    a: torch.Tensor  # [count*E*r, in]
-    b: torch.Tensor  # [fused out, count*E*r]
-    first_module: int
-    count: int
+
+class ExpertGroup(nn.Module):
+    """The LoRA experts of one fused projection (q/k/v -> qkv_proj, gate/up ->
+    gate_up_proj, or a single o/down projection): the adapted members' A matrices stacked
+    and their B matrices placed block-diagonally, so the whole group costs two GEMMs.
+    The checkpoint's per-module tensors load straight into their slices; no other copy
+    of the experts is kept."""
+
+    def __init__(self, members: tuple[str, ...], adapted: tuple[str, ...],
+                 dims: dict[str, tuple[int, int]], rank_total: int, first_module: int,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.first_module = first_module  # mixer index of the first adapted member
+        self.count = len(adapted)
+        fused_out = sum(dims[t][0] for t in members)
+        in_dim = dims[adapted[0]][1]
+        # Buffers, not parameters: vLLM's loader checks parameters against the base
+        # checkpoint's names; load_weights below checks the experts itself.
+        self.register_buffer("a", torch.zeros(self.count * rank_total, in_dim, dtype=dtype),
+                             persistent=False)
+        self.register_buffer("b", torch.zeros(fused_out, self.count * rank_total, dtype=dtype),
+                             persistent=False)
+        self.slots: dict[str, tuple[slice, slice]] = {}  # member -> (A rows/B columns, B rows)
+        offset, column = 0, 0
+        for t in members:
+            width = dims[t][0]
+            if t in adapted:
+                self.slots[t] = (slice(column, column + rank_total), slice(offset, offset + width))
+                column += rank_total
+            offset += width
+
+    def load(self, member: str, which: str, tensor: torch.Tensor) -> None:
+        ranks, rows = self.slots[member]
+        target = self.a[ranks] if which == "A" else self.b[rows, ranks]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ValueError(f"X-LoRA expert {member}.{which}: shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(target.shape)}")
+        target.copy_(tensor.to(target.dtype))
 
 
 class XLoraDecoderLayer(LlamaDecoderLayer):
@@ -156,46 +187,23 @@ class XLoraDecoderLayer(LlamaDecoderLayer):
         self.targets = tuple(t for t in MODULE_ORDER if t in spec["targets"])
         rank_total = spec["n_experts"] * spec["rank"]
         dims = _module_dims(config, sa)
-        dtype = vllm_config.model_config.dtype
-        self.lora_A = nn.ParameterDict({
-            t: nn.Parameter(torch.zeros(rank_total, dims[t][1], dtype=dtype), requires_grad=False)
-            for t in self.targets})
-        self.lora_B = nn.ParameterDict({
-            t: nn.Parameter(torch.zeros(dims[t][0], rank_total, dtype=dtype), requires_grad=False)
-            for t in self.targets})
-        self.first_module = self.layer_index * len(self.targets)
+        first_module = self.layer_index * len(self.targets)
+        self.expert_groups = nn.ModuleDict()
+        for name, members in EXPERT_GROUPS.items():
+            adapted = tuple(t for t in members if t in self.targets)
+            if adapted:
+                self.expert_groups[name] = ExpertGroup(
+                    members, adapted, dims, rank_total,
+                    first_module + self.targets.index(adapted[0]),
+                    vllm_config.model_config.dtype)
+        self.group_of = {t: name for name, members in EXPERT_GROUPS.items() for t in members}
         self.mixer: XLoraMixer | None = None  # set by the model once expert scales load
-        self.module_dims = dims
-        self.fuse_experts()
-
-    def fuse_experts(self) -> None:
-        """Build the expert groups from the loaded per-module A/B (after load_weights)."""
-        groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
-                  "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
-        self.expert_groups: dict[str, ExpertGroup] = {}
-        for name, members in groups.items():
-            present = [t for t in members if t in self.lora_A]
-            if not present:
-                continue
-            widths = [self.module_dims[t][0] for t in members]
-            a = torch.cat([self.lora_A[t] for t in present], dim=0)
-            rank_total = self.lora_A[present[0]].shape[0]
-            b = a.new_zeros(sum(widths), rank_total * len(present))
-            offset, column = 0, 0
-            for t, width in zip(members, widths):
-                if t in self.lora_A:
-                    b[offset:offset + width, column:column + rank_total] = self.lora_B[t]
-                    column += rank_total
-                offset += width
-            self.expert_groups[name] = ExpertGroup(
-                a=a, b=b, first_module=self.first_module + self.targets.index(present[0]),
-                count=len(present))
 
     def _add_delta(self, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += the group's mixed expert deltas for input x (in place)."""
-        g = self.expert_groups.get(group)
-        if g is None:
+        if group not in self.expert_groups:
             return
+        g = self.expert_groups[group]
         w = self.mixer.group(g.first_module, g.count)
         if w is not None:
             out.addmm_((x @ g.a.t()) * w, g.b.t())
@@ -359,19 +367,23 @@ class XLoraLlamaForCausalLM(LlamaForCausalLM):
                     yield name, tensor
 
         loaded = set(super().load_weights(base_weights()))
+        experts_loaded = set()
         for name, tensor in own.items():
             parts = name.split(".")
             if parts[1] == "layers":  # xlora.layers.{i}.{target}.{A|B}
                 layer = self.model.layers[int(parts[2])]
-                param = (layer.lora_A if parts[4] == "A" else layer.lora_B)[parts[3]]
-                param.data.copy_(tensor.to(param.dtype))
-                loaded.add(f"model.layers.{parts[2]}.lora_{parts[4]}.{parts[3]}")
+                layer.expert_groups[layer.group_of[parts[3]]].load(parts[3], parts[4], tensor)
+                experts_loaded.add(name)
             elif parts[1] == "classifier":  # xlora.classifier.{k}.{weight|bias}
                 module = self.xlora_classifier.layers[int(parts[2])]
                 getattr(module, parts[3]).data.copy_(tensor.to(module.weight.dtype))
                 loaded.add(f"xlora_classifier.layers.{parts[2]}.{parts[3]}")
             elif parts[1] == "expert_scales":
                 self.xlora_expert_scales.copy_(tensor.to(self.xlora_expert_scales.dtype))
-        for layer in self.model.layers:
-            layer.fuse_experts()
+        expected = {f"xlora.layers.{i}.{t}.{ab}" for i, layer in enumerate(self.model.layers)
+                    for t in layer.targets for ab in "AB"}
+        if expected - experts_loaded:
+            missing = sorted(expected - experts_loaded)
+            raise ValueError(f"X-LoRA checkpoint lacks {len(missing)} expert tensors, "
+                             f"e.g. {missing[:3]}")
         return loaded
