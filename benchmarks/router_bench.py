@@ -50,7 +50,8 @@ def describe(url: str) -> dict[str, Any]:
 
 def replica_totals(url: str) -> dict[str, float]:
     replicas = describe(url)["replicas"]
-    keys = ("loads", "evictions", "hits", "prefix_cache_queries", "prefix_cache_hits")
+    keys = ("loads", "plan_loads", "evictions", "hits", "prefix_cache_queries",
+            "prefix_cache_hits")
     return {k: sum(r.get(k, 0) for r in replicas) for k in keys} | {"replicas": len(replicas)}
 
 
@@ -121,18 +122,22 @@ def section_adapters(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         summary = run.summary()
         summary["adapter_loads"] = after["loads"] - before["loads"]
         summary["adapter_evictions"] = after["evictions"] - before["evictions"]
+        summary["adapter_plan_loads"] = after["plan_loads"] - before["plan_loads"]
         summary["adapter_hits"] = after["hits"] - before["hits"]
         return summary
 
     results = {}
-    for policy in ("power_of_two", "placement_aware"):
+    for policy in args.adapter_policies.split(","):
         def overrides(a: dict, policy=policy) -> None:
             a["router"]["policy"] = policy
             a["engine"].update(max_lora_rank=8)  # slots as shipped: max_cpu_loras 8
             a["adapters"].update(allowed_roots=[str(root)], declared={n: n for n in names})
         results[policy] = with_stack(f"adapters-{policy}", out, overrides, run)
-        log(f"adapters {policy}: {results[policy]['adapter_loads']} loads, "
+        log(f"adapters {policy}: {results[policy]['adapter_loads']} loads "
+            f"({results[policy]['adapter_plan_loads']} by the plan), "
             f"TTFT p99 {results[policy]['ttft_p99_ms']:.0f} ms")
+    if len(results) < 2:  # a diagnostic run of one policy
+        return results
     base, ours = results["power_of_two"], results["placement_aware"]
     results["load_reduction"] = base["adapter_loads"] / max(1, ours["adapter_loads"])
     results["workload"] = {"adapters": len(names), "requests": len(picks), "zipf_s": args.zipf,
@@ -441,6 +446,8 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=20)
     parser.add_argument("--adapter-requests", type=int, default=480)
     parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--adapter-policies", default="power_of_two,placement_aware",
+                        help="one policy only for a diagnostic run (use a separate --out)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--prefix-sessions", type=int, default=32)
     parser.add_argument("--prefix-concurrency", type=int, default=8)

@@ -122,7 +122,7 @@ class LLMReplica:
         self._slots = AdapterSlots(
             slots if config.engine.enable_lora and self._dedicated is None else 0)
         self._adapter_lock = asyncio.Lock()
-        self._adapter_counts = {"loads": 0, "evictions": 0, "hits": 0}
+        self._adapter_counts = {"loads": 0, "plan_loads": 0, "evictions": 0, "hits": 0}
         self._metrics = AdapterMetrics()
         self._controller = controller
         self._report_task = (asyncio.get_running_loop().create_task(self._report_loop())
@@ -250,6 +250,8 @@ class LLMReplica:
     def _count(self, what: str, cause: str | None = None) -> None:
         self._adapter_counts[what] += 1
         if what == "loads":
+            if cause == "plan":
+                self._adapter_counts["plan_loads"] += 1
             self._metrics.loads.inc(tags={"cause": cause or "request"})
         elif what == "evictions":
             self._metrics.evictions.inc()

@@ -30,6 +30,7 @@ class ReplicaReport:
     running: int = 0
     waiting: int = 0
     loads: int = 0
+    plan_loads: int = 0  # of `loads`, those the placement plan asked for ahead of requests
     evictions: int = 0
     hits: int = 0
     prefix_cache_queries: int = 0  # vLLM scheduler counters, tokens
