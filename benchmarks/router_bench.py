@@ -342,7 +342,7 @@ def write_report(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> No
              f"Measured {meta['date']} on {meta['machine']}; model {MODEL} (float32, compiled "
              "engines), two replicas, vLLM-CPU. Load client: benchmarks/loadgen.py (streamed "
              "chat requests).", ""]
-    if "adapters" in results:
+    if "adapters" in results and "load_reduction" in results["adapters"]:
         a = results["adapters"]
         w = a["workload"]
         lines += ["## Adapter-heavy workload", "",
@@ -413,8 +413,9 @@ def plot(out: Path, results: dict[str, Any]) -> None:
     for ax, key in zip(axes[0], panels):
         r = results[key]
         if key == "adapters":
-            names = ["power_of_two", "placement_aware"]
-            ax.bar(names, [r[n]["adapter_loads"] for n in names], color=["grey", "tab:blue"])
+            names = [n for n in ("power_of_two", "placement_aware") if n in r]
+            ax.bar(names, [r[n]["adapter_loads"] for n in names],
+                   color=["grey", "tab:blue"][-len(names):])
             ax.set_title("adapter loads (lower is better)")
         elif key == "prefix":
             names = ["round_robin", "placement_aware"]
