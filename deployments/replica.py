@@ -235,8 +235,11 @@ class LLMReplica:
             for victim in self._slots.victims_for_one_more():
                 if not self._slots.is_idle(victim):
                     continue  # picked up by a request while we were unloading another
-                await self._engine.unload_adapter(victim)
+                # Out of the resident set before the unload yields: a request for it that
+                # arrives meanwhile must wait for this lock and load it again, not find it
+                # "resident" and reach vLLM after the unload (a 404 for a valid adapter).
                 self._slots.remove(victim)
+                await self._engine.unload_adapter(victim)
                 self._count("evictions")
             await self._engine.load_adapter(name, path)
             self._slots.add(name)

@@ -55,3 +55,59 @@ def test_demand_decays_so_a_formerly_hot_adapter_can_go():
     use(slots, "newer")
     assert slots.resident() == ["new", "newer"]
     assert slots.demand("old") < 0.01 < slots.demand("new")
+
+
+def test_a_request_during_its_adapters_eviction_reloads_it_instead_of_failing():
+    """Replica logic with a fake engine: request 1 needs a slot and evicts idle adapter
+    `a`; request 2 for `a` arrives while the unload is in flight. It must wait and load `a`
+    again, not take the resident fast path and reach the engine after the unload."""
+    import asyncio
+    import types
+
+    from deployments.replica import LLMReplica
+    from router.hints import RoutingHints
+
+    class FakeEngine:
+        def __init__(self) -> None:
+            self.loaded = {"a"}
+
+        async def unload_adapter(self, name: str) -> None:
+            await asyncio.sleep(0.05)
+            self.loaded.discard(name)
+
+        async def load_adapter(self, name: str, path: str) -> None:
+            await asyncio.sleep(0.01)
+            self.loaded.add(name)
+
+    noop = types.SimpleNamespace(inc=lambda **_: None, set=lambda *_: None)
+    replica = LLMReplica.__new__(LLMReplica)
+    replica._replica_id = "r"
+    replica._engine = engine = FakeEngine()
+    replica._slots = AdapterSlots(1)
+    replica._slots.add("a")
+    replica._adapter_lock = asyncio.Lock()
+    replica._adapter_counts = {"loads": 0, "plan_loads": 0, "evictions": 0, "hits": 0}
+    replica._metrics = types.SimpleNamespace(loads=noop, evictions=noop, hits=noop,
+                                             resident=noop)
+    seen: dict[str, bool] = {}
+
+    def method_for(adapter: str):
+        async def method(body, request_id):
+            # vLLM needs the adapter from the request's start to its last token.
+            at_start = adapter in engine.loaded
+            await asyncio.sleep(0.06)
+            seen[adapter] = at_start and adapter in engine.loaded
+            yield "done"
+        return method
+
+    async def request(adapter: str, delay: float) -> list:
+        await asyncio.sleep(delay)
+        hints = RoutingHints(adapter=adapter, adapter_path=f"/{adapter}")
+        return [item async for item in replica._serve(method_for(adapter), {}, adapter, hints)]
+
+    async def main() -> None:
+        await asyncio.gather(request("b", 0), request("a", 0.01))
+
+    asyncio.run(main())
+    assert seen == {"b": True, "a": True}
+    assert replica._adapter_counts["loads"] == 2 and replica._adapter_counts["evictions"] == 1
