@@ -5,9 +5,10 @@ Replicas report what they hold and how loaded they are; ingresses report adapter
 demand. From that, every report is answered with a plan for the reporting replica:
 adapters it should load ahead of requests. An adapter gets one resident copy per
 `hot_requests_per_s` of demand (at least one while it is in demand, at most one per
-replica); a new copy goes to the least-loaded replica that lacks it, preferring one with
-a free slot. Replicas evict least-recently-used adapters themselves when a slot is
-needed, so a plan never has to evict.
+replica); a new copy goes to the least-loaded replica that lacks it and has room. A first
+copy needs a free slot: its next request would load it anyway, and evicting for it
+would stake one load on a request that may not come. Further copies of a hot adapter may
+also take a slot whose adapter had no demand in the window (the replica evicts it).
 """
 
 from __future__ import annotations
@@ -138,10 +139,9 @@ class PlacementPlanner:
             missing = want - len(have)
             if missing <= 0:
                 continue
-            # Only where a slot is free or held by an adapter nobody asks for: a plan
-            # that displaced a wanted adapter would only trade one cold load for another.
+            # Never over a wanted adapter: that would only trade one cold load for another.
             candidates = [rid for rid in self._replicas
-                          if rid not in have and self._free_slots(rid, plans) > 0]
+                          if rid not in have and self._free_slots(rid, plans, bool(have)) > 0]
             candidates.sort(key=lambda rid: planned_load[rid])
             for rid in candidates[:missing]:
                 plans[rid].add(adapter)
@@ -149,10 +149,12 @@ class PlacementPlanner:
                 planned_load[rid] += 1.0
         return plans
 
-    def _free_slots(self, rid: str, plans: dict[str, set[str]]) -> int:
+    def _free_slots(self, rid: str, plans: dict[str, set[str]], displace_idle: bool) -> int:
+        """Slots left for planned loads; with `displace_idle`, slots whose adapters had no
+        demand in the window count as free."""
         r = self._replicas[rid].report
-        wanted = {a for a in r.resident if self.rate(a) > 0} | plans[rid]
-        return r.slots - len(wanted)
+        kept = {a for a in r.resident if not displace_idle or self.rate(a) > 0}
+        return r.slots - len(kept | plans[rid])
 
     def _expire(self) -> None:
         now = self._clock()

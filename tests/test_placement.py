@@ -78,3 +78,17 @@ def test_capacity_is_pooled_by_what_the_replicas_serve():
     assert planner.capacity() == (2000, 16)
     assert planner.capacity("mix") == (1000, 8)
     assert planner.capacities() == {None: (2000, 16), "mix": (1000, 8)}
+
+
+def test_first_copy_needs_a_free_slot_but_a_hot_copy_may_displace_an_idle_adapter():
+    clock = Clock()
+    planner = PlacementPlanner(1.0, 10, 30, clock=clock)
+    planner.report(report("r1", ["a0"], slots=2), PATHS)
+    # r2 is full of adapters nobody asked for in the window.
+    planner.report(report("r2", ["a4", "a5"], slots=2), PATHS)
+    planner.record_demand({"a1": 5})  # in demand, held nowhere: its request will load it
+    assert planner.report(report("r2", ["a4", "a5"], slots=2), PATHS).load == []
+    assert planner.report(report("r1", ["a0"], slots=2), PATHS).load == [("a1", "/adapters/a1")]
+    planner.record_demand({"a0": 30})  # hot: a second copy may take r2's idle slot
+    assert ("a0", "/adapters/a0") in planner.report(report("r2", ["a4", "a5"], slots=2),
+                                                    PATHS).load
