@@ -84,8 +84,11 @@ def test_flooding_tenant_does_not_starve_a_light_one(serve_app):
     assert [status for status, _ in light] == [200] * 2, light
     assert {status for status, _ in flood} <= {200, 429}
     flood_done = sorted(t for status, t in flood if status == 200)
-    # First in, first out would put the light tenant's request behind every queued flood
-    # request (16 of them); fair queuing admits it at the next free slot, so a good part
-    # of the flood is still being served when it is done.
+    # The flood fills every engine slot and the whole queue before the light tenant
+    # arrives: first in, first out would refuse it (queue full) or, with room, put it
+    # behind every queued flood request, so it would finish last. Fair queuing admits it
+    # at the next free slot, in the same wave as the queued flood requests. Which of that
+    # wave's ~17 requests finishes first is down to scheduling (a run measured 5 flood
+    # requests finishing after it, another 8+), so only "not last" is asserted.
     after_light = [t for t in flood_done if t > light[0][1]]
-    assert len(after_light) >= 8, (len(after_light), len(flood_done))
+    assert len(after_light) >= 1, (len(after_light), len(flood_done))
