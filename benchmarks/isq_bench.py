@@ -278,13 +278,14 @@ def main() -> int:
                                               "eager" if args.eager else "compiled")
     previous = (json.loads((args.out / "report.json").read_text())
                 if (args.out / "report.json").is_file() else {})
+    kept_speed = False
     if previous and not args.fresh:
         # A run of some schemes keeps the others' numbers. Throughput ratios are only
         # comparable within one run, so a run without speed keeps the old speed table
         # whole, and a run with speed replaces it.
         jobs = {**{n: r for n, r in previous["jobs"].items() if n not in jobs}, **jobs}
         if args.skip_speed:
-            served = previous.get("speed", {})
+            served, kept_speed = previous.get("speed", {}), True
     c, e = CalibrationConfig(), EvaluationConfig()
     result = {
         "measured": time.strftime("%Y-%m-%d %H:%M"),
@@ -293,7 +294,7 @@ def main() -> int:
         "calibration": f"{c.samples} x {c.seq_len} tokens (builtin corpus, train splits)",
         "heldout": f"{e.windows} x {e.seq_len} tokens (eval splits)",
         "base_perplexity": next(iter(jobs.values()))["base_perplexity"],
-        "speed_workload": previous.get("speed_workload") if served is previous.get("speed")
+        "speed_workload": previous.get("speed_workload") if kept_speed
         else f"{args.prompts} prompts x {args.tokens} tokens, "
                           f"{'eager' if args.eager else 'compiled'} engines",
         "jobs": jobs, "speed": served, "targets": targets(jobs),

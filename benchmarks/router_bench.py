@@ -218,15 +218,6 @@ def section_prefix(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             f"TTFT p50 {results[policy]['ttft_p50_ms']:.0f} ms")
     rr, ours = results["round_robin"], results["placement_aware"]
     results["hit_rate_ratio"] = ours["prefix_hit_rate"] / max(1e-9, rr["prefix_hit_rate"])
-    results["note"] = (
-        "The 2026-11-25 run measured 1.24x (65.0% vs 52.4%) with 300-word documents, 1 GiB "
-        "(~23k tokens) per replica and no think time. Without think time the sessions' turns "
-        "reach the router in nearly the same order every round, and with an even number of "
-        "sessions strict round robin then sends most sessions back to the replica of their "
-        "previous turn, acting much like affinity. Real sessions arrive with think time in "
-        "between; this run adds it (0-2 s) and sizes the KV cache (512 blocks per replica) "
-        "so that affinity's working set (half the sessions per replica) fits and round "
-        "robin's (sessions spread over both) does not.")
     results["workload"] = {"sessions": args.prefix_sessions, "turns": args.turns,
                            "document_words": args.doc_words, "max_tokens": 24,
                            "in_flight": args.prefix_concurrency, "think_s": args.think_s,
