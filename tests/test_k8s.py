@@ -1,6 +1,6 @@
 """The Kubernetes manifests: generated (never hand-edited), valid against KubeRay's CRD
-schemas (../shared/data/kuberay or RUVLLM_KUBERAY_CRDS), with a serveConfigV2 that Ray
-Serve's schema and this project's config model both accept."""
+schemas (vendored in k8s/crds/, see its README; RUVLLM_KUBERAY_CRDS points elsewhere), with a
+serveConfigV2 that Ray Serve's schema and this project's config model both accept."""
 
 from __future__ import annotations
 
@@ -19,13 +19,16 @@ from ruvllm.config import AppConfig
 from ruvllm.k8s import PROFILES, manifest_path, render_text
 
 K8S = ROOT / "k8s"
-CRD_DIR = Path(os.environ.get("RUVLLM_KUBERAY_CRDS", ROOT.parent / "shared" / "data" / "kuberay"))
+VENDORED_CRDS = K8S / "crds"
+CRD_DIR = Path(os.environ.get("RUVLLM_KUBERAY_CRDS", VENDORED_CRDS))
 OTHER_KINDS = {"PersistentVolumeClaim", "PodMonitor", "Kustomization"}
 
 
 def _manifests() -> list[tuple[Path, dict[str, Any]]]:
     docs = []
     for path in sorted(K8S.rglob("*.yaml")):
+        if path.is_relative_to(VENDORED_CRDS):  # the schemas themselves, not manifests
+            continue
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 docs.append((path, doc))
