@@ -17,8 +17,9 @@ from typing import Any
 from adapters.base_model import BaseModelInfo
 from adapters.registry import AdapterError, AdapterRegistry, AdapterSpec
 from router.placement import PlacementPlan, PlacementPlanner, ReplicaReport
+from ruvllm.builtin_models import BUILTIN_MODELS
 from ruvllm.config import AppConfig
-from ruvllm.model_store import BUILTIN_MODELS, resolve_model
+from ruvllm.model_store import resolve_model
 
 logger = logging.getLogger("ray.serve")
 

