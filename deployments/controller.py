@@ -16,6 +16,7 @@ from typing import Any
 
 from adapters.base_model import BaseModelInfo
 from adapters.registry import AdapterError, AdapterRegistry, AdapterSpec
+from deployments.readiness import ReadyAnnouncement
 from router.placement import PlacementPlan, PlacementPlanner, ReplicaReport
 from ruvllm.builtin_models import BUILTIN_MODELS
 from ruvllm.config import AppConfig
@@ -54,6 +55,7 @@ class PlacementController:
             demand_window_s=config.placement.demand_window_s,
             replica_timeout_s=5 * config.placement.report_period_s + 5,
         )
+        self._ready = ReadyAnnouncement.for_config(config)
 
     # -- engine replicas ------------------------------------------------------------------
 
@@ -78,6 +80,11 @@ class PlacementController:
         }
         if known_version != self._registry.version:
             state["adapters"] = self._registry.snapshot()
+        # Printed here, not in `report`: the ingress that called learns the engines'
+        # capacity from this answer, so requests are admitted from now on.
+        ready = self._ready.line(self._planner.replicas())
+        if ready:
+            logger.info(ready)
         return state
 
     # -- admin API (called by the ingress after it checked the token) --------------------

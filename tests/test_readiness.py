@@ -1,0 +1,38 @@
+"""The ready line: printed once, when every engine the config asks for has reported."""
+
+from __future__ import annotations
+
+from conftest import cluster_app_args
+from deployments.readiness import READY_PREFIX, ReadyAnnouncement
+from router.placement import ReplicaReport
+from ruvllm.config import AppConfig
+
+
+def _report(replica_id: str, dedicated: str | None = None) -> ReplicaReport:
+    return ReplicaReport(replica_id=replica_id, resident=[], slots=8, queued_tokens=0,
+                         kv_capacity_tokens=23296, max_num_seqs=64, dedicated=dedicated)
+
+
+def test_cluster_yaml_is_ready_when_both_engines_report_and_says_so_once():
+    ready = ReadyAnnouncement.for_config(AppConfig.from_args(cluster_app_args()))
+    assert ready.expected == {None: 2}
+    assert ready.line([]) is None
+    assert ready.line([_report("a")]) is None
+    line = ready.line([_report("a"), _report("b")])
+    assert line == (f"{READY_PREFIX} 'smollm2-135m-instruct' on 2 engine replica(s); "
+                    "OpenAI API at /v1")
+    assert ready.line([_report("a"), _report("b")]) is None
+
+
+def test_dedicated_models_and_autoscaling_count_too():
+    args = cluster_app_args()
+    args["replicas"] = {"autoscaling": {"min_replicas": 1, "max_replicas": 4,
+                                        "initial_replicas": 2}}
+    args["quantized"] = [{"name": "q8", "isq": {"method": "rtn", "bits": 8},
+                          "replicas": {"num_replicas": 1}}]
+    ready = ReadyAnnouncement.for_config(AppConfig.from_args(args))
+    assert ready.expected == {None: 2, "q8": 1}
+    assert ready.line([_report("a"), _report("b")]) is None  # the quantized one is missing
+    line = ready.line([_report("a"), _report("b"), _report("c", dedicated="q8")])
+    assert line is not None and line.endswith(
+        "'smollm2-135m-instruct' on 2 engine replica(s), 'q8' on 1; OpenAI API at /v1")
