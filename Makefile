@@ -3,6 +3,7 @@
 VENV    ?= .venv
 EXTRAS  ?= cpu,test,bench
 PYTHON  ?= python3
+CONFIG  ?= cluster.yaml
 PY      := $(VENV)/bin/python
 comma   := ,
 STAMP   := $(VENV)/.ruvllm-$(subst $(comma),-,$(EXTRAS))
@@ -11,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 # them the same priority as everything else on the machine (+11% tokens/s measured).
 export RAY_worker_niceness ?= 0
 
-.PHONY: env model serve test bench clean-env
+.PHONY: env model serve status test bench clean-env
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +30,12 @@ model: env
 	$(VENV)/bin/ruvllm prepare-model
 
 serve: model
-	$(VENV)/bin/serve run cluster.yaml
+	$(VENV)/bin/serve run $(CONFIG)
+
+# Ray 2.60 turns token auth on for the cluster `serve run` starts; the `serve` CLI only
+# sends the token (~/.ray/auth_token) when told to.
+status:
+	RAY_AUTH_MODE=token $(VENV)/bin/serve status
 
 test: model
 	$(PY) -m pytest tests

@@ -1,5 +1,8 @@
 """LoRA adapters (peft format) and X-LoRA mixtures served on the base model.
 
-Adapter loading, validation and placement arrive with the front-router issue; this
-package is where they live so that `cluster.yaml` and the router can refer to them.
+`registry.py` validates and names adapters (from JSON and safetensors headers only),
+`base_model.py` holds what they must agree with, `slots.py` is one replica's resident
+set and its eviction order, `synthetic.py` makes small real adapters for tests and
+benchmarks, and `xlora/` the X-LoRA mixtures. Which replica holds which adapter is
+planned by `router/placement.py`, driven by `deployments/controller.py`.
 """
