@@ -290,7 +290,8 @@ class LLMReplica:
     def engine_stats(self, hints: RoutingHints | None = None) -> dict[str, Any]:
         stats = dataclasses.asdict(self._engine.stats())
         stats.update(replica_id=self._replica_id, adapters=self._slots.resident(),
-                     adapter_slots=self._slots.capacity, **self._adapter_counts)
+                     adapter_slots=self._slots.capacity, gpu_ids=_gpu_ids(),
+                     **self._adapter_counts)
         return stats
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -317,6 +318,13 @@ class LLMReplica:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _gpu_ids() -> list[str]:
+    """The GPUs Ray gave this replica (empty on CPU): which card serves what."""
+    import ray
+
+    return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
 
 
 def _replicas_per_node(config: AppConfig) -> int:
