@@ -139,6 +139,10 @@ class RayHead:
 
         self.gcs_port, self.dashboard_port, self.metrics_port = (_free_port() for _ in range(3))
         ray = Path(sys.executable).with_name("ray")
+        if not ray.exists():  # a site tree on PYTHONPATH (the GPU hosts), its scripts on PATH
+            import shutil
+
+            ray = Path(shutil.which("ray") or ray)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_worker_niceness": "0"}
         self.log = open(tmp / "ray-head.log", "w")
         self.process = subprocess.Popen(
