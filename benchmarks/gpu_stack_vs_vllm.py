@@ -158,7 +158,10 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
     lines += ["", "Start-up (s): " + ", ".join(
         f"{n} {t['startup_s']:.0f}" for n, t in results.items()), "",
         "Targets (issue 14): stack output throughput >= 0.95x bare at c=64 and c=128; "
-        "TTFT p50 at c=1 within +10 ms of bare.", "", "![throughput and TTFT](report.png)", ""]
+        "TTFT p50 at c=1 within +10 ms of bare.", ""]
+    if meta.get("notes"):
+        lines += ["## Notes", ""] + [f"- {note}" for note in meta["notes"]] + [""]
+    lines += ["![throughput and TTFT](report.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     plot(out, results, meta)
 
@@ -195,7 +198,13 @@ def main() -> int:
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/llama8b-random"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_stack_vs_vllm")
     parser.add_argument("--startup-timeout", type=float, default=600)
+    parser.add_argument("--rewrite-report", action="store_true",
+                        help="re-render report.md/.png from report.json (e.g. after editing notes)")
     args = parser.parse_args()
+    if args.rewrite_report:
+        saved = json.loads((args.out / "report.json").read_text())
+        write_report(args.out, saved["targets"], saved["meta"])
+        return 0
 
     import ray
     import vllm
