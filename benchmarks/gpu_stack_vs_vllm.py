@@ -30,7 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import ROOT, engine_settings, log, start_stack, stop, stop_stack, wait_until_ready
+from benchmarks.harness import (
+    ROOT, engine_settings, log, start_stack, stop, stop_stack, wait_until_ready, wait_until_serving,
+)
 from benchmarks.serve_vs_vllm import run_load, summarize
 
 SERVED = "llama8b-random"
@@ -226,7 +228,8 @@ def main() -> int:
         proc, url = starters[name]()
         try:
             ready = wait_until_ready(f"{url}/v1/models", proc, args.startup_timeout, name)
-            log(f"{name}: ready in {ready:.0f} s")
+            ready += wait_until_serving(url, SERVED, proc, args.startup_timeout, name)
+            log(f"{name}: serving after {ready:.0f} s")
             results[name] = {"startup_s": ready,
                              "rows": sweep(url, args.model_dir, concurrencies, args, args.out, name)}
         finally:

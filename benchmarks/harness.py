@@ -43,6 +43,27 @@ def wait_until_ready(url: str, proc: subprocess.Popen, timeout_s: float, what: s
         time.sleep(1)
 
 
+def wait_until_serving(base_url: str, model: str, proc: subprocess.Popen, timeout_s: float,
+                       what: str) -> float:
+    """Until a one-token chat request is answered: the stack's ingress answers /v1/models
+    while its engine replicas may still be starting (an 8B engine needs a minute more)."""
+    started = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it served")
+        try:
+            r = httpx.post(f"{base_url}/v1/chat/completions", timeout=60, json={
+                "model": model, "max_tokens": 1,
+                "messages": [{"role": "user", "content": "ready?"}]})
+            if r.status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"{what} served no request within {timeout_s:.0f} s")
+        time.sleep(1)
+
+
 def stop(proc: subprocess.Popen, grace_s: float = 60) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
