@@ -11,8 +11,10 @@ Targets, one after the other on the same GPU, with the same engine settings
 (cluster-gpu.yaml's: bf16, block 16, gpu_memory_utilization 0.85, prefix caching, LoRA on
 with 4 slots of rank 16, max_num_seqs 256):
 
-  bare   vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`);
-  stack  `serve run cluster-gpu.yaml`, one engine replica, the model above.
+  bare     vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`);
+  stack    `serve run cluster-gpu.yaml`, one engine replica, the model above;
+  stack-2  the same with two replicas, one per GPU (benchmark d: needs two GPUs; run it
+           with `--targets stack,stack-2 --concurrency 128`).
 
 Load: vLLM's own `vllm bench serve` client, random 512-token prompts, 256 output tokens
 (ignore_eos), chat endpoint, at each concurrency. Writes report.json / report.md /
@@ -84,10 +86,11 @@ def start_bare(model: Path, port: int, logfile: Path) -> tuple[subprocess.Popen,
             f"http://127.0.0.1:{port}")
 
 
-def start_stack_on(model: Path, port: int, logfile: Path) -> tuple[subprocess.Popen, str]:
+def start_stack_on(model: Path, port: int, logfile: Path,
+                   replicas: int = 1) -> tuple[subprocess.Popen, str]:
     def use_model(args: dict) -> None:
         args["model"] = {"source": str(model), "served_name": SERVED}
-        args["replicas"]["num_replicas"] = 1
+        args["replicas"]["num_replicas"] = replicas
 
     return start_stack(port, logfile, use_model, GPU_CONFIG)
 
@@ -221,7 +224,8 @@ def main() -> int:
     log(f"model at {args.model_dir} ({built:.0f} s to build)")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     starters = {"bare": lambda: start_bare(args.model_dir, 8100, logs / "bare.log"),
-                "stack": lambda: start_stack_on(args.model_dir, 8200, logs / "stack.log")}
+                "stack": lambda: start_stack_on(args.model_dir, 8200, logs / "stack.log"),
+                "stack-2": lambda: start_stack_on(args.model_dir, 8300, logs / "stack-2.log", 2)}
     results: dict[str, dict] = {}
     for name in args.targets.split(","):
         log(f"{name}: starting")
