@@ -14,6 +14,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from adapters.slots import AdapterSlots
+from deployments.coalesce import coalesce_ready
 from deployments.protocol import Engine, ReplyHead, error_body
 from router.hints import RoutingHints
 from router.metrics import AdapterMetrics
@@ -160,10 +161,14 @@ class LLMReplica:
                         422, f"adapter {adapter!r} could not be loaded: {e}"),
                         replica_id=self._replica_id)
                     return
-            async for item in method(body, request_id):
-                if isinstance(item, ReplyHead):
-                    item = dataclasses.replace(item, replica_id=self._replica_id)
-                yield item
+            reply = method(body, request_id)
+            head = await anext(reply)
+            yield dataclasses.replace(head, replica_id=self._replica_id)
+            if head.is_stream:
+                async for chunk in coalesce_ready(reply):
+                    yield chunk
+            else:
+                await reply.aclose()
         finally:
             if adapter is not None:
                 self._slots.release(adapter)
