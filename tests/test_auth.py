@@ -121,3 +121,43 @@ def test_short_admin_token_is_refused():
         AppConfig.from_args({"adapters": {"admin_token": "short"}})
     assert AppConfig.from_args({"ingress": {"api_keys": {"t": [sha("k").upper()]}}}) \
         .ingress.api_keys == {"t": [sha("k")]}
+
+
+def ingress_with(keys: ApiKeys):
+    """The ingress's own tenant logic, without Serve around it."""
+    from deployments.ingress import OpenAIIngress
+
+    ingress = object.__new__(OpenAIIngress)
+    ingress._api_keys = keys
+    ingress._config = AppConfig.from_args(None)
+    return ingress
+
+
+def request(**headers):
+    from starlette.requests import Request
+
+    return Request({"type": "http", "headers": [(k.replace("_", "-").encode(), v.encode())
+                                                for k, v in headers.items()]})
+
+
+class Parsed:
+    user = "chosen-by-client"
+
+
+def test_with_keys_the_tenant_is_the_keys_never_the_clients_choice():
+    ingress = ingress_with(ApiKeys({"team-a": [sha("key-a")]}, None))
+    spoof = request(authorization="Bearer key-a", x_tenant_id="team-b")
+    assert ingress._authenticate(spoof) == "team-a"
+    for bad in (request(), request(authorization="Bearer key-b"), request(x_tenant_id="team-a")):
+        with pytest.raises(ClientError) as e:
+            ingress._authenticate(bad)
+        assert e.value.status == 401
+
+
+def test_without_keys_the_client_names_its_tenant_and_raw_keys_are_not_kept():
+    ingress = ingress_with(ApiKeys({}, None))
+    assert ingress._authenticate(request()) is None
+    assert ingress._tenant(request(x_tenant_id="team-b"), Parsed()) == "team-b"
+    hashed = ingress._tenant(request(authorization="Bearer secret"), Parsed())
+    assert hashed.startswith("key:") and "secret" not in hashed
+    assert ingress._tenant(request(), Parsed()) == "chosen-by-client"
