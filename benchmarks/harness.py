@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,27 @@ def wait_until_ready(url: str, proc: subprocess.Popen, timeout_s: float, what: s
         time.sleep(1)
 
 
+def wait_until_serving(base_url: str, model: str, proc: subprocess.Popen, timeout_s: float,
+                       what: str) -> float:
+    """Until a one-token chat request is answered: the stack's ingress answers /v1/models
+    while its engine replicas may still be starting (an 8B engine needs a minute more)."""
+    started = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it served")
+        try:
+            r = httpx.post(f"{base_url}/v1/chat/completions", timeout=60, json={
+                "model": model, "max_tokens": 1,
+                "messages": [{"role": "user", "content": "ready?"}]})
+            if r.status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"{what} served no request within {timeout_s:.0f} s")
+        time.sleep(1)
+
+
 def stop(proc: subprocess.Popen, grace_s: float = 60) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -52,23 +74,30 @@ def stop(proc: subprocess.Popen, grace_s: float = 60) -> None:
             proc.wait()
 
 
-def engine_settings() -> dict[str, Any]:
-    app = yaml.safe_load((ROOT / "cluster.yaml").read_text())["applications"][0]
+def tool(name: str) -> str:
+    """A console script of this environment (`serve`, `ray`): beside the interpreter in a
+    venv, else on PATH (a site tree on PYTHONPATH, as on the GPU hosts)."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else (shutil.which(name) or name)
+
+
+def engine_settings(config: Path = ROOT / "cluster.yaml") -> dict[str, Any]:
+    app = yaml.safe_load(config.read_text())["applications"][0]
     return app["args"]["engine"]
 
 
-def start_stack(port: int, logfile: Path, overrides: Callable[[dict], None]) -> tuple[subprocess.Popen, str]:
-    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+def start_stack(port: int, logfile: Path, overrides: Callable[[dict], None],
+                config_path: Path = ROOT / "cluster.yaml") -> tuple[subprocess.Popen, str]:
+    config = yaml.safe_load(config_path.read_text())
     config["http_options"]["port"] = port
     overrides(config["applications"][0]["args"])
     path = Path(tempfile.mkdtemp(prefix="ruvllm-bench-")) / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
-    serve = Path(sys.executable).with_name("serve")
     # A fresh local Ray cluster per target, never one left over from elsewhere.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["HF_HUB_OFFLINE"] = "1"
     env.setdefault("RAY_worker_niceness", "0")  # as `make serve` runs it (see Makefile)
-    proc = subprocess.Popen([str(serve), "run", str(path)], env=env, cwd=ROOT,
+    proc = subprocess.Popen([tool("serve"), "run", str(path)], env=env, cwd=ROOT,
                             stdout=logfile.open("w"), stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -85,8 +114,7 @@ def start_stack_engines_baseline() -> set[int]:
 
 def stop_stack(proc: subprocess.Popen, keep: set[int] | None = None) -> None:
     stop(proc)
-    ray = Path(sys.executable).with_name("ray")
-    subprocess.run([str(ray), "stop", "--force"], capture_output=True)
+    subprocess.run([tool("ray"), "stop", "--force"], capture_output=True)
     # `ray stop --force` kills Ray's workers; vLLM's engine-core and worker processes
     # they spawned can outlive them and keep cores busy through the next measurement.
     for pid in _vllm_processes() - (keep or set()):

@@ -39,7 +39,7 @@ from benchmarks.harness import (
     MODEL, ROOT, log, start_stack, start_stack_engines_baseline, stop_stack, wait_until_ready,
 )
 
-ADMIN = "bench-admin"
+ADMIN = "bench-admin-token-0123"
 PORT = 8400
 
 

@@ -51,7 +51,8 @@ def start_bare_vllm(model_path: Path, port: int, logfile: Path) -> tuple[subproc
     return proc, f"http://127.0.0.1:{port}"
 
 
-def run_load(base_url: str, model_path: Path, args: argparse.Namespace, out: Path, name: str) -> dict:
+def run_load(base_url: str, model_path: Path, args: argparse.Namespace, out: Path, name: str,
+             model_name: str = MODEL) -> dict:
     from vllm.benchmarks.serve import add_cli_args, main
 
     try:
@@ -63,7 +64,7 @@ def run_load(base_url: str, model_path: Path, args: argparse.Namespace, out: Pat
     add_cli_args(parser)
     bench_args = parser.parse_args([
         "--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
-        "--model", MODEL, "--tokenizer", str(model_path),
+        "--model", model_name, "--tokenizer", str(model_path),
         "--dataset-name", "random", "--random-input-len", str(args.input_len),
         "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
         "--max-concurrency", str(args.concurrency), "--ignore-eos", "--temperature", "0",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
 from adapters.base_model import BaseModelInfo
@@ -38,10 +37,6 @@ def make_registry(config: AppConfig) -> AdapterRegistry:
     for name, path in config.adapters.declared.items():
         registry.register(name, path)
     return registry
-
-
-def admin_token(config: AppConfig) -> str | None:
-    return config.adapters.admin_token or os.environ.get("RUVLLM_ADMIN_TOKEN") or None
 
 
 class PlacementController:

@@ -1,16 +1,17 @@
 """OpenAI-compatible HTTP ingress.
 
-It checks what can be checked without the engine (JSON, field types through vLLM's own
-request models, roles, model or adapter name), measures the prompt for the router,
-admits the request (or queues it, or answers 429), and relays the replica's reply.
-Everything the engine must judge (context length, sampling parameters) comes back from
-vLLM's OpenAI layer as a 4xx body.
+It checks what can be checked without the engine (credentials, body size, JSON, field
+types through vLLM's own request models, roles, model or adapter name, bounds), measures
+the prompt for the router (in a worker thread, after a size bound that refuses a
+far-too-long prompt at once), charges the request as the engine will run it, admits it
+(or queues it, or answers 429), and relays the replica's reply. Everything the engine
+must judge (exact context length, sampling parameters) comes back from vLLM's OpenAI
+layer as a 4xx body.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import uuid
@@ -26,12 +27,14 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.registry import AdapterError, AdapterSpec
-from deployments import vllm_compat
+from deployments import request_limits, vllm_compat
+from deployments.auth import AdminGuard, ApiKeys, admin_token, bearer, digest
+from deployments.client_error import ClientError
 from deployments.cluster_view import ClusterView
-from deployments.controller import admin_token
-from deployments.prompt import PromptInfo, PromptInspector
+from deployments.footprint import Footprint, request_footprint
+from deployments.prompt import PromptInfo, PromptInspector, PromptTooLong
 from deployments.protocol import ReplyHead, error_body
-from router.admission import Admission, AdmissionController, Rejected
+from router.admission import Admission, AdmissionController, Rejected, TooLarge
 from router.hints import RoutingHints
 from router.metrics import AdmissionMetrics
 from ruvllm.config import AppConfig
@@ -42,15 +45,9 @@ logger = logging.getLogger("ray.serve")
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 REPLICA_HEADER = "x-ruvllm-replica"
 SESSION_HEADER = "x-session-id"
+XLORA_SCALINGS_FIELD = "xlora_scalings"  # the replica's debug field (admin only)
 
 api = FastAPI(title="ruvllm-serve", docs_url=None, redoc_url=None)
-
-
-class ClientError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
 def _error(status: int, message: str, param: str | None = None,
@@ -78,26 +75,16 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return _error(500, f"internal error: {type(exc).__name__}")
 
 
-async def _read_json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ClientError(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ClientError(400, "request body must be a JSON object")
-    return body
+async def _read_json(request: Request, max_bytes: int) -> dict[str, Any]:
+    raw = await request_limits.read_body(
+        request.stream(), request.headers.get("content-length"), max_bytes)
+    return request_limits.parse_json_object(raw)
 
 
 def _validation_message(e: ValidationError) -> tuple[str, str | None]:
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     return (f"{loc}: {err['msg']}" if loc else err["msg"]), (loc or None)
-
-
-def _bearer(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
 
 
 class OpenAIIngress:
@@ -115,11 +102,16 @@ class OpenAIIngress:
         self._base_name = config.model.name
         self._max_model_len = config.engine.max_model_len
         self._timeout_s = config.ingress.request_timeout_s
-        self._admin_token = admin_token(config)
+        self._max_body_bytes = config.ingress.max_body_bytes
+        self._admin = AdminGuard(admin_token(config))
+        self._api_keys = ApiKeys(config.ingress.api_keys, config.ingress.api_keys_file)
         model_path = resolve_model(config.model.source, config.resolved_cache_dir)
         self._model_root = str(model_path)
+        self._context_len = self._max_model_len or _model_context_len(model_path)
         self._prompts = PromptInspector(self._model_root, config.engine.block_size or 16,
-                                        config.router.prefix_max_blocks)
+                                        config.router.prefix_max_blocks, self._context_len)
+        self._max_sequences = min(config.admission.max_sequences, config.engine.max_num_seqs)
+        self._prompt_embeds = bool(config.engine.extra_engine_args.get("enable_prompt_embeds"))
         self._chat_cls = vllm_compat.chat_request_cls()
         self._completion_cls = vllm_compat.completion_request_cls()
         self._client_errors = vllm_compat.client_error_types()
@@ -156,7 +148,8 @@ class OpenAIIngress:
         return JSONResponse({"status": "ok"})
 
     @api.get("/v1/models")
-    async def models(self) -> JSONResponse:
+    async def models(self, request: Request) -> JSONResponse:
+        self._authenticate(request)
         cards = [self._card_cls(id=self._base_name, root=self._model_root, owned_by="ruvllm",
                                 max_model_len=self._max_model_len)]
         cards += [self._card_cls(id=name, root=spec.path, parent=self._base_name,
@@ -171,7 +164,8 @@ class OpenAIIngress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        body = await _read_json(request)
+        tenant = self._authenticate(request)
+        body = await self._read_request(request)
         parsed = self._validate(self._chat_cls, body)
         if not parsed.messages:
             raise ClientError(400, "messages must contain at least one message", "messages")
@@ -181,18 +175,51 @@ class OpenAIIngress:
                 raise ClientError(400, f"messages.{i}.role: unknown role {role!r}; expected "
                                   f"one of {sorted(CHAT_ROLES)}", f"messages.{i}.role")
         adapter = await self._adapter_for(parsed.model)
-        prompt = self._prompts.chat(body["messages"])
-        max_tokens = parsed.max_completion_tokens or parsed.max_tokens
-        return await self._forward("chat", request, body, parsed, adapter, prompt, max_tokens)
+        prompt = await self._measure(self._prompts.check_chat_size, self._prompts.chat,
+                                     body["messages"])
+        # vLLM: max_completion_tokens wins; an explicit 0 is the client's, not "omitted".
+        max_tokens = next((v for v in (parsed.max_completion_tokens, parsed.max_tokens)
+                           if v is not None), None)
+        return await self._forward("chat", request, body, parsed, adapter, prompt, max_tokens,
+                                   tenant, "max_completion_tokens")
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        body = await _read_json(request)
+        tenant = self._authenticate(request)
+        body = await self._read_request(request)
         parsed = self._validate(self._completion_cls, body)
+        if getattr(parsed, "prompt_embeds", None) and not self._prompt_embeds:
+            raise ClientError(400, "prompt_embeds is not supported by this server "
+                              "(enable_prompt_embeds is off)", "prompt_embeds")
         adapter = await self._adapter_for(parsed.model)
-        prompt = self._prompts.completion(parsed.prompt)
+        prompt = await self._measure(self._prompts.check_completion_size,
+                                     self._prompts.completion, parsed.prompt)
+        if getattr(parsed, "prompt_embeds", None):
+            embeds = parsed.prompt_embeds
+            count = len(embeds) if isinstance(embeds, list) else 1
+            # Their length is unknown until decoded on the replica: charge the context.
+            prompt = PromptInfo(self._context_len, (), prompt.lengths + (self._context_len,) * count)
+        # CompletionRequest defaults an omitted max_tokens to 16 (OpenAI's default).
         return await self._forward("completion", request, body, parsed, adapter, prompt,
-                                   parsed.max_tokens)
+                                   parsed.max_tokens, tenant, "max_tokens")
+
+    async def _read_request(self, request: Request) -> dict[str, Any]:
+        body = await _read_json(request, self._max_body_bytes)
+        request_limits.check_fields(body)
+        request_limits.check_headers(
+            request.headers, (SESSION_HEADER, self._config.admission.tenant_header))
+        if body.get(XLORA_SCALINGS_FIELD) not in (None, False):
+            # A full transformers forward on the replica per request: operators only.
+            self._admin.check(request.headers, what=f"the {XLORA_SCALINGS_FIELD} debug field")
+        return body
+
+    async def _measure(self, check: Any, count: Any, prompt: Any) -> PromptInfo:
+        """The cheap size bound on the event loop, the tokenizer in a worker thread."""
+        try:
+            check(prompt)
+        except PromptTooLong as e:
+            raise ClientError(400, e.message, e.param) from None
+        return await asyncio.to_thread(count, prompt)
 
     def _validate(self, request_cls: Any, body: dict[str, Any]) -> Any:
         try:
@@ -220,32 +247,58 @@ class OpenAIIngress:
                               f"{', '.join(known[:20])}.", "model")
         return spec
 
+    def _authenticate(self, request: Request) -> str | None:
+        """With API keys on: the key's tenant, or 401. Off: None (tenant from the request)."""
+        if not self._api_keys.enabled:
+            return None
+        tenant = self._api_keys.tenant_for(bearer(request.headers))
+        if tenant is None:
+            raise ClientError(401, "a valid API key is required "
+                              "(Authorization: Bearer <key>)",
+                              headers={"www-authenticate": "Bearer"})
+        return tenant
+
     def _tenant(self, request: Request, parsed: Any) -> str:
+        """Without API keys, the tenant the client names: fairness between cooperating
+        clients, not security (admission bounds how many names it keeps apart)."""
         header = request.headers.get(self._config.admission.tenant_header)
         if header:
             return header
-        key = _bearer(request)
+        key = bearer(request.headers)
         if key:  # never keep raw API keys around, even in memory-resident tables
-            return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+            return "key:" + digest(key)[:16]
         return getattr(parsed, "user", None) or "anonymous"
 
+    def _footprint(self, parsed: Any, prompt: PromptInfo, max_tokens: int | None) -> Footprint:
+        samples = max(getattr(parsed, "n", None) or 1, getattr(parsed, "best_of", None) or 1)
+        footprint = request_footprint(list(prompt.lengths), samples, max_tokens,
+                                      self._context_len,
+                                      self._config.admission.default_output_tokens)
+        if footprint.sequences > self._max_sequences:
+            raise ClientError(400, f"n: this request asks for {footprint.sequences} sequences "
+                              f"(n or best_of, times its prompts); at most {self._max_sequences}"
+                              " per request", "n")
+        return footprint
+
     async def _forward(self, method: str, request: Request, body: dict[str, Any], parsed: Any,
-                       adapter: AdapterSpec | None, prompt: PromptInfo, max_tokens: int | None):
+                       adapter: AdapterSpec | None, prompt: PromptInfo, max_tokens: int | None,
+                       tenant: str | None, max_tokens_field: str):
         # Serve's proxy takes the client's X-Request-ID (or makes one) and echoes it in
         # the response; use the same id for the engine request so logs line up.
         request_id = _serve_request_id() or uuid.uuid4().hex
-        expected_output = max_tokens or self._config.admission.default_output_tokens
-        if self._max_model_len:
-            expected_output = min(expected_output, max(0, self._max_model_len - prompt.tokens))
+        footprint = self._footprint(parsed, prompt, max_tokens)
+        if footprint.max_tokens_for_engine is not None:
+            body = {**body, max_tokens_field: footprint.max_tokens_for_engine}
         hints = RoutingHints(
-            prompt_tokens=prompt.tokens,
-            max_tokens=expected_output,
+            prompt_tokens=footprint.prompt_tokens,
+            max_tokens=footprint.output_tokens,
+            sequences=footprint.sequences,
             model=parsed.model or self._base_name,
             adapter=adapter.name if adapter else None,
             adapter_path=adapter.path if adapter else None,
             session_id=request.headers.get(SESSION_HEADER),
             prefix_keys=prompt.prefix_keys,
-            tenant=self._tenant(request, parsed),
+            tenant=tenant or self._tenant(request, parsed),
         )
         admission = await self._admit(hints)
         if adapter is not None:
@@ -263,7 +316,11 @@ class OpenAIIngress:
             return _UNLIMITED
         pool = self._dedicated_admission.get(hints.model, self._admission)
         try:
-            admission = await pool.admit(hints.tenant or "anonymous", hints.predicted_tokens)
+            admission = await pool.admit(hints.tenant or "anonymous", hints.predicted_tokens,
+                                         seqs=hints.sequences)
+        except TooLarge as e:  # no wait can help: not a 429 to retry
+            self._admission_metrics.rejected.inc(tags={"reason": "too_large"})
+            raise ClientError(400, e.message, "max_tokens") from None
         except Rejected as r:
             self._admission_metrics.rejected.inc(tags={"reason": r.reason})
             raise ClientError(429, r.message, headers={"retry-after": str(r.retry_after_s)}) from None
@@ -330,25 +387,15 @@ class OpenAIIngress:
 
     # -- adapter administration ----------------------------------------------------------
 
-    def _check_admin(self, request: Request) -> None:
-        if self._admin_token is None:
-            return
-        given = _bearer(request)
-        if given is None:
-            raise ClientError(401, "admin endpoint: missing bearer token")
-        if not hashlib.sha256(given.encode()).digest() == hashlib.sha256(
-                self._admin_token.encode()).digest():
-            raise ClientError(403, "admin endpoint: wrong token")
-
     @api.get("/v1/adapters")
     async def list_adapters(self, request: Request) -> JSONResponse:
-        self._check_admin(request)
+        self._admin.check(request.headers)
         return JSONResponse(await self._controller.describe.remote())
 
     @api.post("/v1/adapters")
     async def register_adapter(self, request: Request) -> JSONResponse:
-        self._check_admin(request)
-        body = await _read_json(request)
+        self._admin.check(request.headers, json_body=True)
+        body = await _read_json(request, self._max_body_bytes)
         name, path = body.get("name"), body.get("path")
         if not isinstance(name, str) or not isinstance(path, str):
             raise ClientError(400, "body must be {\"name\": str, \"path\": str}")
@@ -362,7 +409,7 @@ class OpenAIIngress:
 
     @api.delete("/v1/adapters/{name}")
     async def unregister_adapter(self, name: str, request: Request) -> JSONResponse:
-        self._check_admin(request)
+        self._admin.check(request.headers)
         result = await self._controller.unregister_adapter.remote(name)
         if isinstance(result, AdapterError):
             raise ClientError(result.status, result.message)
@@ -372,7 +419,7 @@ class OpenAIIngress:
 
 class _Unlimited(Admission):
     def __init__(self) -> None:
-        self.tenant, self.tokens, self.waited_s = "", 0, 0.0
+        self.tenant, self.tokens, self.seqs, self.waited_s = "", 0, 0, 0.0
 
     def release(self) -> None:
         pass
@@ -395,6 +442,12 @@ class Watchdog:
 
     def disarm(self) -> None:
         self._handle.cancel()
+
+
+def _model_context_len(model_path: Any) -> int:
+    """The checkpoint's own context when engine.max_model_len is unset (vLLM's default)."""
+    config = json.loads((model_path / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or 2048)
 
 
 def _serve_request_id() -> str:

@@ -38,6 +38,7 @@ class EngineStats:
     block_size: int = 0
     max_num_seqs: int = 0
     max_model_len: int = 0
+    dtype: str = ""  # what the engine computes in (the config's `auto` resolved)
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     updated_at: float = 0.0

@@ -14,6 +14,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from adapters.slots import AdapterSlots
+from deployments.coalesce import coalesce_ready
 from deployments.protocol import Engine, ReplyHead, error_body
 from router.hints import RoutingHints
 from router.metrics import AdapterMetrics
@@ -160,10 +161,14 @@ class LLMReplica:
                         422, f"adapter {adapter!r} could not be loaded: {e}"),
                         replica_id=self._replica_id)
                     return
-            async for item in method(body, request_id):
-                if isinstance(item, ReplyHead):
-                    item = dataclasses.replace(item, replica_id=self._replica_id)
-                yield item
+            reply = method(body, request_id)
+            head = await anext(reply)
+            yield dataclasses.replace(head, replica_id=self._replica_id)
+            if head.is_stream:
+                async for chunk in coalesce_ready(reply):
+                    yield chunk
+            else:
+                await reply.aclose()
         finally:
             if adapter is not None:
                 self._slots.release(adapter)
@@ -290,7 +295,8 @@ class LLMReplica:
     def engine_stats(self, hints: RoutingHints | None = None) -> dict[str, Any]:
         stats = dataclasses.asdict(self._engine.stats())
         stats.update(replica_id=self._replica_id, adapters=self._slots.resident(),
-                     adapter_slots=self._slots.capacity, **self._adapter_counts)
+                     adapter_slots=self._slots.capacity, gpu_ids=_gpu_ids(),
+                     **self._adapter_counts)
         return stats
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -317,6 +323,13 @@ class LLMReplica:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _gpu_ids() -> list[str]:
+    """The GPUs Ray gave this replica (empty on CPU): which card serves what."""
+    import ray
+
+    return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
 
 
 def _replicas_per_node(config: AppConfig) -> int:

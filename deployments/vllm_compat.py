@@ -1,7 +1,9 @@
 """Import locations of the vLLM pieces ruvllm reuses.
 
 GPU machines run vLLM 0.26 (pinned to their torch), the CPU build is 0.32, and several
-OpenAI-layer modules moved in between. Everything version-dependent is imported here.
+OpenAI-layer modules moved in between. Everything version-dependent is imported here, newest
+location first; `tests/test_vllm_compat.py` resolves every entry against the installed vLLM
+(the CPU suite checks 0.32, `make test-gpu` checks the GPU host's release).
 """
 
 from __future__ import annotations
@@ -34,23 +36,24 @@ def completion_request_cls() -> Any:
     )
 
 
+# 0.32: serve.engine.protocol; 0.26: openai.engine.protocol; older: openai.protocol.
+_ENGINE_PROTOCOL_MODULES = (
+    "vllm.entrypoints.serve.engine.protocol",
+    "vllm.entrypoints.openai.engine.protocol",
+    "vllm.entrypoints.openai.protocol",
+)
+
+
+def _engine_protocol(name: str) -> Any:
+    return _first(*((module, name) for module in _ENGINE_PROTOCOL_MODULES))
+
+
 def error_response_cls() -> Any:
-    return _first(
-        ("vllm.entrypoints.serve.engine.protocol", "ErrorResponse"),
-        ("vllm.entrypoints.openai.protocol", "ErrorResponse"),
-    )
+    return _engine_protocol("ErrorResponse")
 
 
 def model_list_classes() -> tuple[Any, Any]:
-    card = _first(
-        ("vllm.entrypoints.serve.engine.protocol", "ModelCard"),
-        ("vllm.entrypoints.openai.protocol", "ModelCard"),
-    )
-    listing = _first(
-        ("vllm.entrypoints.serve.engine.protocol", "ModelList"),
-        ("vllm.entrypoints.openai.protocol", "ModelList"),
-    )
-    return card, listing
+    return _engine_protocol("ModelCard"), _engine_protocol("ModelList")
 
 
 def init_app_state() -> Any:
@@ -92,3 +95,12 @@ def lora_admin_requests() -> tuple[Any, Any]:
         ("vllm.entrypoints.openai.protocol", "UnloadLoRAAdapterRequest"),
     )
     return load, unload
+
+
+def num_unfinished_requests(engine: Any) -> int:
+    """Requests the engine front end still tracks. `AsyncLLM.get_num_unfinished_requests`
+    exists in 0.32 but not 0.26; both keep the count on their output processor."""
+    counter = getattr(engine, "get_num_unfinished_requests", None)
+    if counter is None:
+        counter = engine.output_processor.get_num_unfinished_requests
+    return counter()

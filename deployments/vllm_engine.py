@@ -144,6 +144,7 @@ class VLLMEngine:
         self._stats.num_kv_blocks = vllm_config.cache_config.num_gpu_blocks or 0
         self._stats.max_num_seqs = vllm_config.scheduler_config.max_num_seqs
         self._stats.max_model_len = vllm_config.model_config.max_model_len
+        self._stats.dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
         logger.info(
             "vLLM engine for %s up in %.1f s: %d KV blocks x %d tokens, dtype %s",
             self._served_name, time.monotonic() - started, self._stats.num_kv_blocks,
@@ -162,7 +163,8 @@ class VLLMEngine:
         st.updated_at = time.time()
 
     def stats(self) -> EngineStats:
-        self._stats.unfinished = self._engine.get_num_unfinished_requests() if self._engine else 0
+        self._stats.unfinished = (vllm_compat.num_unfinished_requests(self._engine)
+                                  if self._engine else 0)
         return self._stats
 
     def chat(self, body: dict[str, Any], request_id: str) -> AsyncIterator[ReplyHead | str]:

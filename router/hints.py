@@ -11,8 +11,10 @@ HINTS_KWARG = "hints"
 
 @dataclass(frozen=True)
 class RoutingHints:
+    # Totals over the request's sequences (n or best_of, times a batch's prompts).
     prompt_tokens: int = 0
     max_tokens: int = 0
+    sequences: int = 1
     model: str = ""
     adapter: str | None = None  # LoRA adapter name when `model` names one
     adapter_path: str | None = None  # where the replica loads it from (validated)

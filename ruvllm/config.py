@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
+                      model_validator)
 
 from ruvllm.builtin_models import BUILTIN_MODELS, BUILTIN_PREFIX
 
@@ -153,6 +154,25 @@ class ReplicaConfig(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+Sha256Hex = Annotated[str, StringConstraints(
+    strip_whitespace=True, to_lower=True, pattern=r"^[0-9a-fA-F]{64}$")]
+
+
+def check_api_keys(keys: dict[str, list[str]]) -> None:
+    """One tenant per key digest, and tenant names of sane length."""
+    owner: dict[str, str] = {}
+    for tenant, digests in keys.items():
+        if not 0 < len(tenant) <= MAX_TENANT_NAME:
+            raise ValueError(f"api_keys: tenant names must be 1-{MAX_TENANT_NAME} characters")
+        for digest in digests:
+            if owner.setdefault(digest, tenant) != tenant:
+                raise ValueError(f"api_keys: one key digest is listed for tenants "
+                                 f"{owner[digest]!r} and {tenant!r}")
+
+
+MAX_TENANT_NAME = 128
+
+
 class IngressConfig(_Strict):
     """The OpenAI HTTP front door."""
 
@@ -165,6 +185,28 @@ class IngressConfig(_Strict):
         description="Deadline of one request; past it the engine request is aborted and "
         "the client gets a 504 (or an error event on a stream).",
     )
+    max_body_bytes: int = Field(
+        4 * 2**20,
+        ge=1024,
+        description="Largest request body; a larger one gets 413 before it is parsed. "
+        "The default (4 MiB) holds hundreds of full-context prompts of any model served here.",
+    )
+    api_keys: dict[str, list[Sha256Hex]] = Field(
+        default_factory=dict,
+        description="tenant -> sha256 hex digests of its API keys (`printf %s KEY | "
+        "sha256sum`). With any key configured (here or in api_keys_file), the OpenAI "
+        "routes need `Authorization: Bearer KEY` and the request's tenant is the key's.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="A YAML/JSON file of the same shape as api_keys (e.g. a mounted "
+        "Kubernetes Secret), read by each ingress at start and again when it changes.",
+    )
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> "IngressConfig":
+        check_api_keys(self.api_keys)
+        return self
 
 
 class RouterConfig(_Strict):
@@ -216,7 +258,10 @@ class AdaptersConfig(_Strict):
         "validated at build time.",
     )
     admin_token: str | None = Field(
-        None, description="Bearer token for the admin API; $RUVLLM_ADMIN_TOKEN if unset."
+        None,
+        min_length=16,
+        description="Bearer token for the admin API (/v1/adapters, the xlora_scalings debug "
+        "field); $RUVLLM_ADMIN_TOKEN if unset. Without one the admin API is off (403).",
     )
     max_registered: int = Field(1000, gt=0)
 
@@ -250,8 +295,26 @@ class AdmissionConfig(_Strict):
     queue_timeout_s: float = Field(
         30.0, gt=0, description="A request still waiting after this gets 429."
     )
-    default_output_tokens: int = Field(
-        256, gt=0, description="Output tokens assumed for requests without max_tokens."
+    default_output_tokens: int | None = Field(
+        256,
+        gt=0,
+        description="max_tokens given to a request that omits it (the engine is told, so "
+        "the reply stops there with finish_reason `length`, and admission charges it); "
+        "when it does not fit the context, or is null, the request keeps vLLM's default, "
+        "the context remainder, and is charged that.",
+    )
+    max_sequences: int = Field(
+        16,
+        gt=0,
+        description="Most sequences one request may ask for (n or best_of, times the "
+        "prompts of a batched completion); never more than engine.max_num_seqs. More is a 400.",
+    )
+    max_tenants: int = Field(
+        1000,
+        gt=0,
+        description="Distinct tenants admission keeps apart. Past it, tenants with nothing "
+        "queued or running are forgotten, and if none is, a new name shares the default "
+        "tenant's place. Configured tenants always keep their own.",
     )
     kv_fraction: float = Field(
         0.95, gt=0, le=1, description="Share of the engines' KV tokens admission may fill."

@@ -25,6 +25,7 @@ def cluster_app_args() -> dict[str, Any]:
 
 
 ADMIN_TOKEN = "test-admin-token"
+METERED_TENANT = "metered"  # 1000 predicted tokens per minute (tests/e2e/test_security.py)
 DECLARED = ("alpha", "beta", "gamma")  # delta and epsilon get registered at run time
 XLORA_NAME = "mix"
 ISQ_NAME = "smollm2-gptq-w8a8"
@@ -49,7 +50,11 @@ def e2e_app_args(adapter_root: Path, xlora_checkpoint: Path) -> dict[str, Any]:
     args["adapters"] = {"allowed_roots": [str(adapter_root)],
                         "declared": {name: name for name in DECLARED},
                         "admin_token": ADMIN_TOKEN}
-    args["admission"] = {**args.get("admission", {}), "max_queue": 16, "queue_timeout_s": 20}
+    # A small default max_tokens keeps the test of requests that omit it short (every
+    # other request names its max_tokens).
+    args["admission"] = {**args.get("admission", {}), "max_queue": 16, "queue_timeout_s": 20,
+                         "default_output_tokens": 16,
+                         "tenants": {METERED_TENANT: {"tokens_per_minute": 1000}}}
     args["xlora"] = [{"name": XLORA_NAME, "checkpoint": str(xlora_checkpoint),
                       "replicas": {"num_replicas": 1, "num_cpus": 0.25}}]
     args["quantized"] = [ISQ_VARIANT]
@@ -139,6 +144,10 @@ class RayHead:
 
         self.gcs_port, self.dashboard_port, self.metrics_port = (_free_port() for _ in range(3))
         ray = Path(sys.executable).with_name("ray")
+        if not ray.exists():  # a site tree on PYTHONPATH (the GPU hosts), its scripts on PATH
+            import shutil
+
+            ray = Path(shutil.which("ray") or ray)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_worker_niceness": "0"}
         self.log = open(tmp / "ray-head.log", "w")
         self.process = subprocess.Popen(

@@ -117,3 +117,24 @@ def test_adapter_error_survives_pickling():
 
     e = pickle.loads(pickle.dumps(AdapterError(403, "outside the roots")))
     assert (e.status, e.message) == (403, "outside the roots")
+
+
+def test_a_deleted_name_cannot_come_back_with_other_weights(base, root):
+    """Replicas keep an adapter resident by name: other weights under a used name would
+    be served as the old ones, so they are refused (409); the same weights may return."""
+    shutil.copytree(root / "alpha", root / "alpha-v2")
+    reg = registry(base, root)
+    reg.register("alpha", "alpha")
+    reg.unregister("alpha")
+    with pytest.raises(AdapterError) as other:
+        reg.register("alpha", "alpha-v2")
+    assert other.value.status == 409 and "new name" in other.value.message
+    assert reg.register("alpha", "alpha").name == "alpha"  # the same weights: fine
+    assert reg.register("alpha-2", "alpha-v2").name == "alpha-2"
+    reg.unregister("alpha")
+    weights = root / "alpha" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # rewritten in place
+    os.utime(weights, ns=(1, 1))
+    with pytest.raises(AdapterError) as rewritten:
+        reg.register("alpha", "alpha")
+    assert rewritten.value.status == 409

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from router.admission import AdmissionController, Rejected
+from router.admission import OVERFLOW_TENANT, AdmissionController, Rejected, TooLarge
 from ruvllm.config import AdmissionConfig, TenantLimits
 
 
@@ -146,7 +146,7 @@ def test_tenant_limits_hold_back_only_that_tenant():
         await asyncio.sleep(0.01)
         assert not c2.done()
         other = await asyncio.wait_for(ctl.admit("free", 1), 1)  # not blocked by "capped"
-        with pytest.raises(Rejected, match="budget"):
+        with pytest.raises(TooLarge, match="budget"):  # no wait can help: not a 429
             await ctl.admit("metered", 101)
         m = await ctl.admit("metered", 80)
         m2 = asyncio.create_task(ctl.admit("metered", 80))
@@ -170,5 +170,60 @@ def test_no_capacity_known_yet_means_wait_not_reject():
         assert not waiter.done()
         ctl.set_capacity(kv_tokens=100, max_seqs=2)
         (await asyncio.wait_for(waiter, 1)).release()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_can_never_fit_is_too_large_not_a_429():
+    async def scenario():
+        ctl = controller()
+        ctl.set_capacity(kv_tokens=1000, max_seqs=10)
+        with pytest.raises(TooLarge, match="can never fit"):
+            await ctl.admit("t", 1001)
+        # Capacity shrinks (a replica restarts): what fitted before waits for it.
+        ctl.set_capacity(kv_tokens=500, max_seqs=5)
+        waiter = asyncio.create_task(ctl.admit("t", 800))
+        await asyncio.sleep(0.01)
+        assert not waiter.done() and ctl.queued == 1
+        ctl.set_capacity(kv_tokens=1000, max_seqs=10)
+        (await asyncio.wait_for(waiter, 1)).release()
+
+    asyncio.run(scenario())
+
+
+def test_sequences_count_against_max_num_seqs():
+    async def scenario():
+        ctl = controller()
+        ctl.set_capacity(kv_tokens=10**6, max_seqs=8)
+        wide = await ctl.admit("t", 40, seqs=6)  # n = 6
+        two = await asyncio.wait_for(ctl.admit("u", 10, seqs=2), 1)
+        assert ctl.inflight_seqs == 8
+        three = asyncio.create_task(ctl.admit("t", 10, seqs=3))
+        await asyncio.sleep(0.01)
+        assert not three.done(), "8 + 3 sequences exceed the engines' 8"
+        wide.release()
+        (await asyncio.wait_for(three, 1)).release()
+        two.release()
+        assert ctl.inflight_seqs == 0
+
+    asyncio.run(scenario())
+
+
+def test_tenant_table_stays_bounded_under_client_chosen_names():
+    async def scenario():
+        ctl = controller(max_tenants=3, tenants={"vip": TenantLimits(weight=2)})
+        ctl.set_capacity(kv_tokens=10**6, max_seqs=100)
+        for i in range(50):  # names rotated by a client: each comes and goes
+            (await ctl.admit(f"name-{i}", 1)).release()
+        assert len(ctl._tenants) <= 3
+        held = [await ctl.admit(f"busy-{i}", 1) for i in range(3)]  # none idle now
+        extra = [await ctl.admit(f"new-{i}", 1) for i in range(5)]
+        assert {a.tenant for a in extra} == {OVERFLOW_TENANT}
+        assert len(ctl._tenants) == 4  # the overflow entry, shared
+        vip = await ctl.admit("vip", 1)  # a configured tenant keeps its own entry
+        assert vip.tenant == "vip"
+        for a in held + extra + [vip]:
+            a.release()
+        assert ctl.inflight_requests == 0
 
     asyncio.run(scenario())

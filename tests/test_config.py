@@ -78,3 +78,26 @@ def test_ruvllm_validate_cli(tmp_path: Path):
                          capture_output=True, text=True)
     assert out.returncode == 1
     assert "replicas.num_cpus" in out.stderr
+
+
+def test_gpu_config_is_the_cpu_app_with_gpu_engine_settings():
+    """cluster-gpu.yaml (what `make serve` runs where nvidia-smi answers) differs from
+    cluster.yaml only where a CUDA replica needs it, so the two cannot drift apart."""
+    cpu = load_app_configs(ROOT / "cluster.yaml")["ruvllm"]
+    gpu = load_app_configs(ROOT / "cluster-gpu.yaml")["ruvllm"]
+    assert gpu.replicas.num_gpus == 1 and gpu.engine.dtype == "bfloat16"
+    assert gpu.engine.block_size == 16 and not gpu.engine.enforce_eager
+    assert gpu.engine.gpu_memory_utilization and gpu.engine.cpu_kvcache_space_gib is None
+    for section in ("model", "router", "adapters", "placement", "admission"):
+        assert getattr(gpu, section) == getattr(cpu, section), section
+    assert gpu.engine.enable_lora == cpu.engine.enable_lora
+    assert gpu.engine.max_lora_rank == cpu.engine.max_lora_rank
+
+
+def test_make_picks_the_gpu_config_where_a_gpu_answers():
+    def dry_run(*extra: str) -> str:
+        return subprocess.run(["make", "-n", "serve", *extra], cwd=ROOT, capture_output=True,
+                              text=True).stdout
+
+    assert "serve run cluster-gpu.yaml" in dry_run("EXTRAS=gpu,test")
+    assert "serve run cluster.yaml" in dry_run("EXTRAS=cpu,test,bench")

@@ -90,7 +90,7 @@ def save_xlora(xlora_model, out: Path) -> None:
     saved = json.loads(config_path.read_text())
     saved["adapters"] = {name: name for name in saved.get("adapters", {})}
     config_path.write_text(json.dumps(saved, indent=2))
-    classifier = {k: v.detach().contiguous() for k, v in xlora_model.state_dict().items()
+    classifier = {k: v.detach().cpu().contiguous() for k, v in xlora_model.state_dict().items()
                   if "internal_xlora_classifier" in k}
     if not classifier:
         raise RuntimeError("the X-LoRA model has no classifier weights")
@@ -104,6 +104,8 @@ def _train(base_path: Path, spec: FixtureSpec, out: Path, progress: Progress) ->
 
     torch.manual_seed(spec.seed)
     started = time.monotonic()
+    # Seconds on a GPU instead of minutes on CPU cores; the same steps and data either way.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(str(base_path))
     splits = corpus()
     data = {d: token_windows(tokenizer, splits[d].train, spec.seq_len,
@@ -115,7 +117,7 @@ def _train(base_path: Path, spec: FixtureSpec, out: Path, progress: Progress) ->
 
     def eval_loss(model, domain: str) -> float:
         with torch.no_grad():
-            ids = torch.tensor(held_out[domain])
+            ids = torch.tensor(held_out[domain], device=device)
             return round(model(input_ids=ids, labels=ids).loss.item(), 4)
 
     def run(model, params, batches, lr: float, label: str) -> list[float]:
@@ -123,7 +125,7 @@ def _train(base_path: Path, spec: FixtureSpec, out: Path, progress: Progress) ->
         losses = []
         model.train()
         for step, batch in enumerate(batches):
-            ids = torch.tensor(batch)
+            ids = torch.tensor(batch, device=device)
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             optimizer.step()
@@ -139,7 +141,7 @@ def _train(base_path: Path, spec: FixtureSpec, out: Path, progress: Progress) ->
     # names them so internally and `set_adapter` fails on any other names.
     for index, domain in enumerate(DOMAINS):
         name = str(index)
-        model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
         config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
                             target_modules=list(spec.targets), task_type="CAUSAL_LM")
         peft_model = get_peft_model(model, config)
@@ -155,7 +157,7 @@ def _train(base_path: Path, spec: FixtureSpec, out: Path, progress: Progress) ->
         progress(f"expert {index} ({domain}): held-out loss {before:.3f} -> "
                  f"{report['experts'][name]['held_out_loss_trained']:.3f}")
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
     model.config.use_cache = False  # peft's X-LoRA recomputes the scaling pass each step
     xlora_config = XLoraConfig(
         task_type="CAUSAL_LM", hidden_size=model.config.hidden_size,

@@ -2,8 +2,8 @@
 
     python -m adapters.xlora.parity --xlora DIR --base DIR [--prompts 5 --tokens 32]
 
-Greedy-decodes each prompt with vLLM (float32, CPU, prefix caching on) and, token by
-token, with peft (which needs `use_cache=False`, so it recomputes the scaling pass over
+Greedy-decodes each prompt with vLLM (float32 on CPU by default; `--dtype bfloat16` on a
+GPU, prefix caching on) and, token by token, with peft in the same dtype and device (which needs `use_cache=False`, so it recomputes the scaling pass over
 the whole sequence at every step, which is what the dual KV cache must reproduce), and
 prints a JSON report: the greedy tokens of both and the log-probability of every chosen
 token under both. Runs in its own process because vLLM spawns workers.
@@ -27,13 +27,22 @@ PROMPTS = [
 ]
 
 
-def vllm_side(model_dir: Path, prompt_ids: list[list[int]], tokens: int) -> list[dict]:
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def vllm_side(model_dir: Path, prompt_ids: list[list[int]], tokens: int,
+              dtype: str = "float32") -> list[dict]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, block_size=32,
-              enable_prefix_caching=True, max_model_len=512, seed=0)
+    # CPU attention needs blocks of 32; on a GPU, a small share of its memory is plenty.
+    device_args = {"gpu_memory_utilization": 0.3} if _on_gpu() else {"block_size": 32}
+    llm = LLM(model=str(model_dir), dtype=dtype, enforce_eager=True,
+              enable_prefix_caching=True, max_model_len=512, seed=0, **device_args)
     params = SamplingParams(temperature=0.0, max_tokens=tokens, logprobs=1, ignore_eos=True)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params)
     # Again, continuing each answer part-way: the new prompt spans at least one full
@@ -57,7 +66,7 @@ def vllm_side(model_dir: Path, prompt_ids: list[list[int]], tokens: int) -> list
 
 
 def peft_side(xlora_dir: Path, base_dir: Path, prompt_ids: list[list[int]], tokens: int,
-              forced: list[list[int]]) -> list[dict]:
+              forced: list[list[int]], dtype: str = "float32") -> list[dict]:
     """peft's logprobs along vLLM's token path (so one early divergence cannot hide
     later agreement), plus peft's own greedy choices on that path."""
     import torch
@@ -65,16 +74,18 @@ def peft_side(xlora_dir: Path, base_dir: Path, prompt_ids: list[list[int]], toke
 
     from adapters.xlora.fixture import load_peft_xlora
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    device = "cuda" if _on_gpu() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=getattr(torch, dtype))
     model.config.use_cache = False
-    model = load_peft_xlora(model, xlora_dir).eval()
+    model = load_peft_xlora(model.to(device), xlora_dir).eval()
     result = []
     with torch.no_grad():
         for ids, path in zip(prompt_ids, forced):
             seq = list(ids)
             logprobs, greedy = [], []
             for step in range(tokens):
-                logits = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1]
+                logits = model(input_ids=torch.tensor([seq], device=device),
+                               use_cache=False).logits[0, -1]
                 lp = torch.log_softmax(logits.float(), dim=-1)
                 greedy.append(int(lp.argmax()))
                 logprobs.append(float(lp[path[step]]))
@@ -90,6 +101,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -99,8 +111,9 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(args.base))
     prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:args.prompts]]
     model_dir = export_for_vllm(args.xlora, args.base, args.xlora.parent / "exported")
-    ours = vllm_side(model_dir, prompt_ids, args.tokens)
-    ref = peft_side(args.xlora, args.base, prompt_ids, args.tokens, [o["tokens"] for o in ours])
+    ours = vllm_side(model_dir, prompt_ids, args.tokens, args.dtype)
+    ref = peft_side(args.xlora, args.base, prompt_ids, args.tokens, [o["tokens"] for o in ours],
+                    args.dtype)
     report = []
     for o, r in zip(ours, ref):
         diffs = [abs(a - b) for a, b in zip(o["logprobs"], r["logprobs"])]
@@ -110,7 +123,8 @@ def main() -> int:
                        "identical_with_prefix_cache": o["tokens"] == o["tokens_prefix_cached"],
                        "prefix_cached_prompt_tokens": o["prefix_cached_prompt_tokens"],
                        "max_abs_logprob_diff": max(diffs), "text": tokenizer.decode(o["tokens"])})
-    text = json.dumps({"prompts": report,
+    text = json.dumps({"dtype": args.dtype, "device": "cuda" if _on_gpu() else "cpu",
+                       "prompts": report,
                        "max_abs_logprob_diff": max(p["max_abs_logprob_diff"] for p in report)},
                       indent=2)
     if args.out:

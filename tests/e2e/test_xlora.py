@@ -73,9 +73,13 @@ def test_mixture_output_differs_from_the_base_model(serve_app):
 
 
 def test_per_token_expert_weights_on_request(serve_app):
-    r = httpx.post(f"{serve_app.openai_url}/completions", timeout=120, json={
-        "model": XLORA_NAME, "prompt": '{"id": 3, "name": "lyra-kernel", "tags": [',
-        "max_tokens": 12, "temperature": 0, "xlora_scalings": True})
+    body = {"model": XLORA_NAME, "prompt": '{"id": 3, "name": "lyra-kernel", "tags": [',
+            "max_tokens": 12, "temperature": 0, "xlora_scalings": True}
+    url = f"{serve_app.openai_url}/completions"
+    # A full extra forward on the replica per request: the admin token's, not any client's.
+    r = httpx.post(url, timeout=120, json=body)
+    assert r.status_code == 401 and r.json()["error"]["code"] == 401, r.text
+    r = httpx.post(url, timeout=120, json=body, headers=serve_app.admin_headers())
     assert r.status_code == 200, r.text
     reply = r.json()
     scalings = reply["xlora_scalings"]
@@ -96,6 +100,7 @@ def test_expert_weights_field_is_refused_where_it_cannot_apply(serve_app):
                          (XLORA_NAME, {"xlora_scalings": "sometimes"})):
         body = {"model": model, "prompt": "Hello", "max_tokens": 4, "xlora_scalings": True,
                 **extra}
-        r = httpx.post(f"{serve_app.openai_url}/completions", timeout=120, json=body)
+        r = httpx.post(f"{serve_app.openai_url}/completions", timeout=120, json=body,
+                       headers=serve_app.admin_headers())
         assert r.status_code == 400, (model, extra, r.text)
         assert r.json()["error"]["param"] == "xlora_scalings"

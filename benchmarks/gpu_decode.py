@@ -1,0 +1,182 @@
+"""Decode speed on one GPU, every row in the same run (issue 14, benchmarks b and c).
+
+    python -m benchmarks.gpu_decode [--rows xlora,quant] [--model-dir /tmp/llama8b-random]
+
+(b) X-LoRA: the default model in bf16 — base with CUDA graphs (as users run it), base
+    eager, X-LoRA granular and non-granular (eager: the two-pass forward is not captured) —
+    on the X-LoRA fixture (`ruvllm xlora-fixture`).
+(c) Quantized 8B: the Llama-3-8B-shaped random model of `benchmarks.gpu_stack_vs_vllm` in
+    bf16, with vLLM's FP8 (weights quantized at load, W8A8 on Hopper), and W4A16 (Marlin)
+    when a compressed-tensors checkpoint is given (`--w4a16-dir`).
+
+Each row is its own process (one engine, its memory freed after): 32 prompt tokens, then
+`--tokens` generated tokens (ignore_eos) for a batch of 1 and of 64; decode tok/s is the
+generated tokens over the wall time after a warm-up. Writes report.{json,md,png} under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.harness import ROOT, log
+
+ROW_SCRIPT = r'''
+import json, sys, time
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    spec = json.loads(sys.argv[1])
+    llm = LLM(model=spec["model"], dtype="bfloat16", enforce_eager=spec["eager"],
+              quantization=spec.get("quantization"), max_model_len=1024, seed=0,
+              gpu_memory_utilization=0.85, enable_prefix_caching=False, max_num_seqs=256)
+    result = {}
+    for batch in spec["batches"]:
+        prompts = [{"prompt_token_ids": [(7 * i + j) % 5000 + 100 for j in range(32)]}
+                   for i in range(batch)]
+        params = SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)
+        llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))  # warm up
+        started = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - started
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        result[str(batch)] = {"tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed}
+    print("RESULT " + json.dumps(result), flush=True)
+'''
+
+
+def run_row(name: str, spec: dict, script: Path) -> dict:
+    log(f"{name}: starting")
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, str(script), json.dumps(spec)],
+                         capture_output=True, text=True, cwd=ROOT)
+    line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{name} failed:\n{run.stderr[-3000:]}")
+    result = json.loads(line[7:])
+    log(f"{name}: " + ", ".join(f"batch {b} {r['tok_per_s']:.0f} tok/s" for b, r in result.items())
+        + f" ({time.monotonic() - started:.0f} s with start-up)")
+    return result
+
+
+def xlora_rows(tokens: int) -> dict[str, dict]:
+    from adapters.xlora.checkpoint import export_for_vllm
+    from adapters.xlora.fixture import build_fixture
+    from ruvllm.model_store import prepare_builtin
+
+    base = prepare_builtin("smollm2-135m-instruct")
+    xlora = build_fixture(base)
+    exported = xlora.parent / "exported"
+    common = {"tokens": tokens, "batches": [1, 64]}
+    return {
+        "base (CUDA graphs)": {"model": str(base), "eager": False, **common},
+        "base (eager)": {"model": str(base), "eager": True, **common},
+        "X-LoRA granular": {"model": str(export_for_vllm(xlora, base, exported, {})),
+                            "eager": True, **common},
+        "X-LoRA non-granular": {"model": str(export_for_vllm(
+            xlora, base, exported, {"non_granular": True})), "eager": True, **common},
+    }
+
+
+def quant_rows(model_dir: Path, w4a16_dir: Path | None, tokens: int) -> dict[str, dict]:
+    from benchmarks.gpu_stack_vs_vllm import build_random_llama
+    from ruvllm.model_store import prepare_builtin
+
+    build_random_llama(model_dir, prepare_builtin("smollm2-135m-instruct"))
+    common = {"tokens": tokens, "batches": [1, 64], "eager": False}
+    rows = {"8B bf16": {"model": str(model_dir), **common},
+            "8B FP8 (W8A8, quantized at load)": {"model": str(model_dir), "quantization": "fp8",
+                                                 **common}}
+    if w4a16_dir is not None:
+        rows["8B W4A16 (Marlin)"] = {"model": str(w4a16_dir), **common}
+    return rows
+
+
+def weight_bytes(model: str) -> int:
+    return sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
+
+
+def write_report(out: Path, result: dict) -> None:
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    lines = ["# Decode speed on a GPU", "",
+             f"Measured {result['date']} on **{result['gpu']}**, vLLM {result['vllm']}, bf16, "
+             f"one run; {result['tokens']} generated tokens per sequence after 32 prompt tokens.", ""]
+    for section, peer, title in (("xlora", "base (CUDA graphs)", "X-LoRA vs base (default model)"),
+                                 ("quant", "8B bf16", "Quantized 8B vs bf16")):
+        rows = result["rows"].get(section)
+        if not rows:
+            continue
+        lines += [f"## {title}", "", "| row | batch 1 tok/s | vs peer | batch 64 tok/s | vs peer |",
+                  "|---|---|---|---|---|"]
+        for name, r in rows.items():
+            cells = []
+            for b in ("1", "64"):
+                ratio = r[b]["tok_per_s"] / rows[peer][b]["tok_per_s"]
+                cells += [f"{r[b]['tok_per_s']:.0f}", f"{ratio:.2f}x"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Targets (issue 14): X-LoRA granular >= 0.5x and non-granular >= 0.8x the base "
+              "(with CUDA graphs) at batch 64; W4A16 >= 1.8x and FP8 >= 1.3x bf16 at batch 1.",
+              "", "![decode speed](report.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    plot(out, result)
+
+
+def plot(out: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sections = [s for s in ("xlora", "quant") if result["rows"].get(s)]
+    fig, axes = plt.subplots(1, len(sections), figsize=(7 * len(sections), 4), squeeze=False)
+    for ax, section in zip(axes[0], sections):
+        rows = result["rows"][section]
+        names = list(rows)
+        for i, b in enumerate(("1", "64")):
+            ax.bar([j + i * 0.4 for j in range(len(names))],
+                   [rows[n][b]["tok_per_s"] for n in names], 0.4, label=f"batch {b}")
+        ax.set_xticks([j + 0.2 for j in range(len(names))], names, rotation=15, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(f"decode tok/s ({result['gpu']})")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="xlora,quant")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/llama8b-random"))
+    parser.add_argument("--w4a16-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_decode")
+    args = parser.parse_args()
+
+    import vllm
+
+    from benchmarks.gpu_stack_vs_vllm import gpu_name
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    script = Path(tempfile.mkdtemp(prefix="gpu-decode-")) / "row.py"
+    script.write_text(ROW_SCRIPT)
+    sections = {"xlora": lambda: xlora_rows(args.tokens),
+                "quant": lambda: quant_rows(args.model_dir, args.w4a16_dir, args.tokens)}
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu_name(),
+              "vllm": vllm.__version__, "tokens": args.tokens, "rows": {}}
+    for section in args.rows.split(","):
+        result["rows"][section] = {}
+        for name, spec in sections[section]().items():
+            result["rows"][section][name] = run_row(name, spec, script)
+            result["rows"][section][name]["weight_bytes"] = weight_bytes(spec["model"])
+            write_report(args.out, result)  # partial results survive a later failure
+    print((args.out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The ruvllm stack against bare vLLM on one GPU, in one run (issue 14, benchmark a).
+
+    python -m benchmarks.gpu_stack_vs_vllm [--concurrency 1,16,64,128] [--targets bare,stack]
+
+Model: Llama-3-8B's shape (32 layers, hidden 4096, GQA 32/8, vocab 128,256) with random bf16
+weights, built on the GPU in seconds (no hub here), and the default model's tokenizer (its
+49,152 ids fit the 128,256-row embedding). Random weights decode at the same speed as
+trained ones: the work per token is the same matrix shapes.
+
+Targets, one after the other on the same GPU, with the same engine settings
+(cluster-gpu.yaml's: bf16, block 16, gpu_memory_utilization 0.85, prefix caching, LoRA on
+with 4 slots of rank 16, max_num_seqs 256):
+
+  bare     vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`);
+  stack    `serve run cluster-gpu.yaml`, one engine replica, the model above;
+  stack-2  the same with two replicas, one per GPU (benchmark d: needs two GPUs; run it
+           with `--targets stack,stack-2 --concurrency 128`).
+
+Load: vLLM's own `vllm bench serve` client, random 512-token prompts, 256 output tokens
+(ignore_eos), chat endpoint, at each concurrency. Writes report.json / report.md /
+report.png under --out; every absolute figure names the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.harness import (
+    ROOT, engine_settings, log, start_stack, stop, stop_stack, wait_until_ready, wait_until_serving,
+)
+from benchmarks.serve_vs_vllm import run_load, summarize
+
+SERVED = "llama8b-random"
+GPU_CONFIG = ROOT / "cluster-gpu.yaml"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def build_random_llama(path: Path, tokenizer_from: Path) -> float:
+    """Llama-3-8B-shaped checkpoint, random bf16 weights (seeded), the given tokenizer."""
+    if (path / ".ready").exists():
+        return 0.0
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    started = time.monotonic()
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    model.save_pretrained(str(path), max_shard_size="5GB")
+    del model
+    torch.cuda.empty_cache()
+    for name in TOKENIZER_FILES:
+        if (tokenizer_from / name).exists():
+            shutil.copy(tokenizer_from / name, path / name)
+    (path / ".ready").write_text("ok")
+    return time.monotonic() - started
+
+
+def start_bare(model: Path, port: int, logfile: Path) -> tuple[subprocess.Popen, str]:
+    e = engine_settings(GPU_CONFIG)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+           "--model", str(model), "--served-model-name", SERVED, "--port", str(port),
+           "--dtype", e["dtype"], "--block-size", str(e["block_size"]),
+           "--gpu-memory-utilization", str(e["gpu_memory_utilization"]),
+           "--max-model-len", str(e["max_model_len"]), "--max-num-seqs", str(e["max_num_seqs"]),
+           "--enable-prefix-caching", "--disable-uvicorn-access-log", "--seed", "0"]
+    if e.get("enable_lora"):
+        cmd += ["--enable-lora", "--max-loras", str(e["max_loras"]),
+                "--max-cpu-loras", str(e["max_cpu_loras"]), "--max-lora-rank", str(e["max_lora_rank"])]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return (subprocess.Popen(cmd, env=env, stdout=logfile.open("w"), stderr=subprocess.STDOUT),
+            f"http://127.0.0.1:{port}")
+
+
+def start_stack_on(model: Path, port: int, logfile: Path,
+                   replicas: int = 1) -> tuple[subprocess.Popen, str]:
+    def use_model(args: dict) -> None:
+        args["model"] = {"source": str(model), "served_name": SERVED}
+        args["replicas"]["num_replicas"] = replicas
+
+    return start_stack(port, logfile, use_model, GPU_CONFIG)
+
+
+def gpu_name() -> str:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip().splitlines()
+    return out[0] if out else "unknown GPU"
+
+
+def wait_for_gpu_memory(limit_mib: int = 4096, timeout_s: float = 120) -> None:
+    """The next target's vLLM sizes its KV cache from free memory: start it on an empty card."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True).stdout.split()
+        if used and max(int(u) for u in used) < limit_mib:
+            return
+        time.sleep(2)
+    log(f"GPU memory still in use after {timeout_s:.0f} s: {used} MiB")
+
+
+def sweep(url: str, model: Path, concurrencies: list[int], args, out: Path, name: str) -> dict:
+    rows = {}
+    for c in concurrencies:
+        load = argparse.Namespace(input_len=args.input_len, output_len=args.output_len,
+                                  concurrency=c, num_prompts=max(args.min_prompts, 4 * c))
+        if c == 1:
+            load.num_prompts = args.min_prompts
+        rows[str(c)] = summarize(run_load(url, model, load, out, f"{name}-c{c}", SERVED))
+        r = rows[str(c)]
+        log(f"{name} c={c}: {r['output_throughput']:.0f} tok/s, TTFT p50 "
+            f"{r.get('p50_ttft_ms', 0):.1f} ms, TPOT p50 {r.get('p50_tpot_ms', 0):.2f} ms, "
+            f"failed {r.get('failed', 0)}")
+    return rows
+
+
+def write_report(out: Path, results: dict, meta: dict) -> None:
+    bare = results.get("bare", {}).get("rows", {})
+    for name, target in results.items():
+        for c, row in target["rows"].items():
+            if name != "bare" and c in bare:
+                row["throughput_ratio_vs_bare"] = row["output_throughput"] / bare[c]["output_throughput"]
+                row["ttft_p50_delta_ms"] = row["p50_ttft_ms"] - bare[c]["p50_ttft_ms"]
+    (out / "report.json").write_text(json.dumps({"meta": meta, "targets": results}, indent=2))
+    lines = [
+        "# ruvllm stack vs bare vLLM on a GPU",
+        "",
+        f"Measured {meta['date']} on **{meta['gpu']}** (vLLM {meta['vllm']}, Ray {meta['ray']}), "
+        f"one run, the same GPU for both targets. Model: Llama-3-8B shape, random bf16 weights, "
+        f"the default model's tokenizer. {meta['input_len']} random prompt tokens, "
+        f"{meta['output_len']} output tokens (ignore_eos), chat endpoint, `vllm bench serve`.",
+        "",
+        f"Engine settings for both (cluster-gpu.yaml): {meta['engine']}.",
+        "",
+        "| target | concurrency | requests | output tok/s | ratio vs bare | TTFT p50 / p99 (ms) "
+        "| TTFT p50 vs bare | TPOT p50 (ms) | failed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, target in results.items():
+        for c, r in target["rows"].items():
+            ratio = r.get("throughput_ratio_vs_bare")
+            delta = r.get("ttft_p50_delta_ms")
+            lines.append(
+                f"| {name} | {c} | {r['completed']} | {r['output_throughput']:.0f} | "
+                f"{'—' if ratio is None else f'{ratio:.3f}x'} | "
+                f"{r.get('p50_ttft_ms', 0):.1f} / {r.get('p99_ttft_ms', 0):.1f} | "
+                f"{'—' if delta is None else f'{delta:+.1f} ms'} | "
+                f"{r.get('p50_tpot_ms', 0):.2f} | {r.get('failed', 0)} |")
+    lines += ["", "Start-up (s): " + ", ".join(
+        f"{n} {t['startup_s']:.0f}" for n, t in results.items()), "",
+        "Targets (issue 14): stack output throughput >= 0.95x bare at c=64 and c=128; "
+        "TTFT p50 at c=1 within +10 ms of bare.", ""]
+    if meta.get("notes"):
+        lines += ["## Notes", ""] + [f"- {note}" for note in meta["notes"]] + [""]
+    lines += ["![throughput and TTFT](report.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    plot(out, results, meta)
+
+
+def plot(out: Path, results: dict, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for name, target in results.items():
+        cs = [int(c) for c in target["rows"]]
+        rows = list(target["rows"].values())
+        axes[0].plot(cs, [r["output_throughput"] for r in rows], marker="o", label=name)
+        axes[1].plot(cs, [r.get("p50_ttft_ms", 0) for r in rows], marker="o", label=name)
+    for ax, title in zip(axes, ("output tokens/s (higher is better)", "TTFT p50 ms (lower is better)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"stack vs bare vLLM, 8B-shape bf16, {meta['gpu']}")
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default="bare,stack")
+    parser.add_argument("--concurrency", default="1,16,64,128")
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--min-prompts", type=int, default=16)
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/llama8b-random"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_stack_vs_vllm")
+    parser.add_argument("--startup-timeout", type=float, default=600)
+    parser.add_argument("--rewrite-report", action="store_true",
+                        help="re-render report.md/.png from report.json (e.g. after editing notes)")
+    args = parser.parse_args()
+    if args.rewrite_report:
+        saved = json.loads((args.out / "report.json").read_text())
+        write_report(args.out, saved["targets"], saved["meta"])
+        return 0
+
+    import ray
+    import vllm
+
+    from ruvllm.model_store import prepare_builtin
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    args.out.mkdir(parents=True, exist_ok=True)
+    logs = args.out / "logs"
+    logs.mkdir(exist_ok=True)
+    built = build_random_llama(args.model_dir, prepare_builtin("smollm2-135m-instruct"))
+    log(f"model at {args.model_dir} ({built:.0f} s to build)")
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    starters = {"bare": lambda: start_bare(args.model_dir, 8100, logs / "bare.log"),
+                "stack": lambda: start_stack_on(args.model_dir, 8200, logs / "stack.log"),
+                "stack-2": lambda: start_stack_on(args.model_dir, 8300, logs / "stack-2.log", 2)}
+    results: dict[str, dict] = {}
+    for name in args.targets.split(","):
+        log(f"{name}: starting")
+        proc, url = starters[name]()
+        try:
+            ready = wait_until_ready(f"{url}/v1/models", proc, args.startup_timeout, name)
+            ready += wait_until_serving(url, SERVED, proc, args.startup_timeout, name)
+            log(f"{name}: serving after {ready:.0f} s")
+            results[name] = {"startup_s": ready,
+                             "rows": sweep(url, args.model_dir, concurrencies, args, args.out, name)}
+        finally:
+            (stop if name == "bare" else stop_stack)(proc)
+            wait_for_gpu_memory()
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu_name(),
+            "vllm": vllm.__version__, "ray": ray.__version__, "input_len": args.input_len,
+            "output_len": args.output_len,
+            "engine": ", ".join(f"{k}={v}" for k, v in engine_settings(GPU_CONFIG).items()
+                                if v is not None)}
+    write_report(args.out, results, meta)
+    print((args.out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

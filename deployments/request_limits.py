@@ -1,0 +1,94 @@
+"""Bounds on what a client may send, checked by the ingress before any work is done.
+
+The body's size is configured (`ingress.max_body_bytes`, answered 413 before parsing);
+the rest are fixed here, far above what OpenAI's own API accepts (4 stop sequences,
+`user` as an id), and low enough that none of them costs the engine or the ingress's
+tables noticeable work: stop strings are matched against the output at every step,
+and `user`, `x-session-id` and the tenant header become keys of in-memory tables.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+from deployments.client_error import ClientError
+
+MAX_JSON_DEPTH = 64  # OpenAI bodies nest < 10 levels; tool schemas a few more
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 512  # per stop sequence
+MAX_USER_CHARS = 256
+MAX_HEADER_ID_CHARS = 256  # x-session-id, the tenant header
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 (never a RecursionError's 500)."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ClientError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ClientError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    if not isinstance(body, dict):
+        raise ClientError(400, "request body must be a JSON object")
+    if _depth_exceeds(body, MAX_JSON_DEPTH):
+        raise ClientError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+    return body
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def check_fields(body: dict[str, Any]) -> None:
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise ClientError(400, f"stop: at most {MAX_STOP_SEQUENCES} sequences", "stop")
+    if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stops):
+        raise ClientError(400, f"stop: each sequence at most {MAX_STOP_CHARS} characters", "stop")
+    stop_ids = body.get("stop_token_ids")
+    if isinstance(stop_ids, list) and len(stop_ids) > MAX_STOP_SEQUENCES * 4:
+        raise ClientError(400, f"stop_token_ids: at most {MAX_STOP_SEQUENCES * 4} tokens",
+                          "stop_token_ids")
+    user = body.get("user")
+    if isinstance(user, str) and len(user) > MAX_USER_CHARS:
+        raise ClientError(400, f"user: at most {MAX_USER_CHARS} characters", "user")
+
+
+def check_headers(headers: Mapping[str, str], names: tuple[str, ...]) -> None:
+    for name in names:
+        value = headers.get(name)
+        if value is not None and len(value) > MAX_HEADER_ID_CHARS:
+            raise ClientError(400, f"header {name}: at most {MAX_HEADER_ID_CHARS} characters")
+
+
+async def read_body(receive_stream: Any, content_length: str | None, max_bytes: int) -> bytes:
+    """The raw body, refused with 413 as soon as it is known to exceed `max_bytes`:
+    from Content-Length before reading, else while reading."""
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise ClientError(400, "invalid Content-Length") from None
+        if declared > max_bytes:
+            raise _too_large(declared, max_bytes)
+    chunks, size = [], 0
+    async for chunk in receive_stream:
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(size, max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, max_bytes: int) -> ClientError:
+    return ClientError(413, f"request body of {size}+ bytes exceeds the limit of {max_bytes} "
+                       "bytes (ingress.max_body_bytes)")

@@ -1,0 +1,86 @@
+"""Input bounds the ingress checks before any work (pure logic)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from deployments import request_limits as rl
+from deployments.client_error import ClientError
+
+
+def status_of(call) -> int | None:
+    try:
+        call()
+    except ClientError as e:
+        return e.status
+    return None
+
+
+def test_deeply_nested_json_is_a_400_not_a_500():
+    deep = b"[" * 100_000 + b"]" * 100_000  # past the JSON parser's recursion limit
+    assert status_of(lambda: rl.parse_json_object(b'{"a": ' + deep + b"}")) == 400
+    nested = {"model": "m", "x": json.loads("[" * 70 + "]" * 70)}
+    assert status_of(lambda: rl.parse_json_object(json.dumps(nested).encode())) == 400
+    fine = {"model": "m", "tools": [{"function": {"parameters": json.loads(
+        '{"a":' * 20 + "1" + "}" * 20)}}]}
+    assert rl.parse_json_object(json.dumps(fine).encode()) == fine
+    assert status_of(lambda: rl.parse_json_object(b"[1]")) == 400
+    assert status_of(lambda: rl.parse_json_object(b"{nope")) == 400
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"stop": ["x"] * (rl.MAX_STOP_SEQUENCES + 1)}, "stop"),
+    ({"stop": "x" * (rl.MAX_STOP_CHARS + 1)}, "stop"),
+    ({"stop": ["ok", "y" * (rl.MAX_STOP_CHARS + 1)]}, "stop"),
+    ({"stop_token_ids": list(range(rl.MAX_STOP_SEQUENCES * 4 + 1))}, "stop_token_ids"),
+    ({"user": "u" * (rl.MAX_USER_CHARS + 1)}, "user"),
+])
+def test_unbounded_fields_are_refused(body, param):
+    with pytest.raises(ClientError) as e:
+        rl.check_fields(body)
+    assert e.value.status == 400 and e.value.param == param
+
+
+def test_reasonable_fields_pass():
+    rl.check_fields({"stop": ["\n\n", "END"], "user": "alice", "stop_token_ids": [1, 2]})
+    rl.check_fields({"stop": None, "user": None})
+
+
+def test_long_id_headers_are_refused():
+    headers = {"x-session-id": "s" * (rl.MAX_HEADER_ID_CHARS + 1), "x-tenant-id": "t"}
+    assert status_of(lambda: rl.check_headers(headers, ("x-session-id",))) == 400
+    assert status_of(lambda: rl.check_headers(headers, ("x-tenant-id",))) is None
+
+
+class Chunks:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks, self.read = chunks, 0
+
+    def __aiter__(self):
+        return self._gen()
+
+    async def _gen(self):
+        for c in self.chunks:
+            self.read += 1
+            yield c
+
+
+def test_body_limit_from_content_length_before_reading_and_while_reading():
+    async def scenario():
+        stream = Chunks([b"x" * 10] * 10)
+        with pytest.raises(ClientError) as e:
+            await rl.read_body(stream, "100", 50)
+        assert e.value.status == 413 and stream.read == 0
+        stream = Chunks([b"x" * 10] * 10)  # no (or a lying) Content-Length
+        with pytest.raises(ClientError) as e:
+            await rl.read_body(stream, None, 50)
+        assert e.value.status == 413 and stream.read == 6
+        assert await rl.read_body(Chunks([b"ab", b"c"]), "3", 50) == b"abc"
+        with pytest.raises(ClientError) as e:
+            await rl.read_body(Chunks([]), "lots", 50)
+        assert e.value.status == 400
+
+    asyncio.run(scenario())
