@@ -1,7 +1,7 @@
 # One command each: `make serve` runs cluster.yaml, `make test` runs the tests.
 # Both create the virtual environment and prepare the default model when missing.
 VENV    ?= .venv
-EXTRAS  ?= cpu,test,bench
+EXTRAS  ?= cpu,test,bench,mistralrs
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 comma   := ,
