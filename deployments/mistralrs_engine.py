@@ -30,7 +30,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
@@ -133,15 +132,31 @@ class MistralRsEngine:
             return
         with self._lock:
             self._inflight[request_id] = _InFlight(plan.prompt_tokens + plan.max_tokens)
+        streaming = plan.stream and plan.kind == "chat"
         try:
-            if plan.stream:
+            if plan.stream and plan.kind == "completion":
+                # mistral.rs 0.9.5's Python API streams chat only (CompletionRequest has
+                # no stream mode, and a string `messages` still gets the chat template):
+                # a streamed completion arrives as one text event, then usage and [DONE].
+                head = await self._complete(plan, request_id)
+                if head.status != 200:
+                    yield head
+                    return
+                yield ReplyHead(200)
+                for event in SseFramer.from_reply(plan, head.body):
+                    yield event
+            elif streaming:
                 async for item in self._stream(plan, request_id):
                     yield item
             else:
                 yield await self._complete(plan, request_id)
         finally:
-            with self._lock:
-                self._inflight.pop(request_id, None)
+            if not streaming:  # a stream leaves when mistral.rs lets go of it (_stream)
+                self._release(request_id)
+
+    def _release(self, request_id: str) -> None:
+        with self._lock:
+            self._inflight.pop(request_id, None)
 
     def _plan(self, kind: str, body: dict[str, Any]) -> "_Plan":
         request_cls = (vllm_compat.chat_request_cls() if kind == "chat"
@@ -179,30 +194,43 @@ class MistralRsEngine:
         return ReplyHead(200, openai_reply(plan, result, request_id, self._served_name))
 
     async def _stream(self, plan: "_Plan", request_id: str) -> AsyncIterator[ReplyHead | str]:
-        loop = asyncio.get_running_loop()
+        pending: Any = None
         try:
-            chunks = await loop.run_in_executor(
-                self._pool, self._runner.send_chat_completion_request, plan.mistral_request())
-        except (ValueError, RuntimeError) as e:
-            yield _engine_error(e)
-            return
-        yield ReplyHead(200)
-        framer = SseFramer(plan, request_id, self._served_name)
-        try:
-            while True:
-                chunk = await loop.run_in_executor(self._pool, next, chunks, _DONE)
-                if chunk is _DONE:
-                    break
-                for event in framer.events(chunk):
+            # concurrent.futures, not asyncio's: a cancelled await marks an asyncio future
+            # done while its thread still runs; this one is done when the thread is.
+            pending = self._pool.submit(self._runner.send_chat_completion_request,
+                                        plan.mistral_request())
+            try:
+                chunks = await asyncio.wrap_future(pending)
+            except (ValueError, RuntimeError) as e:
+                yield _engine_error(e)
+                return
+            yield ReplyHead(200)
+            framer = SseFramer(plan, request_id, self._served_name)
+            try:
+                while True:
+                    pending = self._pool.submit(next, chunks, _DONE)
+                    chunk = await asyncio.wrap_future(pending)
+                    if chunk is _DONE:
+                        break
+                    for event in framer.events(chunk):
+                        yield event
+                for event in framer.finish():
                     yield event
-            for event in framer.finish():
-                yield event
-        except (ValueError, RuntimeError) as e:
-            # Mid-stream failures reach the client as an error event, as vLLM sends them.
-            yield f"data: {json.dumps(error_body(500, f'mistral.rs: {e}'))}\n\n"
+            except (ValueError, RuntimeError) as e:
+                # A failure mid-stream reaches the client as an error event, as vLLM's do.
+                yield f"data: {json.dumps(error_body(500, f'mistral.rs: {e}'))}\n\n"
+            finally:
+                # The client may be gone. Dropping the last reference to the stream drops
+                # its receiver, and mistral.rs stops the sequence at its next token.
+                del chunks
         finally:
-            # The client may be gone: drop the receiver so mistral.rs stops the sequence.
-            del chunks
+            # A cancelled request stays counted until the thread blocked in next() gets
+            # its token and lets go of the stream, so the stats show the engine's view.
+            if pending is not None and not pending.done():
+                pending.add_done_callback(lambda _: self._release(request_id))
+            else:
+                self._release(request_id)
 
     # -- adapters (LoRA is refused at config time for this backend) ------------------------
 
@@ -249,13 +277,6 @@ class _Plan:
             return ChatCompletionRequest(messages=self.prompt, model=self.model,
                                          max_tokens=self.max_tokens, n_choices=self.n,
                                          stream=self.stream, **self.sampling)
-        if self.stream:
-            # CompletionRequest has no stream mode in the Python API; a chat request whose
-            # `messages` is a string is sent as that raw text (no chat template), which is
-            # the completion's prompt.
-            return ChatCompletionRequest(messages=self.prompt, model=self.model,
-                                         max_tokens=self.max_tokens, n_choices=self.n,
-                                         stream=True, **self.sampling)
         return CompletionRequest(prompt=self.prompt, model=self.model,
                                  max_tokens=self.max_tokens, n_choices=self.n, **self.sampling)
 
@@ -415,6 +436,16 @@ class SseFramer:
                 out.append(self._event([choice]))
         return out
 
+    @classmethod
+    def from_reply(cls, plan: _Plan, reply: dict[str, Any]) -> list[str]:
+        """A finished (non-streamed) completion reply as SSE events."""
+        framer = cls(plan, reply["id"].split("-", 1)[1], reply["model"])
+        framer._usage = reply["usage"]
+        out = [framer._event([{"index": c["index"], "text": c["text"], "logprobs": None,
+                               "finish_reason": c["finish_reason"]}])
+               for c in reply["choices"]]
+        return out + framer.finish()
+
     def finish(self) -> list[str]:
         out = []
         if self._plan.include_usage:
@@ -426,6 +457,3 @@ class SseFramer:
         out.append("data: [DONE]\n\n")
         return out
 
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex

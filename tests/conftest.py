@@ -36,6 +36,16 @@ ISQ_VARIANT = {"name": ISQ_NAME,
                        "evaluation": {"windows": 12, "seq_len": 256},
                        "max_perplexity_increase": 0.25},
                "replicas": {"num_replicas": 1, "num_cpus": 0.25}}
+# The second engine: ONE small mistral.rs deployment (1 replica) of the same base model,
+# quantized to Q8_0 by mistral.rs while it loads (no job, seconds), beside the vLLM ones.
+# The client-visible checks of tests/e2e/test_openai_api.py run against both model names.
+MISTRALRS_NAME = "smollm2-mistralrs-q8"
+MISTRALRS_VARIANT = {"name": MISTRALRS_NAME, "engine": {"backend": "mistralrs"},
+                     "isq": {"in_situ": "Q8_0"},
+                     "replicas": {"num_replicas": 1, "num_cpus": 0.25}}
+# (model name, deployment) of each backend's engines in the session app.
+BACKENDS = {"vllm": ("smollm2-135m-instruct", "LLMReplica"),
+            "mistralrs": (MISTRALRS_NAME, f"ISQ-{MISTRALRS_NAME}")}
 
 
 def e2e_app_args(adapter_root: Path, xlora_checkpoint: Path) -> dict[str, Any]:
@@ -52,7 +62,7 @@ def e2e_app_args(adapter_root: Path, xlora_checkpoint: Path) -> dict[str, Any]:
     args["admission"] = {**args.get("admission", {}), "max_queue": 16, "queue_timeout_s": 20}
     args["xlora"] = [{"name": XLORA_NAME, "checkpoint": str(xlora_checkpoint),
                       "replicas": {"num_replicas": 1, "num_cpus": 0.25}}]
-    args["quantized"] = [ISQ_VARIANT]
+    args["quantized"] = [ISQ_VARIANT, MISTRALRS_VARIANT]
     return args
 
 
@@ -117,10 +127,10 @@ class ServeApp:
 
         described = httpx.get(f"{self.openai_url}/adapters", headers=self.admin_headers(),
                               timeout=30).json()
-        # The X-LoRA mixture's and the quantized model's own replicas report too (their
+        # The X-LoRA mixture's and the quantized models' own replicas report too (their
         # model resident, no slots).
         return sorted(r["replica_id"] for r in described["replicas"]
-                      if not {XLORA_NAME, ISQ_NAME} & set(r["resident"]))
+                      if not {XLORA_NAME, ISQ_NAME, MISTRALRS_NAME} & set(r["resident"]))
 
     def engine_stats(self, replica_id: str, deployment: str = "LLMReplica") -> dict[str, Any]:
         from router.hints import RoutingHints
