@@ -243,12 +243,15 @@ def run_stack_mistralrs(concurrency: int, requests: int, port: int) -> dict[str,
 # -- the run ---------------------------------------------------------------------------------
 
 
-def child(what: str, concurrency: list[int]) -> dict[str, Any]:
+def child(what: str, concurrency: list[int], timeout_s: float) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter and return its JSON result."""
     cmd = [sys.executable, "-m", "benchmarks.backends_bench", "--child", what,
            "--concurrency", ",".join(map(str, concurrency))]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{what} took longer than {timeout_s:.0f} s") from None
     for line in done.stderr.splitlines():
         if line.startswith("[bench"):
             print(line, flush=True)
@@ -278,6 +281,10 @@ def write_report(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> No
     (out / "report.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     engines = results["engines"]
     base = engines.get("vllm-f32")
+    if not engines:
+        (out / "report.md").write_text("# vLLM-CPU vs mistral.rs\n\nNothing measured:\n\n"
+                                       + "\n".join(meta.get("notes", [])) + "\n")
+        return
 
     def at(target: str, c: int, key: str) -> float:
         for row in engines[target]["levels"]:
@@ -347,6 +354,7 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--stack-port", type=int, default=8731)
     parser.add_argument("--skip-stack", action="store_true")
+    parser.add_argument("--target-timeout-s", type=float, default=240)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -360,10 +368,14 @@ def main() -> int:
             result = run_target(args.child, concurrency)
         print(json.dumps(result))
         return 0
-    engines = {}
+    engines, notes = {}, []
     for target in args.targets.split(","):
         log(f"{target}: starting")
-        engines[target] = child(target, concurrency)
+        try:
+            engines[target] = child(target, concurrency, args.target_timeout_s)
+        except RuntimeError as e:  # one slow or failing target must not lose the others
+            log(f"{target}: {e}")
+            notes.append(f"- {target}: not measured: {str(e).splitlines()[0]}")
     ppl = base_perplexity()
     for name in ("vllm-f32", "mistralrs-f32", "mistralrs-gguf"):
         if name in engines:  # same weights as the base checkpoint (see the docstring)
@@ -371,11 +383,15 @@ def main() -> int:
     results: dict[str, Any] = {"engines": engines}
     if not args.skip_stack:
         log("mistral.rs bare vs through the stack at c=16")
-        results["stack_vs_bare"] = {"concurrency": 16, "bare": child("bare16", [16]),
-                                    "stack": child("stack16", [16])}
+        try:
+            results["stack_vs_bare"] = {
+                "concurrency": 16, "bare": child("bare16", [16], args.target_timeout_s),
+                "stack": child("stack16", [16], 2 * args.target_timeout_s)}
+        except RuntimeError as e:
+            notes.append(f"- stack vs bare: not measured: {str(e).splitlines()[0]}")
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "cpus": len(os.sched_getaffinity(0)), "prompt_tokens": 60,
-            "notes": []}
+            "notes": notes}
     write_report(args.out, results, meta)
     log(f"report in {args.out}")
     return 0
