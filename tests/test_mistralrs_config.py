@@ -79,3 +79,18 @@ def test_checkpoint_without_top_level_rope_theta_gets_a_derived_dir(tmp_path):
     # A config mistral.rs reads as it is is used in place.
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "rope_theta": 1.0}))
     assert readable_checkpoint(model, tmp_path / "cache") == model
+
+
+def test_each_deployment_gets_the_engine_its_backend_names(base_model_path):
+    from deployments.mistralrs_engine import MistralRsEngine
+    from deployments.replica import QuantizedServing, make_engine
+    from deployments.vllm_engine import VLLMEngine
+
+    config = AppConfig.from_args({"engine": {"enable_lora": True}})
+    assert isinstance(make_engine(config), VLLMEngine)
+    variant = make_engine(config, quantized=QuantizedServing(
+        "q", str(base_model_path), backend="mistralrs", in_situ="Q4K"), threads=1)
+    assert isinstance(variant, MistralRsEngine)
+    assert variant._model.in_situ == "Q4K" and not variant._config.enable_lora
+    base = make_engine(AppConfig.from_args({"engine": {"backend": "mistralrs"}}), threads=1)
+    assert isinstance(base, MistralRsEngine) and base._model.in_situ is None
