@@ -25,6 +25,7 @@ tokens of the requests in flight (prompt + max_tokens) over that.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -73,6 +74,7 @@ class MistralRsEngine:
                                         thread_name_prefix="mistralrs")
         self._inflight: dict[str, _InFlight] = {}
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self.startup_s = 0.0
 
     async def start(self) -> None:
@@ -95,9 +97,10 @@ class MistralRsEngine:
     def _make_runner(self) -> Any:
         from mistralrs import Runner
 
+        # No `seed=`: mistral.rs 0.9.5 refuses it on CPU ("cannot seed the CPU rng").
         return Runner(which=self._model.which(), max_seqs=self._config.max_num_seqs,
                       prefix_cache_n=self._config.mistralrs.prefix_cache_n,
-                      in_situ_quant=self._model.in_situ, seed=self._config.seed)
+                      in_situ_quant=self._model.in_situ)
 
     # -- stats ---------------------------------------------------------------------------
 
@@ -180,25 +183,55 @@ class MistralRsEngine:
             ids = self._tokenizer(prompt)["input_ids"]
         return len(ids)
 
+    def _send(self, send: Any, request: Any) -> Any:
+        # The Runner takes one call at a time: a second thread calling in while a call is
+        # running gets "RuntimeError: Already borrowed" (measured). Chat sends return at
+        # once with a stream, so holding this lock costs nothing for them.
+        with self._send_lock:
+            return send(request)
+
     async def _complete(self, plan: "_Plan", request_id: str) -> ReplyHead:
-        loop = asyncio.get_running_loop()
         try:
             if plan.kind == "chat":
-                result = await loop.run_in_executor(
-                    self._pool, self._runner.send_chat_completion_request, plan.mistral_request())
+                # Streamed underneath and gathered here, so that non-streamed chat runs
+                # concurrently (see _send) and a disconnect stops it like a stream.
+                result = await self._gather_chat(plan)
             else:
-                result = await loop.run_in_executor(
-                    self._pool, self._runner.send_completion_request, plan.mistral_request())
+                # CompletionRequest blocks for the whole generation while it holds the
+                # Runner, so completions run one at a time (README: limits).
+                result = await asyncio.wrap_future(self._pool.submit(
+                    self._send, self._runner.send_completion_request, plan.mistral_request()))
         except (ValueError, RuntimeError) as e:
             return _engine_error(e)
         return ReplyHead(200, openai_reply(plan, result, request_id, self._served_name))
+
+    async def _gather_chat(self, plan: "_Plan") -> Any:
+        request = dataclasses.replace(plan, stream=True).mistral_request()
+        chunks = await asyncio.wrap_future(self._pool.submit(
+            self._send, self._runner.send_chat_completion_request, request))
+        texts: dict[int, list[str]] = {}
+        finish: dict[int, str | None] = {}
+        usage = None
+        try:
+            while True:
+                chunk = await asyncio.wrap_future(self._pool.submit(next, chunks, _DONE))
+                if chunk is _DONE:
+                    break
+                usage = chunk.usage or usage
+                for c in chunk.choices:
+                    texts.setdefault(c.index, []).append(c.delta.content or "")
+                    finish[c.index] = c.finish_reason or finish.get(c.index)
+        finally:
+            del chunks
+        return _Gathered(usage, [
+            _GatheredChoice(i, "".join(parts), finish.get(i)) for i, parts in sorted(texts.items())])
 
     async def _stream(self, plan: "_Plan", request_id: str) -> AsyncIterator[ReplyHead | str]:
         pending: Any = None
         try:
             # concurrent.futures, not asyncio's: a cancelled await marks an asyncio future
             # done while its thread still runs; this one is done when the thread is.
-            pending = self._pool.submit(self._runner.send_chat_completion_request,
+            pending = self._pool.submit(self._send, self._runner.send_chat_completion_request,
                                         plan.mistral_request())
             try:
                 chunks = await asyncio.wrap_future(pending)
@@ -247,6 +280,30 @@ class MistralRsEngine:
     def shutdown(self) -> None:
         self._runner = None
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class _GatheredChoice:
+    index: int
+    text: str
+    finish_reason: str | None
+
+    @property
+    def message(self) -> Any:
+        return _Message(self.text)
+
+
+@dataclass
+class _Message:
+    content: str
+
+
+@dataclass
+class _Gathered:
+    """A streamed chat reply gathered into the shape of mistral.rs's response."""
+
+    usage: Any
+    choices: list[_GatheredChoice]
 
 
 def _engine_error(e: Exception) -> ReplyHead:
@@ -384,8 +441,11 @@ def openai_reply(plan: _Plan, result: Any, request_id: str, served_name: str) ->
         choices = [{"index": c.index, "text": c.text, "logprobs": None,
                     "finish_reason": _finish(c.finish_reason)} for c in result.choices]
         obj, rid = "text_completion", f"cmpl-{request_id}"
+    usage = _usage(result.usage) if result.usage is not None else {
+        "prompt_tokens": plan.prompt_tokens, "completion_tokens": 0,
+        "total_tokens": plan.prompt_tokens}
     return {"id": rid, "object": obj, "created": created, "model": served_name,
-            "choices": choices, "usage": _usage(result.usage)}
+            "choices": choices, "usage": usage}
 
 
 class SseFramer:
