@@ -385,6 +385,11 @@ class IsqConfig(_Strict):
         "loading (mistral.rs ISQ; no calibration, seconds).")
     gguf: bool = Field(
         False, description="backend mistralrs: serve the builtin model's GGUF file as it is.")
+    as_is: bool = Field(
+        False, description="backend mistralrs: the base weights unquantized (float32), i.e. "
+        "the same model on the other engine. mistral.rs's quantized CPU paths (ISQ Q8_0, "
+        "the Q4_1 GGUF) answer 'What is the capital of France?' wrongly on the default "
+        "model (measured), as vLLM-CPU does in bfloat16.")
     bits: Literal[4, 8] = Field(4, description="Default: 4, or 8 for smoothquant and fp8.")
     group_size: int | None = Field(
         None,
@@ -431,10 +436,10 @@ class IsqConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "IsqConfig":
         chosen = [k for k, v in (("method", self.method), ("in_situ", self.in_situ),
-                                 ("gguf", self.gguf)) if v]
+                                 ("gguf", self.gguf), ("as_is", self.as_is)) if v]
         if len(chosen) != 1:
             raise ValueError("set exactly one of method (a toolkit job, backend vllm), "
-                             f"in_situ (backend mistralrs) or gguf (backend mistralrs); got "
+                             f"in_situ, gguf or as_is (backend mistralrs); got "
                              f"{chosen or 'none'}")
         if self.method is None:
             return self
@@ -493,6 +498,8 @@ class IsqConfig(_Strict):
             return f"mistral.rs ISQ {self.in_situ}"
         if self.gguf:
             return "builtin GGUF"
+        if self.as_is:
+            return "unquantized"
         group = f" g{self.resolved_group_size}" if self.resolved_group_size else ""
         act = f"A{self.activation_bits}"
         return f"{self.method} W{self.bits}{act}{group}"
@@ -544,8 +551,8 @@ class AppConfig(_Strict):
                 raise ValueError(f"quantized.{i}.isq.method: toolkit jobs ({isq.method}) build "
                                  "checkpoints for vLLM; with backend mistralrs use isq.in_situ "
                                  "or isq.gguf")
-            if (isq.in_situ or isq.gguf) and backend != "mistralrs":
-                field = "in_situ" if isq.in_situ else "gguf"
+            if (isq.in_situ or isq.gguf or isq.as_is) and backend != "mistralrs":
+                field = "in_situ" if isq.in_situ else "gguf" if isq.gguf else "as_is"
                 raise ValueError(f"quantized.{i}.isq.{field} needs engine.backend mistralrs "
                                  f"(this deployment's backend is {backend})")
             if isq.gguf and not self.model.is_builtin:

@@ -53,6 +53,8 @@ def test_mistralrs_variant_per_deployment_beside_a_vllm_base_with_lora():
     (_variant(method="rtn"), "toolkit jobs"),
     ({"name": "v", "isq": {"in_situ": "Q8_0"}}, "needs engine.backend mistralrs"),
     ({"name": "v", "isq": {"gguf": True}}, "needs engine.backend mistralrs"),
+    ({"name": "v", "isq": {"as_is": True}}, "needs engine.backend mistralrs"),
+    (_variant(as_is=True, gguf=True), "exactly one of"),
 ])
 def test_quantized_variant_fields_must_match_their_backend(variant, message):
     with pytest.raises(ConfigError, match=message):

@@ -26,7 +26,7 @@ def engine(base_model_path):
     from ruvllm.config import EngineConfig
 
     config = EngineConfig(backend="mistralrs", max_num_seqs=4)
-    engine = MistralRsEngine(MistralRsModel(base_model_path, base_model_path, in_situ="Q8_0"),
+    engine = MistralRsEngine(MistralRsModel(base_model_path, base_model_path),
                              "m", config, threads=2)
     asyncio.run(engine.start())
     yield engine
