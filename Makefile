@@ -4,7 +4,7 @@
 # cluster-gpu.yaml; `make test-gpu` runs the GPU tests there (marker `gpu`, tests/gpu).
 VENV    ?= .venv
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
-EXTRAS  ?= $(if $(HAS_GPU),gpu,cpu),test,bench
+EXTRAS  ?= $(if $(HAS_GPU),gpu,cpu),test,bench,mistralrs
 CONFIG  ?= $(if $(findstring gpu,$(EXTRAS)),cluster-gpu.yaml,cluster.yaml)
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python

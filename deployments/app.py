@@ -91,7 +91,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         model_path = resolve_model(config.model.source, config.resolved_cache_dir)
     except (FileNotFoundError, KeyError) as e:
         raise ConfigError(f"model.source: {e}") from None
-    if config.engine.kind == "vllm":
+    if config.engine.backend == "vllm":
         from deployments.vllm_engine import check_engine_args
 
         check_engine_args(model_path, config.model.name, config.engine)
@@ -120,11 +120,10 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
             **_replica_options(config, mixture.replicas, f"XLoRA-{mixture.name}"),
         ).bind(config, controller, mixture), mixture.checkpoint)
     for variant in config.quantized:
-        quantized_dir = _quantize(variant, model_path, config)
+        serving = _quantized_serving(variant, model_path, config)
         dedicated[variant.name] = (serve.deployment(LLMReplica).options(
             **_replica_options(config, variant.replicas, f"ISQ-{variant.name}"),
-        ).bind(config, controller, None, QuantizedServing(variant.name, str(quantized_dir))),
-            str(quantized_dir))
+        ).bind(config, controller, None, serving), serving.gguf_file or serving.model_dir)
     ingress = ingress_deployment().options(
         name="OpenAIIngress",
         num_replicas=config.ingress.num_replicas,
@@ -132,6 +131,25 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
     return ingress.bind(replica, controller, config, dedicated)
+
+
+def _quantized_serving(variant: QuantizedModel, model_path: Any,
+                       config: AppConfig) -> QuantizedServing:
+    """vLLM variants get their toolkit job's checkpoint; mistral.rs variants quantize
+    while loading (or read the builtin GGUF), so nothing runs before their replicas."""
+    if config.backend_of(variant) == "vllm":
+        return QuantizedServing(variant.name, str(_quantize(variant, model_path, config)))
+    gguf = None
+    if variant.isq.gguf:
+        from ruvllm.model_store import BUILTIN_MODELS
+
+        gguf = str(BUILTIN_MODELS[config.model.source.split(":", 1)[1]].locate())
+    # mistral.rs exposes no prompt log-probabilities, so the held-out perplexity gate
+    # cannot be measured through it (README "ISQ"); the variant is served ungated.
+    logger.info("quantized.%s: %s by mistral.rs at load (no quality gate)", variant.name,
+                variant.isq.describe())
+    return QuantizedServing(variant.name, str(model_path), backend="mistralrs",
+                            in_situ=variant.isq.in_situ, gguf_file=gguf)
 
 
 def _quantize(variant: QuantizedModel, model_path: Any, config: AppConfig) -> Any:

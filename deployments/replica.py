@@ -49,16 +49,22 @@ def cpu_engine_env(config: EngineConfig, local_rank: int, local_world_size: int)
 
 @dataclass(frozen=True)
 class QuantizedServing:
-    """A quantized variant of the base model (built by an ISQ job before the replicas)."""
+    """A quantized variant of the base model: a checkpoint built by an ISQ job before the
+    replicas (backend vllm), or the base checkpoint quantized by mistral.rs while it
+    loads (`in_situ`), or a GGUF file mistral.rs serves as it is (`gguf_file`)."""
 
     name: str
     model_dir: str
+    backend: str = "vllm"
+    in_situ: str | None = None
+    gguf_file: str | None = None
 
 
 def make_engine(config: AppConfig, mixture: XLoraMixture | None = None,
-                quantized: QuantizedServing | None = None) -> Engine:
-    if config.engine.kind != "vllm":
-        raise ValueError(f"engine.kind {config.engine.kind!r} is not available")
+                quantized: QuantizedServing | None = None, threads: int | None = None) -> Engine:
+    backend = quantized.backend if quantized is not None else config.backend_of(mixture)
+    if backend == "mistralrs":
+        return _mistralrs_engine(config, quantized, threads)
     from deployments.vllm_engine import VLLMEngine
 
     if quantized is not None:
@@ -81,6 +87,26 @@ def make_engine(config: AppConfig, mixture: XLoraMixture | None = None,
         "enable_prefix_caching": config.engine.enable_prefix_caching and not mixture.non_granular,
     })
     return VLLMEngine(mixture_model_dir(mixture, config), mixture.name, engine)
+
+
+def _mistralrs_engine(config: AppConfig, quantized: QuantizedServing | None,
+                     threads: int | None) -> Engine:
+    from deployments.mistralrs_engine import MistralRsEngine
+    from deployments.mistralrs_model import MistralRsModel, readable_checkpoint
+
+    base = resolve_model(config.model.source, config.resolved_cache_dir)
+    engine = config.engine_for(None).model_copy(update={"backend": "mistralrs",
+                                                        "enable_lora": False})
+    if quantized is None:
+        model = MistralRsModel(base, readable_checkpoint(base, config.resolved_cache_dir))
+        return MistralRsEngine(model, config.model.name, engine, threads)
+    if quantized.gguf_file:
+        model = MistralRsModel(base, gguf_file=Path(quantized.gguf_file))
+    else:
+        model = MistralRsModel(base, readable_checkpoint(Path(quantized.model_dir),
+                                                         config.resolved_cache_dir),
+                               in_situ=quantized.in_situ)
+    return MistralRsEngine(model, quantized.name, engine, threads)
 
 
 XLORA_SCALINGS_FIELD = "xlora_scalings"
@@ -117,7 +143,8 @@ class LLMReplica:
         self._mixture = mixture
         # A dedicated model (X-LoRA mixture, quantized variant) is resident for good.
         self._dedicated = mixture.name if mixture else quantized.name if quantized else None
-        self._engine = make_engine(config, mixture, quantized)
+        self._engine = make_engine(config, mixture, quantized,
+                                   threads=_core_share(config, _replicas_per_node(config)))
         await self._engine.start()
         slots = config.engine.max_cpu_loras or config.engine.max_loras
         self._slots = AdapterSlots(
@@ -330,6 +357,14 @@ def _gpu_ids() -> list[str]:
     import ray
 
     return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+
+
+def _core_share(config: AppConfig, replicas: int) -> int:
+    """mistral.rs's compute threads: engine.mistralrs.threads, else an equal share of
+    this node's cores (what cpu_threads_bind: spread gives a vLLM replica)."""
+    if config.engine.mistralrs.threads:
+        return config.engine.mistralrs.threads
+    return max(1, len(os.sched_getaffinity(0)) // max(1, replicas))
 
 
 def _replicas_per_node(config: AppConfig) -> int:

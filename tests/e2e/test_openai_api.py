@@ -1,4 +1,6 @@
-"""The OpenAI API of the Serve app, through HTTP, against real vLLM-CPU replicas."""
+"""The OpenAI API of the Serve app, through HTTP, against real engine replicas: the
+client-visible checks run once per backend (`backend` fixture: the vLLM-CPU base model
+and the mistral.rs deployment of the same model in the session app, conftest.BACKENDS)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,23 @@ import httpx
 import openai
 import pytest
 
+from conftest import BACKENDS
+
 pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request) -> tuple[str, str]:
+    """(model name, Serve deployment) of one backend's engines."""
+    return BACKENDS[request.param]
+
+
+@pytest.fixture
+def model(backend) -> str:
+    return backend[0]
 
 
 def test_models_lists_the_served_model_first(openai_client):
@@ -23,9 +38,9 @@ def test_models_lists_the_served_model_first(openai_client):
     assert all(m.parent == MODEL for m in models.data[1:])  # the LoRA adapters
 
 
-def test_chat_answers_paris_at_temperature_zero(openai_client):
+def test_chat_answers_paris_at_temperature_zero(openai_client, model):
     response = openai_client.chat.completions.create(
-        model=MODEL, messages=FRANCE, temperature=0, max_tokens=24)
+        model=model, messages=FRANCE, temperature=0, max_tokens=24)
     answer = response.choices[0].message.content
     assert "Paris" in answer, answer
     assert response.usage.prompt_tokens > 5
@@ -33,9 +48,9 @@ def test_chat_answers_paris_at_temperature_zero(openai_client):
     assert response.choices[0].finish_reason in ("stop", "length")
 
 
-def test_chat_stream_yields_the_same_answer(openai_client):
+def test_chat_stream_yields_the_same_answer(openai_client, model):
     stream = openai_client.chat.completions.create(
-        model=MODEL, messages=FRANCE, temperature=0, max_tokens=24, stream=True,
+        model=model, messages=FRANCE, temperature=0, max_tokens=24, stream=True,
         stream_options={"include_usage": True})
     pieces, usage, chunks = [], None, 0
     for chunk in stream:
@@ -50,23 +65,23 @@ def test_chat_stream_yields_the_same_answer(openai_client):
     assert usage is not None and usage.completion_tokens > 0
 
 
-def test_completions_stream_and_not(openai_client):
+def test_completions_stream_and_not(openai_client, model):
     done = openai_client.completions.create(
-        model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8)
+        model=model, prompt="The capital of France is", temperature=0, max_tokens=8)
     assert done.choices[0].text.strip(), done
     assert done.usage.completion_tokens > 0
     streamed = "".join(
         c.choices[0].text for c in openai_client.completions.create(
-            model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8,
+            model=model, prompt="The capital of France is", temperature=0, max_tokens=8,
             stream=True)
         if c.choices)
     assert streamed == done.choices[0].text
 
 
-def test_sixteen_concurrent_streams_all_complete(async_openai_client):
+def test_sixteen_concurrent_streams_all_complete(async_openai_client, model):
     async def one(i: int) -> tuple[str, str | None]:
         stream = await async_openai_client.chat.completions.create(
-            model=MODEL, max_tokens=32, temperature=0.7, seed=i, stream=True,
+            model=model, max_tokens=32, temperature=0.7, seed=i, stream=True,
             messages=[{"role": "user", "content": f"Write a sentence about the number {i}."}])
         text, finish = [], None
         async for chunk in stream:
@@ -85,10 +100,10 @@ def test_sixteen_concurrent_streams_all_complete(async_openai_client):
         assert finish in ("stop", "length")
 
 
-def test_response_names_the_replica_and_request_id(serve_app):
+def test_response_names_the_replica_and_request_id(serve_app, model):
     r = httpx.post(f"{serve_app.openai_url}/chat/completions", timeout=60,
                    headers={"x-request-id": "req-abc"},
-                   json={"model": MODEL, "messages": FRANCE, "max_tokens": 4})
+                   json={"model": model, "messages": FRANCE, "max_tokens": 4})
     assert r.status_code == 200
     assert r.headers["x-request-id"] == "req-abc"
     assert r.headers["x-ruvllm-replica"]
@@ -99,8 +114,9 @@ def test_health(serve_app):
     assert r.status_code == 200
 
 
-def test_disconnected_stream_frees_its_engine_request(serve_app):
-    body = {"model": MODEL, "stream": True, "max_tokens": 1500, "ignore_eos": True,
+def test_disconnected_stream_frees_its_engine_request(serve_app, backend):
+    model, deployment = backend
+    body = {"model": model, "stream": True, "max_tokens": 1500, "ignore_eos": True,
             "messages": [{"role": "user", "content": "Tell me a very long story."}]}
     with httpx.Client(timeout=60) as client:
         with client.stream("POST", f"{serve_app.openai_url}/chat/completions", json=body) as r:
@@ -109,12 +125,12 @@ def test_disconnected_stream_frees_its_engine_request(serve_app):
             lines = r.iter_lines()
             received = [next(lines) for _ in range(6)]
             assert any(line.startswith("data:") for line in received)
-            busy = serve_app.engine_stats(replica_id)
+            busy = serve_app.engine_stats(replica_id, deployment)
             assert busy["unfinished"] >= 1, busy
         # Leaving the block closes the connection mid-stream.
     deadline = time.monotonic() + 30
     while True:
-        stats = serve_app.engine_stats(replica_id)
+        stats = serve_app.engine_stats(replica_id, deployment)
         if stats["unfinished"] == 0:
             break
         assert time.monotonic() < deadline, f"engine request not freed: {stats}"
@@ -141,8 +157,11 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize("name,body,status", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
-def test_bad_chat_input_gets_4xx_then_server_keeps_serving(serve_app, openai_client, name, body, status):
+def test_bad_chat_input_gets_4xx_then_server_keeps_serving(serve_app, openai_client, model,
+                                                           name, body, status):
     url = f"{serve_app.openai_url}/chat/completions"
+    if isinstance(body, dict) and body["model"] == MODEL:
+        body = {**body, "model": model}  # the same bad input, to this backend's engine
     if isinstance(body, bytes):
         r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
     else:
@@ -152,17 +171,17 @@ def test_bad_chat_input_gets_4xx_then_server_keeps_serving(serve_app, openai_cli
     assert error["code"] == status
     assert error["message"] and error["type"]
 
-    good = openai_client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=4)
+    good = openai_client.chat.completions.create(model=model, messages=FRANCE, max_tokens=4)
     assert good.choices[0].message.content is not None
 
 
-def test_bad_completion_input_gets_4xx(serve_app):
+def test_bad_completion_input_gets_4xx(serve_app, model):
     url = f"{serve_app.openai_url}/completions"
     cases = [
-        ({"model": MODEL}, 400),  # no prompt
-        ({"model": MODEL, "prompt": "hi", "max_tokens": -1}, 400),
+        ({"model": model}, 400),  # no prompt
+        ({"model": model, "prompt": "hi", "max_tokens": -1}, 400),
         ({"model": "nope", "prompt": "hi"}, 404),
-        ({"model": MODEL, "prompt": "hello " * 3000}, 400),
+        ({"model": model, "prompt": "hello " * 3000}, 400),
     ]
     for body, status in cases:
         r = httpx.post(url, json=body, timeout=60)
@@ -183,8 +202,8 @@ def test_unknown_route_is_openai_style_404(serve_app):
     assert r.json()["error"]["code"] == 404
 
 
-def test_stream_of_bad_request_is_plain_4xx(serve_app):
+def test_stream_of_bad_request_is_plain_4xx(serve_app, model):
     r = httpx.post(f"{serve_app.openai_url}/chat/completions", timeout=60, json={
-        "model": MODEL, "stream": True, "messages": FRANCE, "max_tokens": 100000})
+        "model": model, "stream": True, "messages": FRANCE, "max_tokens": 100000})
     assert r.status_code == 400
     assert json.loads(r.text)["error"]["code"] == 400
