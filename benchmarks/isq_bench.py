@@ -90,16 +90,14 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def repeat_jobs(base: Path, name: str, runs: int, cache: Path) -> dict:
-    """Quantize `name` from scratch `runs` times: do the bytes repeat, and if not, how far
-    apart are the perplexities?"""
-    rows = []
-    for run in range(runs):
-        log(f"repeat {run + 1}/{runs}: {name}")
-        r = run_jobs(base, [name], cache, fresh=True)[name]
-        rows.append({"sha256": r["checkpoint_sha256"], "threads": r.get("threads"),
-                     "perplexity_increase": r["perplexity_increase"],
-                     "ood_increase": ood_increase(r), "quantize_seconds": r["quantize_seconds"]})
+def repeat_jobs(base: Path, first: dict, name: str, runs: int, cache: Path) -> dict:
+    """`first` (built from scratch) and `runs - 1` more from scratch: do the checkpoint
+    bytes repeat, and if not, how far apart are the perplexities?"""
+    reports = [first] + [run_jobs(base, [name], cache, fresh=True)[name]
+                         for _ in range(runs - 1)]
+    rows = [{"sha256": r["checkpoint_sha256"], "threads": r.get("threads"),
+             "perplexity_increase": r["perplexity_increase"], "ood_increase": ood_increase(r),
+             "quantize_seconds": r["quantize_seconds"]} for r in reports]
     incs = [r["perplexity_increase"] for r in rows]
     oods = [r["ood_increase"] for r in rows if r["ood_increase"] is not None]
     return {"runs": rows, "identical_bytes": len({r["sha256"] for r in rows}) == 1,
@@ -348,9 +346,9 @@ def main() -> int:
                         help="only re-render report.md/png from --out/report.json")
     parser.add_argument("--fresh", action="store_true",
                         help="drop schemes and notes of an earlier report.json in --out")
-    parser.add_argument("--repeat", type=int, default=0,
-                        help="also quantize each --only scheme this many more times from "
-                        "scratch and report whether the bytes repeat (and the spread)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="quantize each --only scheme this many times from scratch and "
+                        "report whether the bytes repeat (and the spread)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "isq")
     args = parser.parse_args()
 
@@ -372,9 +370,9 @@ def main() -> int:
         parser.error(f"unknown schemes {sorted(unknown)}; known: {', '.join(SCHEMES)}")
     args.out.mkdir(parents=True, exist_ok=True)
     base = prepare_builtin(MODEL)
-    jobs = run_jobs(base, names, resolve_cache_dir(None))
-    repeats = {n: repeat_jobs(base, n, args.repeat, resolve_cache_dir(None))
-               for n in names} if args.repeat else {}
+    jobs = run_jobs(base, names, resolve_cache_dir(None), fresh=args.repeat > 1)
+    repeats = {n: repeat_jobs(base, jobs[n], n, args.repeat, resolve_cache_dir(None))
+               for n in names} if args.repeat > 1 else {}
     speed_targets = {"base (float32)": base}
     speed_targets.update({n: Path(r["path"]) for n, r in jobs.items() if not r["serving_problem"]})
     served = {} if args.skip_speed else speed(speed_targets, args.prompts, args.tokens,

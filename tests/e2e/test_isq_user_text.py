@@ -45,7 +45,7 @@ def test_job_calibrated_on_a_users_file_is_gated_on_its_held_out_part(base_model
 
     cache = resolve_cache_dir(None)
     tickets = write_support_tickets(tmp_path / "tickets.txt")
-    settings = {"method": "gptq", "bits": 4, "group_size": 128, "num_cpus": 0,
+    settings = {"method": "gptq", "bits": 4, "group_size": 64, "num_cpus": 0,
                 "calibration": {"source": str(tickets), "samples": 8, "seq_len": 64},
                 "evaluation": {"windows": 4, "seq_len": 128}}
     isq = IsqConfig.model_validate({**settings, "max_perplexity_increase": 10})
