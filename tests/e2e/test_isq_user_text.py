@@ -86,9 +86,10 @@ def test_job_calibrated_on_a_users_file_is_gated_on_its_held_out_part(base_model
     assert (target / "model.safetensors").stat().st_mtime_ns == built_at
 
     # Another evaluation set: same calibration, same checkpoint, measured again.
-    wider = IsqConfig.model_validate({**settings, "evaluation": {
-        **settings["evaluation"], "source": ["calibration", "builtin"]}})
-    again = quantize(base_model_path, BASE, wider, cache)
+    wider = {**settings, "evaluation": {**settings["evaluation"],
+                                        "source": ["calibration", "builtin"]}}
+    again = quantize(base_model_path, BASE, IsqConfig.model_validate(
+        {**wider, "max_perplexity_increase": 10}), cache)
     assert again.reused and again.path == target
     assert (target / "model.safetensors").stat().st_mtime_ns == built_at
     names = [s["name"] for s in again.report["evaluation"]["sets"]]
@@ -96,3 +97,16 @@ def test_job_calibrated_on_a_users_file_is_gated_on_its_held_out_part(base_model
     assert again.report["gate"]["gated_sets"] == ["calibration-heldout", "builtin"]
     rows = {s["name"]: s for s in again.report["evaluation"]["sets"]}
     assert rows["calibration-heldout"]["perplexity"] == pytest.approx(held["perplexity"])
+
+    # Both sets are gated: a threshold between their increases fails exactly the worse one
+    # (a checkpoint calibrated on tickets loses more on the corpus's text than on tickets).
+    worse, better = sorted((r for r in rows.values() if r["gated"]),
+                           key=lambda r: -r["perplexity_increase"])
+    between = (worse["perplexity_increase"] + better["perplexity_increase"]) / 2
+    with pytest.raises(IsqQualityError) as e:
+        quantize(base_model_path, BASE, IsqConfig.model_validate(
+            {**wider, "max_perplexity_increase": between}), cache)
+    assert f"evaluation set {worse['name']} " in str(e.value)
+    assert f"evaluation set {better['name']} " not in str(e.value)
+    assert json.loads((target / "isq-report.json").read_text())["gate"]["failed_sets"] == [
+        worse["name"]]
