@@ -2,14 +2,19 @@
 
     python -m benchmarks.isq_bench                 # ~60 min on 2 cores (AWQ alone ~20)
     python -m benchmarks.isq_bench --only rtn-w8a16,gptq-w4a16-g64
+    python -m benchmarks.isq_bench --only rtn-w4a16-g64 --repeat 3 --skip-speed
 
 For each scheme the job runs exactly as a deployment runs it (isq.job.quantize: the
 toolkit venv, 128 x 256-token calibration windows from the corpus's train splits,
-held-out perplexity on 32 x 512 tokens of its eval splits) and the report records job
+held-out perplexity on 32 x 512 tokens of its eval splits, and on as many of generic
+out-of-distribution text, reported not gated) and the report records job
 wall time, checkpoint bytes against the base at bfloat16 (whole checkpoint, and the
 quantized Linear layers alone) and the perplexity increase. Then every checkpoint vLLM
 can serve on this machine is served (compiled vLLM-CPU, float32 activations) next to
 the unquantized base in the same run: decode tokens/s and the ratio to the base.
+
+`--repeat N` builds each scheme N times from scratch (the cached checkpoint deleted
+first) and reports whether the checkpoint bytes repeat, or else the perplexity spread.
 
 Writes report.json, report.md and report.png under --out.
 """
