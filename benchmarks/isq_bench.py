@@ -39,12 +39,6 @@ SCHEMES: dict[str, dict] = {
     "gptq-w4a16-g64-no-actorder": {"method": "gptq", "bits": 4, "group_size": 64,
                                    "actorder": False},
     "gptq-w4a16-g32": {"method": "gptq", "bits": 4, "group_size": 32},
-    # Mixed precision (issue 19): the MLP's down projection, 25% of the Linear weights and
-    # the most sensitive kind by benchmarks/isq_sensitivity.py, kept at 8 bits.
-    "rtn-w4a16-g64-down8": {"method": "rtn", "bits": 4, "group_size": 64,
-                            "precise_layers": [r"re:.*mlp\.down_proj$"]},
-    "gptq-w4a16-g64-down8": {"method": "gptq", "bits": 4, "group_size": 64,
-                             "precise_layers": [r"re:.*mlp\.down_proj$"]},
     "awq-w4a16-g64": {"method": "awq", "bits": 4, "group_size": 64},
     "rtn-w8a16-g64": {"method": "rtn", "bits": 8, "group_size": 64},
     "gptq-w8a16-g64": {"method": "gptq", "bits": 8, "group_size": 64},

@@ -237,8 +237,6 @@ def cache_key(weights_sha256: str, isq: IsqConfig, calibration: list[list[int]] 
 def result_dir(cache_dir: Path, model_name: str, isq: IsqConfig, key: str) -> Path:
     group = f"-g{isq.resolved_group_size}" if isq.resolved_group_size else ""
     scheme = f"w{isq.bits}a{isq.activation_bits}"
-    if isq.precise_layers:
-        scheme += f"-mixed{isq.precise_bits}"
     return cache_dir / "isq" / f"{model_name}-{isq.method}-{scheme}{group}-{key[:16]}"
 
 

@@ -24,21 +24,13 @@ def log(msg: str) -> None:
     print(f"[isq {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def weight_scheme(bits: int, group_size: int | None, symmetric: bool, spec: dict | None = None):
-    """Every Linear at `bits`; the spec's `precise_layers` at 8 bits in a group of their own
-    (compressed-tensors gives a name or `re:` target precedence over the class target)."""
+def weight_scheme(bits: int, group_size: int | None, symmetric: bool):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    def args(n: int) -> QuantizationArgs:
-        return QuantizationArgs(num_bits=n, type="int", symmetric=symmetric,
-                                strategy="group" if group_size else "channel",
-                                group_size=group_size)
-
-    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=args(bits))}
-    if spec and spec.get("precise_layers") and spec.get("precise_bits") == 8:
-        groups["group_1"] = QuantizationScheme(targets=list(spec["precise_layers"]),
-                                               weights=args(8))
-    return groups
+    weights = QuantizationArgs(
+        num_bits=bits, type="int", symmetric=symmetric,
+        strategy="group" if group_size else "channel", group_size=group_size)
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
 
 
 def recipe(spec: dict):
@@ -46,8 +38,6 @@ def recipe(spec: dict):
 
     method, bits, group = spec["method"], spec["bits"], spec["group_size"]
     ignore = ["lm_head"]
-    if spec.get("precise_layers") and spec.get("precise_bits") == 16:
-        ignore += list(spec["precise_layers"])  # kept in bfloat16
     if spec.get("activation_bits") == 8 and method == "rtn":
         # int8 per-channel weights, dynamic per-token int8 activations.
         return QuantizationModifier(scheme="W8A8", targets=["Linear"], ignore=ignore)
@@ -55,17 +45,16 @@ def recipe(spec: dict):
         return GPTQModifier(scheme="W8A8", targets=["Linear"], ignore=ignore,
                             actorder=spec.get("actorder"))
     if method == "rtn":
-        return QuantizationModifier(config_groups=weight_scheme(bits, group, True, spec),
-                                    ignore=ignore)
+        return QuantizationModifier(config_groups=weight_scheme(bits, group, True), ignore=ignore)
     if method == "gptq":
-        return GPTQModifier(config_groups=weight_scheme(bits, group, True, spec), ignore=ignore,
+        return GPTQModifier(config_groups=weight_scheme(bits, group, True), ignore=ignore,
                             actorder=spec.get("actorder"))
     if method == "awq":
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
         # AWQ's published recipe: asymmetric weights, scales searched per layer group.
         return [AWQModifier(duo_scaling=True),
-                QuantizationModifier(config_groups=weight_scheme(bits, group, False, spec),
+                QuantizationModifier(config_groups=weight_scheme(bits, group, False),
                                      ignore=ignore)]
     if method == "smoothquant":
         from llmcompressor.modifiers.smoothquant import SmoothQuantModifier

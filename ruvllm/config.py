@@ -382,15 +382,6 @@ class IsqConfig(_Strict):
         "decreasing activation magnitude. Default: on for gptq (llmcompressor's default; "
         "on SmolLM2 W4 g64 it is the difference between beating RTN and losing to it).",
     )
-    precise_layers: list[str] = Field(
-        [],
-        description="Mixed precision for 4-bit weight-only schemes: Linear layers kept at "
-        "`precise_bits` instead: module names or `re:` patterns, e.g. "
-        "`re:.*mlp\\.down_proj$`. vLLM fuses q/k/v and gate/up, so keep those together. "
-        "Pick them by measured sensitivity (benchmarks/isq_sensitivity.py).",
-    )
-    precise_bits: Literal[8, 16] = Field(
-        8, description="8: int8 weights, same group size; 16: not quantized (bfloat16).")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     max_perplexity_increase: float = Field(
         0.25,
@@ -439,9 +430,6 @@ class IsqConfig(_Strict):
                              "channel; leave group_size unset")
         if self.actorder and self.method != "gptq":
             raise ValueError("actorder applies to method gptq only")
-        if self.precise_layers and (self.bits != 4 or self.method not in ("rtn", "gptq", "awq")):
-            raise ValueError("precise_layers: mixed precision applies to 4-bit rtn, gptq and "
-                             "awq (W4A16)")
         calibration_file = (None if self.calibration.source == "builtin"
                             else Path(self.calibration.source).expanduser().resolve())
         for source in self.evaluation.sources or ():
@@ -494,17 +482,12 @@ class IsqConfig(_Strict):
                 "activation_bits": self.activation_bits,
                 "group_size": self.resolved_group_size,
                 "actorder": "static" if self.gptq_actorder else None,
-                "save_dtype": "bfloat16",
-                # Only when set, so plain schemes keep their keys.
-                **({"precise_layers": list(self.precise_layers),
-                    "precise_bits": self.precise_bits} if self.precise_layers else {})}
+                "save_dtype": "bfloat16"}
 
     def describe(self) -> str:
         group = f" g{self.resolved_group_size}" if self.resolved_group_size else ""
         act = f"A{self.activation_bits}"
-        mixed = (f" ({len(self.precise_layers)} pattern(s) at "
-                 f"{'bf16' if self.precise_bits == 16 else 'W8'})" if self.precise_layers else "")
-        return f"{self.method} W{self.bits}{act}{group}{mixed}"
+        return f"{self.method} W{self.bits}{act}{group}"
 
 
 class QuantizedModel(_Strict):

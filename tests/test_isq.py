@@ -259,24 +259,3 @@ def test_calibration_windows_are_memoised_per_weights_tokenizer_and_settings(tmp
     job.memoised_calibration_windows(base, small, "w1", cache, holdout=True)
     assert calls == [8, 16, 8, 8, 8]
 
-
-def test_mixed_precision_keeps_named_layers_at_eight_bits_or_bf16(tmp_path):
-    from isq.worker import weight_scheme
-
-    plain = IsqConfig(method="gptq", group_size=64)
-    mixed = IsqConfig(method="gptq", group_size=64, precise_layers=[r"re:.*mlp\.down_proj$"])
-    assert "precise_layers" not in plain.job_params()  # plain schemes keep their keys
-    assert cache_key("w" * 64, plain, None) != cache_key("w" * 64, mixed, None)
-    assert result_dir(tmp_path, "m", mixed, "k" * 64).name.startswith("m-gptq-w4a16-mixed8-g64-")
-    assert "1 pattern(s) at W8" in mixed.describe()
-    with pytest.raises(ConfigError, match="precise_layers"):
-        app_with({"method": "gptq", "bits": 8, "precise_layers": ["re:.*down_proj"]})
-
-    groups = weight_scheme(4, 64, True, mixed.job_params())
-    assert groups["group_0"].targets == ["Linear"] and groups["group_0"].weights.num_bits == 4
-    assert groups["group_1"].targets == [r"re:.*mlp\.down_proj$"]
-    assert groups["group_1"].weights.num_bits == 8 and groups["group_1"].weights.group_size == 64
-    bf16 = IsqConfig(method="rtn", group_size=64, precise_layers=["re:.*down_proj"],
-                     precise_bits=16)
-    # bf16 layers are left out of quantization (the recipe's ignore list) instead.
-    assert set(weight_scheme(4, 64, True, bf16.job_params())) == {"group_0"}
