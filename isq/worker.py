@@ -4,9 +4,10 @@ transformers and llmcompressor, never the serving stack, because those live in
 different environments.
 
 SPEC names the base checkpoint, the output directory, the method and its parameters,
-and files of pre-tokenized calibration and held-out windows. The worker writes a
-compressed-tensors checkpoint (which vLLM loads natively) and `isq-metrics.json` with
-the perplexities of the base and the quantized model on the held-out windows.
+and files of pre-tokenized calibration windows and of each evaluation set's windows. The
+worker writes a compressed-tensors checkpoint (which vLLM loads natively) and a metrics
+file with the perplexities of the base and the quantized model on every set; given an
+existing checkpoint instead of an output directory it only evaluates.
 """
 
 from __future__ import annotations
@@ -114,34 +115,41 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def main(spec_path: str) -> None:
+def deterministic(threads: int) -> None:
+    """Same inputs, same bytes: fixed seeds, torch's deterministic kernels where it has
+    them, and a fixed thread count (float sums reduce in a thread-dependent order, so the
+    thread count is part of what a checkpoint's bytes depend on; the report records it)."""
+    import random
+
+    import numpy
+    import torch
+
+    random.seed(0)
+    numpy.random.seed(0)
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(threads)
+
+
+def evaluate(model, eval_sets: list[dict], what: str) -> dict[str, float]:
+    out = {}
+    for s in eval_sets:
+        windows = json.loads(Path(s["windows_file"]).read_text())
+        t = time.monotonic()
+        out[s["name"]] = perplexity(model, windows, f"{what} {s['name']}")
+        log(f"{what} perplexity {out[s['name']]:.3f} on {s['name']} ({len(windows)} windows, "
+            f"{time.monotonic() - t:.0f} s)")
+    return out
+
+
+def quantize_into(model, spec: dict, out: Path) -> float:
+    """Quantize `model` in place with the spec's recipe and save it to `out`; seconds."""
     import torch
     from datasets import Dataset
+    from llmcompressor import oneshot
     from transformers import AutoTokenizer
 
-    spec = json.loads(Path(spec_path).read_text())
-    torch.set_num_threads(int(spec.get("threads") or os.cpu_count() or 1))
-    out = Path(spec["out_dir"])
     calibration = json.loads(Path(spec["calibration_file"]).read_text())
-    heldout = json.loads(Path(spec["heldout_file"]).read_text())
-    # Calibrate in float32 (bfloat16 matmuls are many times slower on CPUs without
-    # AMX); the checkpoint is saved in the serving dtype, whose bytes the report compares.
-    work_dtype = torch.bfloat16 if _cuda() else torch.float32
-    save_dtype = getattr(torch, spec.get("save_dtype", "bfloat16"))
-
-    metrics: dict = {}
-    base_ppl = spec.get("base_perplexity")
-    log(f"loading {spec['base_dir']}")
-    model = load(spec["base_dir"], work_dtype)
-    if base_ppl is None:
-        t = time.monotonic()
-        base_ppl = perplexity(model, heldout, "base")
-        log(f"base perplexity {base_ppl:.3f} on {len(heldout)} held-out windows "
-            f"({time.monotonic() - t:.0f} s)")
-    metrics["base_perplexity"] = base_ppl
-
-    from llmcompressor import oneshot
-
     if spec["method"] == "awq":
         allow_awq_on_cpu()
     kwargs = {}
@@ -157,24 +165,53 @@ def main(spec_path: str) -> None:
         log(f"quantizing {spec['method']} W{spec['bits']} (no calibration data needed)")
     t = time.monotonic()
     oneshot(model=model, recipe=recipe(spec), **kwargs)
-    metrics["quantize_seconds"] = time.monotonic() - t
-    log(f"quantized in {metrics['quantize_seconds']:.0f} s; saving")
-    model.to(save_dtype)
+    seconds = time.monotonic() - t
+    log(f"quantized in {seconds:.0f} s; saving")
+    model.to(getattr(torch, spec.get("save_dtype", "bfloat16")))
     model.save_pretrained(out, save_compressed=True)
     AutoTokenizer.from_pretrained(spec["base_dir"]).save_pretrained(out)
     for extra in ("chat_template.jinja", "generation_config.json"):
         src = Path(spec["base_dir"]) / extra
         if src.is_file() and not (out / extra).exists():
             (out / extra).write_bytes(src.read_bytes())
+    return seconds
+
+
+def main(spec_path: str) -> None:
+    """Quantize into out_dir and evaluate it, or (quantized_dir set) only evaluate."""
+    import torch
+
+    spec = json.loads(Path(spec_path).read_text())
+    threads = int(spec.get("threads") or os.cpu_count() or 1)
+    deterministic(threads)
+    # Calibrate in float32 (bfloat16 matmuls are many times slower on CPUs without
+    # AMX); the checkpoint is saved in the serving dtype, whose bytes the report compares.
+    work_dtype = torch.bfloat16 if _cuda() else torch.float32
+    eval_sets = spec["eval_sets"]
+    metrics: dict = {"threads": threads,
+                     "sets": {s["name"]: {"base_perplexity": s["base_perplexity"]}
+                              for s in eval_sets}}
+    unknown = [s for s in eval_sets if s["base_perplexity"] is None]
+    model = None
+    if unknown or not spec.get("quantized_dir"):
+        log(f"loading {spec['base_dir']}")
+        model = load(spec["base_dir"], work_dtype)
+        for name, ppl in evaluate(model, unknown, "base").items():
+            metrics["sets"][name]["base_perplexity"] = ppl
+    if spec.get("quantized_dir"):
+        quantized_dir = Path(spec["quantized_dir"])
+        metrics["quantize_seconds"] = None
+    else:
+        quantized_dir = Path(spec["out_dir"])
+        metrics["quantize_seconds"] = quantize_into(model, spec, quantized_dir)
     del model
 
     t = time.monotonic()
-    quantized = load(str(out), work_dtype)  # decompressed by compressed-tensors
-    metrics["perplexity"] = perplexity(quantized, heldout, "quantized")
+    quantized = load(str(quantized_dir), work_dtype)  # decompressed by compressed-tensors
+    for name, ppl in evaluate(quantized, eval_sets, "quantized").items():
+        metrics["sets"][name]["perplexity"] = ppl
     metrics["eval_seconds"] = time.monotonic() - t
-    log(f"quantized perplexity {metrics['perplexity']:.3f} (base {base_ppl:.3f}, "
-        f"{100 * (metrics['perplexity'] / base_ppl - 1):+.2f}%)")
-    (out / "isq-metrics.json").write_text(json.dumps(metrics, indent=2))
+    Path(spec["metrics_file"]).write_text(json.dumps(metrics, indent=2))
 
 
 if __name__ == "__main__":

@@ -399,6 +399,14 @@ class XLoraMixture(_Strict):
                 "global_scaling_weight": self.global_scaling_weight}
 
 
+def _check_text_file(source: str, what: str) -> None:
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{what} file {source!r} does not exist")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ValueError(f"{what} file must be .txt or .jsonl")
+
+
 class CalibrationConfig(_Strict):
     source: str = Field(
         "builtin",
@@ -412,20 +420,47 @@ class CalibrationConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "CalibrationConfig":
         if self.source != "builtin":
-            path = Path(self.source).expanduser()
-            if not path.is_file():
-                raise ValueError(f"calibration file {self.source!r} does not exist")
-            if path.suffix not in (".txt", ".jsonl"):
-                raise ValueError("calibration file must be .txt or .jsonl")
+            _check_text_file(self.source, "calibration")
         return self
 
 
 class EvaluationConfig(_Strict):
-    """Held-out text for the quality gate: the corpus's eval splits (disjoint from the
-    builtin calibration text), in equal shares of Python, JSON and prose."""
+    """Held-out text for the quality gate. Every set in `source` is gated; generic
+    out-of-distribution text is reported beside them, never gated."""
 
-    windows: int = Field(32, ge=1, le=1024)
+    source: str | list[str] | None = Field(
+        None,
+        description="`builtin`: the corpus's eval splits (disjoint from the builtin "
+        "calibration text, equal shares of Python, JSON and prose); `calibration`: every "
+        "fifth document of the calibration file, which calibration then skips; or a local "
+        ".txt/.jsonl file; or a list of these, each gated. Default: `calibration` when "
+        "calibration.source is a file, else `builtin`.",
+    )
+    windows: int = Field(32, ge=1, le=1024, description="Windows per set (at most; a "
+                         "small file gives what it has).")
     seq_len: int = Field(512, ge=16, le=8192)
+    out_of_distribution: bool = Field(
+        True, description="Also report (not gate) perplexity on generic text from another "
+        "distribution: Python's licence and language reference, which neither the corpus "
+        "nor calibration contains.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvaluationConfig":
+        sources = self.sources or ()
+        if len(set(sources)) != len(sources):
+            raise ValueError("source: each evaluation set may appear once")
+        if isinstance(self.source, list) and not sources:
+            raise ValueError("source: give at least one evaluation set")
+        for source in sources:
+            if source not in ("builtin", "calibration"):
+                _check_text_file(source, "evaluation")
+        return self
+
+    @property
+    def sources(self) -> tuple[str, ...] | None:
+        if self.source is None:
+            return None
+        return (self.source,) if isinstance(self.source, str) else tuple(self.source)
 
 
 IsqMethod = Literal["awq", "gptq", "rtn", "smoothquant", "fp8"]
@@ -475,7 +510,8 @@ class IsqConfig(_Strict):
         0.25,
         gt=0,
         description="Quality gate, relative: 0.25 allows held-out perplexity up to 1.25x "
-        "the base model's. Past it the job fails and the deployment does not start.",
+        "the base model's on every gated evaluation set. Past it the job fails and the "
+        "deployment does not start.",
     )
     evaluation: EvaluationConfig = Field(default_factory=lambda: EvaluationConfig())
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs the job reserves.")
@@ -525,7 +561,37 @@ class IsqConfig(_Strict):
                              "channel; leave group_size unset")
         if self.actorder and self.method != "gptq":
             raise ValueError("actorder applies to method gptq only")
+        calibration_file = (None if self.calibration.source == "builtin"
+                            else Path(self.calibration.source).expanduser().resolve())
+        for source in self.evaluation.sources or ():
+            if source == "calibration" and calibration_file is None:
+                raise ValueError("evaluation.source: `calibration` holds out part of the "
+                                 "calibration file; calibration.source is builtin (use "
+                                 "`builtin` for its held-out splits)")
+            if (source not in ("builtin", "calibration") and calibration_file is not None
+                    and Path(source).expanduser().resolve() == calibration_file):
+                raise ValueError("evaluation.source: that file is the calibration file, so "
+                                 "the gate would measure text the job calibrated on; use "
+                                 "`calibration` to hold out part of it")
+        if (self.evaluation.sources and "calibration" in self.evaluation.sources
+                and not self.needs_calibration):
+            raise ValueError(f"evaluation.source: `calibration` needs a calibrated method; "
+                             f"{self.method} uses no calibration data")
         return self
+
+    @property
+    def evaluation_sources(self) -> tuple[str, ...]:
+        """The gated evaluation sets, defaults resolved."""
+        if self.evaluation.sources:
+            return self.evaluation.sources
+        if self.calibration.source != "builtin" and self.needs_calibration:
+            return ("calibration",)
+        return ("builtin",)
+
+    @property
+    def holds_out_calibration(self) -> bool:
+        """Whether part of the calibration file is kept out of calibration for the gate."""
+        return "calibration" in self.evaluation_sources
 
     @property
     def resolved_group_size(self) -> int | None:
@@ -547,8 +613,7 @@ class IsqConfig(_Strict):
                 "activation_bits": self.activation_bits,
                 "group_size": self.resolved_group_size,
                 "actorder": "static" if self.gptq_actorder else None,
-                "save_dtype": "bfloat16",
-                "evaluation": self.evaluation.model_dump()}
+                "save_dtype": "bfloat16"}
 
     @property
     def is_toolkit_job(self) -> bool:

@@ -4,6 +4,10 @@ installation carries: Python source (the standard library's own files), JSON rec
 
 Each domain has disjoint `train` and `eval` splits (different files or record seeds), so
 experts, classifiers and quantization calibration never see the held-out text.
+
+Also here: a user's own text file read as documents, its deterministic held-out split, and
+`out_of_distribution()`, generic text from none of the three domains (Python's licence and
+its language reference), on which a quantized model's cost is reported but not gated.
 """
 
 from __future__ import annotations
@@ -110,6 +114,15 @@ def corpus() -> dict[str, Split]:
 def token_windows(tokenizer, texts: tuple[str, ...], seq_len: int, count: int,
                   seed: int = 0) -> list[list[int]]:
     """`count` windows of exactly `seq_len` tokens, cut from the texts in a seeded order."""
+    windows = available_windows(tokenizer, texts, seq_len, count, seed)
+    if len(windows) < count:
+        raise ValueError(f"corpus too small for {count} windows of {seq_len} tokens")
+    return windows
+
+
+def available_windows(tokenizer, texts: tuple[str, ...], seq_len: int, count: int,
+                      seed: int = 0) -> list[list[int]]:
+    """Up to `count` windows of exactly `seq_len` tokens (fewer when the texts run out)."""
     rng = random.Random(seed)
     order = list(range(len(texts)))
     rng.shuffle(order)
@@ -122,8 +135,6 @@ def token_windows(tokenizer, texts: tuple[str, ...], seq_len: int, count: int,
             buffer = buffer[seq_len:]
         if len(windows) >= count:
             break
-    if len(windows) < count:
-        raise ValueError(f"corpus too small for {count} windows of {seq_len} tokens")
     return windows
 
 
@@ -141,3 +152,58 @@ def mixed_windows(tokenizer, split: str, seq_len: int, count: int, seed: int = 0
         window = [t for d in order for t in parts[d][i]]
         out.append(window[:seq_len])
     return out
+
+
+# -- a user's text file ----------------------------------------------------------------
+
+HOLDOUT_EVERY = 5
+
+
+def file_documents(path: Path) -> tuple[str, ...]:
+    """A local text file as documents: a .jsonl file's `text` field per line, or a .txt
+    file's paragraphs (separated by blank lines)."""
+    text = Path(path).expanduser().read_text(encoding="utf-8")
+    if Path(path).suffix == ".jsonl":
+        return tuple(json.loads(line)["text"] for line in text.splitlines() if line.strip())
+    return tuple(t.strip() for t in text.split("\n\n") if t.strip())
+
+
+def holdout_split(documents: tuple[str, ...]) -> Split:
+    """Every fifth document (the 5th, 10th, ...) held out for evaluation, the rest for
+    calibration: deterministic, disjoint, and spread over the whole file rather than its
+    end, so a file sorted by date or topic is represented in both. With fewer than five
+    documents the last one is held out."""
+    if len(documents) < 2:
+        raise ValueError("holding out part of the calibration file needs at least two "
+                         "documents (paragraphs of a .txt separated by blank lines, or "
+                         ".jsonl lines)")
+    held = set(range(HOLDOUT_EVERY - 1, len(documents), HOLDOUT_EVERY)) or {len(documents) - 1}
+    return Split(train=tuple(d for i, d in enumerate(documents) if i not in held),
+                 eval=tuple(documents[i] for i in sorted(held)))
+
+
+# -- generic out-of-distribution text --------------------------------------------------
+
+OUT_OF_DISTRIBUTION = ("Python's licence (LICENSE.txt) and language reference "
+                       "(pydoc_data.topics): legal and reference prose, in no corpus split")
+
+
+@lru_cache(maxsize=None)
+def out_of_distribution() -> dict[str, tuple[str, ...]]:
+    """Generic held-out text from another distribution than the three domains, present in
+    every CPython installation: the licence (legal English) and the language reference's
+    topics. Neither feeds any split above (the python domain reads package sources, the
+    prose domain module docstrings; tests/test_isq.py checks no long line is shared)."""
+    from pydoc_data.topics import topics
+
+    licence = _stdlib() / "LICENSE.txt"
+    return {"licence": (licence.read_text(encoding="utf-8", errors="replace"),)
+            if licence.is_file() else (),
+            "reference": tuple(topics[k] for k in sorted(topics))}
+
+
+def out_of_distribution_windows(tokenizer, seq_len: int, count: int) -> list[list[int]]:
+    """`count` windows: up to a quarter from the licence, the rest from the reference."""
+    ood = out_of_distribution()
+    legal = available_windows(tokenizer, ood["licence"], seq_len, count // 4, seed=3)
+    return legal + token_windows(tokenizer, ood["reference"], seq_len, count - len(legal), seed=3)

@@ -100,9 +100,12 @@ def _isq(args: argparse.Namespace) -> int:
             failed += 1
             continue
         r = result.report
+        sets = "; ".join(
+            f"{s['name']}{'' if s['gated'] else ' (not gated)'} perplexity "
+            f"{s['perplexity']:.3f} vs {s['base_perplexity']:.3f}, "
+            f"{100 * s['perplexity_increase']:+.2f}%" for s in r["evaluation"]["sets"])
         print(f"{variant.name}: {result.path} ({'cached' if result.reused else 'built'}; "
-              f"perplexity {r['perplexity']:.3f} vs {r['base_perplexity']:.3f}, "
-              f"{100 * r['perplexity_increase']:+.2f}%; {r['bytes']['ratio']:.2f}x bf16 bytes)")
+              f"{sets}; {r['bytes']['ratio']:.2f}x bf16 bytes)")
     return 1 if failed else 0
 
 

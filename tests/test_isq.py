@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from isq import checkpoint_bytes
-from isq.job import IsqQualityError, cache_key, check_quality, result_dir
+from isq.job import IsqQualityError, cache_key, check_quality, gate_verdict, result_dir
+from ruvllm import corpus
 from ruvllm.config import AppConfig, ConfigError, IsqConfig
 
 
@@ -70,9 +71,12 @@ def test_cache_key_covers_weights_params_and_calibration(tmp_path):
     assert key != cache_key("v" * 64, a, calib)
     assert key != cache_key("w" * 64, IsqConfig(method="gptq", group_size=128), calib)
     assert key != cache_key("w" * 64, a, [[1, 2, 3]])
-    # The gate's threshold is the deployment's, not the checkpoint's.
+    # The gate's threshold and held-out text are the deployment's, not the checkpoint's.
     assert key == cache_key("w" * 64, IsqConfig(method="gptq", group_size=64,
                                                 max_perplexity_increase=0.01), calib)
+    assert key == cache_key("w" * 64, IsqConfig(
+        method="gptq", group_size=64, evaluation={"windows": 8, "seq_len": 128,
+                                                  "out_of_distribution": False}), calib)
     d = result_dir(tmp_path, "m", a, key)
     assert d.parent == tmp_path / "isq" and d.name.startswith("m-gptq-w4a16-g64-")
 
@@ -113,15 +117,108 @@ def test_checkpoint_bytes_compare_linear_layers_and_the_whole(tmp_path):
     assert b["linear_ratio"] == pytest.approx(b["quantized_linear"] / b["base_linear_bf16"])
 
 
-def test_quality_gate_names_both_perplexities():
+def _report(*sets: tuple[str, float, float, bool]) -> dict:
+    return {"evaluation": {"sets": [
+        {"name": n, "description": f"the {n} text", "gated": g, "windows": 4, "seq_len": 64,
+         "base_perplexity": b, "perplexity": q, "perplexity_increase": q / b - 1}
+        for n, b, q, g in sets]}}
+
+
+def test_quality_gate_names_the_failing_set_and_both_perplexities():
     isq = IsqConfig(method="rtn", max_perplexity_increase=0.1)
-    check_quality({"base_perplexity": 10.0, "perplexity": 10.9,
-                   "perplexity_increase": 0.09}, isq)
+    check_quality(_report(("builtin", 10.0, 10.9, True)), isq)
+    report = _report(("calibration-heldout", 10.0, 10.5, True), ("tickets.jsonl", 8.0, 10.0, True),
+                     ("out-of-distribution", 10.0, 20.0, False))
+    assert gate_verdict(report, isq) == {
+        "max_perplexity_increase": 0.1, "gated_sets": ["calibration-heldout", "tickets.jsonl"],
+        "passed": False, "failed_sets": ["tickets.jsonl"]}
     with pytest.raises(IsqQualityError) as e:
-        check_quality({"base_perplexity": 10.0, "perplexity": 12.5,
-                       "perplexity_increase": 0.25}, isq)
-    assert "10.000" in str(e.value) and "12.500" in str(e.value) and "+25.00%" in str(e.value)
-    assert "max_perplexity_increase 0.1" in str(e.value)
+        check_quality(report, isq)
+    message = str(e.value)
+    assert "evaluation set tickets.jsonl" in message and "the tickets.jsonl text" in message
+    assert "8.000" in message and "10.000" in message and "+25.00%" in message
+    assert "max_perplexity_increase 0.1" in message
+    # Passing sets and the reported-only out-of-distribution set are not blamed.
+    assert "calibration-heldout" not in message and "out-of-distribution" not in message
+
+
+def test_out_of_distribution_set_is_reported_not_gated():
+    isq = IsqConfig(method="rtn", max_perplexity_increase=0.1)
+    report = _report(("builtin", 10.0, 10.5, True), ("out-of-distribution", 10.0, 20.0, False))
+    assert gate_verdict(report, isq)["passed"]
+    check_quality(report, isq)
+
+
+def test_evaluation_sources_default_to_the_calibration_files_held_out_part(tmp_path):
+    text = tmp_path / "tickets.txt"
+    text.write_text("one\n\ntwo\n\nthree")
+    other = tmp_path / "eval.jsonl"
+    other.write_text('{"text": "x"}\n')
+    assert IsqConfig(method="gptq").evaluation_sources == ("builtin",)
+    calibrated = IsqConfig(method="gptq", calibration={"source": str(text)})
+    assert calibrated.evaluation_sources == ("calibration",) and calibrated.holds_out_calibration
+    # RTN calibrates on nothing, so nothing is held out.
+    assert IsqConfig(method="rtn", calibration={"source": str(text)}).evaluation_sources == (
+        "builtin",)
+    explicit = IsqConfig(method="gptq", calibration={"source": str(text)},
+                         evaluation={"source": str(other)})
+    assert explicit.evaluation_sources == (str(other),) and not explicit.holds_out_calibration
+    both = IsqConfig(method="gptq", calibration={"source": str(text)},
+                     evaluation={"source": ["calibration", "builtin"]})
+    assert both.evaluation_sources == ("calibration", "builtin") and both.holds_out_calibration
+
+
+@pytest.mark.parametrize("evaluation, calibration, field, words", [
+    ({"source": "/nonexistent.jsonl"}, "builtin", "quantized.0.isq.evaluation", "does not exist"),
+    ({"source": "calibration"}, "builtin", "quantized.0.isq", "calibration.source is builtin"),
+    ({"source": "SAME"}, "SAME", "quantized.0.isq", "is the calibration file"),
+    ({"source": ["builtin", "builtin"]}, "builtin", "quantized.0.isq.evaluation", "once"),
+    ({"source": []}, "builtin", "quantized.0.isq.evaluation", "at least one"),
+])
+def test_invalid_evaluation_sources_name_the_field(tmp_path, evaluation, calibration, field,
+                                                   words):
+    text = tmp_path / "text.txt"
+    text.write_text("a\n\nb")
+    swap = lambda v: str(text) if v == "SAME" else v  # noqa: E731
+    evaluation = {"source": swap(evaluation["source"])}
+    with pytest.raises(ConfigError) as e:
+        app_with({"method": "gptq", "calibration": {"source": swap(calibration)},
+                  "evaluation": evaluation})
+    line = next(ln for ln in str(e.value).splitlines() if ln.strip().startswith(field))
+    assert words in line, str(e.value)
+
+
+def test_holdout_split_is_every_fifth_document_and_disjoint():
+    docs = tuple(f"doc {i}" for i in range(12))
+    split = corpus.holdout_split(docs)
+    assert split.eval == ("doc 4", "doc 9")
+    assert set(split.train) | set(split.eval) == set(docs) and not set(split.train) & set(split.eval)
+    assert corpus.holdout_split(docs) == split  # deterministic
+    assert corpus.holdout_split(("a", "b", "c")).eval == ("c",)
+    with pytest.raises(ValueError, match="at least two documents"):
+        corpus.holdout_split(("only",))
+
+
+def test_user_text_files_are_read_as_documents(tmp_path):
+    txt, jsonl = tmp_path / "a.txt", tmp_path / "b.jsonl"
+    txt.write_text("first para\nstill first\n\n\n\nsecond\n")
+    jsonl.write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n')
+    assert corpus.file_documents(txt) == ("first para\nstill first", "second")
+    assert corpus.file_documents(jsonl) == ("one", "two")
+
+
+def test_out_of_distribution_text_shares_no_line_with_the_corpus():
+    def lines(texts) -> set[str]:
+        return {ln.strip() for t in texts for ln in t.splitlines()
+                if len(ln.strip()) >= 40 and sum(c.isalpha() for c in ln) >= 20}
+
+    seen = set()
+    for split in corpus.corpus().values():
+        seen |= lines(split.train) | lines(split.eval)
+    ood = corpus.out_of_distribution()
+    assert len(lines(ood["reference"])) > 1000
+    for texts in ood.values():
+        assert not lines(texts) & seen
 
 
 def test_weight_only_schemes_need_a_kernel_this_cpu_may_lack():
@@ -141,7 +238,7 @@ def test_calibration_windows_are_memoised_per_weights_tokenizer_and_settings(tmp
 
     calls = []
 
-    def fake_windows(base_dir, calibration):
+    def fake_windows(base_dir, calibration, holdout=False):
         calls.append(calibration.samples)
         return [[calibration.samples, 1, 2]]
 
@@ -159,4 +256,6 @@ def test_calibration_windows_are_memoised_per_weights_tokenizer_and_settings(tmp
     job.memoised_calibration_windows(base, small, "w2", cache)
     (base / "tokenizer.json").write_text('{"changed": true}')
     job.memoised_calibration_windows(base, small, "w1", cache)
-    assert calls == [8, 16, 8, 8]
+    job.memoised_calibration_windows(base, small, "w1", cache, holdout=True)
+    assert calls == [8, 16, 8, 8, 8]
+

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 BASE = "smollm2-135m-instruct"
 # RTN needs no calibration data: the cheapest job that still runs the whole pipeline.
 RTN = {"method": "rtn", "bits": 8, "activation_bits": 8, "num_cpus": 0,
-       "evaluation": {"windows": 12, "seq_len": 256}}
+       "evaluation": {"windows": 12, "seq_len": 256, "out_of_distribution": False}}
 
 
 def test_quantized_variant_answers_over_http(serve_app):
@@ -142,7 +142,8 @@ def test_session_variant_was_built_by_the_app_builder(serve_app):
 
     base = prepare_builtin(BASE)
     isq = IsqConfig.model_validate(ISQ_VARIANT["isq"])
-    key = cache_key(weights_digest(base), isq, calibration_windows(base, isq.calibration))
+    key = cache_key(weights_digest(base), isq, calibration_windows(
+        base, isq.calibration, isq.holds_out_calibration))
     target = result_dir(serve_app.config.resolved_cache_dir, BASE, isq, key)
     cards = {m["id"]: m for m in httpx.get(f"{serve_app.openai_url}/models",
                                           timeout=30).json()["data"]}
