@@ -62,7 +62,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "value": big["decision_cpu_p99_us"], "met": big["decision_cpu_p99_us"] < 1000,
                     "shown": f"{big['decision_cpu_p99_us']:.0f} us CPU "
                              f"(wall {big['decision_p99_us']:.0f} us on shared cores)"})
-    adm = results.get("admission", {}).get("runs", {}).get("random-8")
+    adm = results.get("admission", {}).get("runs", {}).get("random-8-static")
     if adm:
         out.append({"target": "cluster-wide tenant shares within +-5% of weights, overload, "
                               "8 ingresses", "value": adm["share_error"],
@@ -124,12 +124,14 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
     a = results.get("admission")
     if a:
         lines += ["## Admission across ingress replicas", "", a.get("text", ""), "",
-                  "| ingress choice | ingresses | max share error | shares (gold/silver/bronze/free) "
-                  "| rejected | queue wait p99 (s) |", "|---|---|---|---|---|---|"]
+                  "| ingress choice | ingresses | capacity split | max share error | shares "
+                  "(gold/silver/bronze/free) | rejected | served (tok/s) | queue wait p99 (s) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in a["runs"].values():
             sh = "/".join(f"{100 * r['shares'][t]:.0f}" for t in ("gold", "silver", "bronze", "free"))
-            lines.append(f"| {r['spread']} | {r['ingresses']} | {_pct(r['share_error'])} | {sh}% "
-                         f"| {_pct(r['rejection_rate'])} | {r['queue_wait_p99_s']:.1f} |")
+            lines.append(f"| {r['spread']} | {r['ingresses']} | {r.get('split', 'static')} | "
+                         f"{_pct(r['share_error'])} | {sh}% | {_pct(r['rejection_rate'])} | "
+                         f"{r['throughput_tok_per_s']:.0f} | {r['queue_wait_p99_s']:.1f} |")
         lines += ["", "Weights 4/2/1/1: fair shares 50/25/12.5/12.5%.", ""]
     e = meta.get("engine")
     if e:
@@ -185,10 +187,10 @@ def plot(out: Path, results: dict[str, Any]) -> None:
     ax.legend(fontsize=7)
     a = results.get("admission", {}).get("runs", {})
     ax = flat[7]
-    for spread in ("random", "tenant"):
-        runs = [r for r in a.values() if r["spread"] == spread]
+    for spread, split in (("random", "static"), ("tenant", "static"), ("tenant", "weighted")):
+        runs = [r for r in a.values() if r["spread"] == spread and r.get("split") == split]
         ax.plot([r["ingresses"] for r in runs], [100 * r["share_error"] for r in runs], "o-",
-                label=f"ingress by {spread}")
+                label=f"ingress by {spread}, {split} split")
     ax.axhline(5, color="red", linestyle="--", linewidth=1)
     ax.set_title("tenant share error % (overload)")
     ax.set_xlabel("ingress replicas")

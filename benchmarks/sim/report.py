@@ -193,21 +193,22 @@ def section_admission() -> dict[str, Any]:
     admission = AdmissionConfig(tenants={t: TenantLimits(weight=w) for t, w in WEIGHTS.items()})
     out: dict[str, Any] = {"replicas": replicas, "requests": len(trace), "weights": WEIGHTS,
                            "runs": {}}
-    for spread in ("random", "tenant"):
-        for ingresses in (1, 4, 8, 16):
-            if spread == "tenant" and ingresses == 1:
-                continue
+    runs = [("random", n, "static") for n in (1, 4, 8, 16)]
+    runs += [("tenant", n, split) for split in ("static", "weighted") for n in (4, 8, 16)]
+    runs += [("random", 8, "weighted")]
+    for spread, ingresses, split in runs:
             r = simulate(trace, policy="placement_aware", replicas=replicas, profile=H200_8B,
                          ingresses=ingresses, admission=admission, ingress_spread=spread,
+                         capacity_split=split,
                          router=GPU_ROUTER, placement=GPU_PLACEMENT, planner_replan_s=1.0,
                          warmup_s=10.0)
             err, shares = share_error(r)
-            out["runs"][f"{spread}-{ingresses}"] = {
-                "spread": spread, "ingresses": ingresses, "share_error": err, "shares": shares,
+            out["runs"][f"{spread}-{ingresses}-{split}"] = {
+                "spread": spread, "ingresses": ingresses, "split": split, "share_error": err, "shares": shares,
                 "rejection_rate": r["rejection_rate"], "goodput_tok_per_s": r["goodput_tok_per_s"],
                 "throughput_tok_per_s": r["throughput_tok_per_s"],
                 "queue_wait_p99_s": r["queue_wait_p99_s"], "engine_busy": r["engine_busy"]}
-            log(f"admission {spread} x{ingresses}: share error {err:.1%}, "
+            log(f"admission {spread} x{ingresses} {split}: share error {err:.1%}, "
                 f"busy {r['engine_busy']:.0%}")
     return out
 

@@ -42,6 +42,10 @@ class SimConfig:
     # How a request picks its ingress: "random" (Serve's proxy spreads requests) or
     # "tenant" (each tenant's connections land on a fixed subset, as keep-alive does).
     ingress_spread: str = "random"
+    # How the engines' capacity is split between ingresses: "static" (equal shares, as
+    # OpenAIIngress does today) or "weighted" (the prototype fix: shares follow the
+    # weights of the tenants each ingress is serving, re-computed on every sync).
+    capacity_split: str = "static"
     ttft_slo_s: float = 2.0
     # Requests arriving before this are served but not counted, and adapter/prefix
     # counters start here: a cluster runs for days, so a trace's first minutes, when
@@ -67,6 +71,13 @@ class RequestRecord:
     output_tokens: int = 0
     adapter_hit: bool = True
     replica: str = ""
+
+
+def _tenant_demand(admission: AdmissionController) -> dict[str, int]:
+    """Requests each tenant has waiting or running at one ingress. Read from the
+    controller's private state: a production version needs a public accessor."""
+    return {name: t.running + len(t.queue) for name, t in admission._tenants.items()
+            if t.running or t.queue}
 
 
 class Ingress:
@@ -135,12 +146,32 @@ class Simulation:
                 await replica.ensure_adapter(adapter, cause="plan")
 
     def _ingress_sync(self, ingress: Ingress) -> None:
-        """ClusterView.sync: demand to the controller, capacity back (split statically)."""
+        """ClusterView.sync: demand to the controller, capacity back."""
         demand, ingress.demand = ingress.demand, Counter()
         self.planner.record_demand(dict(demand))
         kv, seqs = self.planner.capacity()
+        if self.cfg.capacity_split == "weighted":
+            share = self._weighted_share(ingress)
+            ingress.admission.set_capacity(int(kv * share), max(1, int(seqs * share)))
+            return
         share = len(self.ingresses)
         ingress.admission.set_capacity(kv // share, max(1, seqs // share) if seqs else 0)
+
+    def _weighted_share(self, ingress: Ingress) -> float:
+        """This ingress's share of the engines: the weight of the tenants it serves, each
+        tenant's weight split between ingresses by where its requests wait or run.
+        Weighted fair queuing inside each ingress then adds up to weighted shares
+        cluster-wide. An idle ingress keeps a small share so its first request starts."""
+        per_ingress = [_tenant_demand(i.admission) for i in self.ingresses]
+        totals: Counter[str] = Counter()
+        for d in per_ingress:
+            totals.update(d)
+        limits = self.cfg.admission
+        weight = {t: (limits.tenants.get(t) or limits.default_tenant).weight for t in totals}
+        shares = [sum(weight[t] * n / totals[t] for t, n in d.items()) for d in per_ingress]
+        floor = 0.02 / len(self.ingresses)
+        total = sum(shares) or 1.0
+        return max(floor, shares[ingress.index] / total) / (1 + floor * len(self.ingresses))
 
     def counters(self) -> dict[str, float]:
         out: dict[str, float] = Counter()
