@@ -235,10 +235,14 @@ def main() -> int:
             t0 = time.perf_counter()
             results[name] = sections[name]()
             results.setdefault("wall_s", {})[name] = time.perf_counter() - t0
-        results["meta"] = {
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "engine": H200_8B.as_dict(), "measured": {"h200": H200_MEASURED, "h100": H100_MEASURED},
-            "targets": TARGET}
+            results["meta"] = {
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "engine": H200_8B.as_dict(),
+                "measured": {"h200": H200_MEASURED, "h100": H100_MEASURED},
+                "targets": TARGET, "gpu_router": GPU_ROUTER.model_dump(),
+                "gpu_placement": GPU_PLACEMENT.model_dump(),
+                "queue_timeout_s": AdmissionConfig().queue_timeout_s}
+            existing.write_text(json.dumps(results, indent=2, default=str))  # each section
         log(f"done in {time.perf_counter() - started:.0f} s")
     existing.write_text(json.dumps(results, indent=2, default=str))
     write_report(args.out, results)
