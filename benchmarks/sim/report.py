@@ -3,6 +3,7 @@
 
     nice -n 10 python -m benchmarks.sim.report               # all sections
     python -m benchmarks.sim.report --sections validation      # one section (keeps the rest)
+    python -m benchmarks.sim.report --sections scale:64        # one row of the scale section
     python -m benchmarks.sim.report --rewrite-report           # re-render from report.json
 
 Writes report.json, report.md and report.png under benchmarks/results/sim/.
@@ -114,9 +115,11 @@ def gpu_run(trace: list[TraceRequest], policy: str, replicas: int, window_s: flo
                     warmup_s=window_s / 2, planner_replan_s=1.0, **cfg)
 
 
-def section_scale() -> dict[str, Any]:
+def section_scale(sizes: list[int] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for replicas, (sessions, window_s, policies) in SCALES.items():
+        if sizes and replicas not in sizes:
+            continue
         trace = scale_trace(sessions, window_s)
         out[str(replicas)] = {"sessions": sessions, "requests": len(trace),
                               "window_s": window_s, "ingresses": max(1, replicas // 32)}
@@ -233,7 +236,11 @@ def main() -> int:
         started = time.perf_counter()
         for name in args.sections.split(","):
             t0 = time.perf_counter()
-            results[name] = sections[name]()
+            if name.startswith("scale:"):  # one row of the scale section
+                rows = section_scale([int(name.split(":")[1])])
+                results.setdefault("scale", {}).update(rows)
+            else:
+                results[name] = sections[name]()
             results.setdefault("wall_s", {})[name] = time.perf_counter() - t0
             results["meta"] = {
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
