@@ -21,8 +21,10 @@ from pathlib import Path
 from benchmarks.sim import clock
 from benchmarks.sim.calibration import PROFILES
 from benchmarks.sim.policies import POLICIES
+from benchmarks.sim.report import GPU_PLACEMENT, GPU_ROUTER
 from benchmarks.sim.simulation import SimConfig, Simulation
 from benchmarks.sim.trace import WorkloadSpec, generate, read, write
+from ruvllm.config import PlacementConfig, RouterConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ingresses", type=int, default=1)
     parser.add_argument("--profile", default="h200-llama3-8b", choices=sorted(PROFILES))
     parser.add_argument("--engine", default="{}", help="JSON overrides of profile fields")
+    parser.add_argument("--router", default=None,
+                        help="RouterConfig fields as JSON (default: the report's GPU sizing "
+                             "for GPU profiles, the shipped values for the CPU one)")
+    parser.add_argument("--placement", default=None, help="PlacementConfig fields as JSON")
+    parser.add_argument("--warmup", type=float, default=0.0,
+                        help="seconds at the start not counted in the results")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -56,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     profile = dataclasses.replace(PROFILES[args.profile], **json.loads(args.engine))
+    gpu = profile.kv_tokens > 100_000
+    router = (RouterConfig(**json.loads(args.router)) if args.router
+              else GPU_ROUTER if gpu else RouterConfig())
+    placement = (PlacementConfig(**json.loads(args.placement)) if args.placement
+                 else GPU_PLACEMENT if gpu else PlacementConfig())
     results = {}
     for name in args.policies.split(","):
         if name not in POLICIES:
@@ -63,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         cfg = SimConfig(policy=name, replicas=args.replicas, ingresses=args.ingresses,
-                        profile=profile, seed=args.seed)
+                        profile=profile, seed=args.seed, router=router, placement=placement,
+                        warmup_s=args.warmup, planner_replan_s=placement.report_period_s)
         started = time.perf_counter()
         results[name] = clock.run(Simulation(cfg, trace).run())
         r = results[name]
@@ -71,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
               f"adapter hits {r['adapter_hit_rate']:.1%}, cold loads/1k "
               f"{r['cold_loads_per_1k']:.1f}, prefix hits {r['prefix_hit_rate']:.1%}, "
               f"TTFT p50/p99 {r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f} ms, "
-              f"rejected {r['rejection_rate']:.1%}, decision p99 {r['decision_p99_us']:.0f} us")
+              f"rejected {r['rejection_rate']:.1%}, decision p99 {r['decision_cpu_p99_us']:.0f} us CPU")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     return 0
