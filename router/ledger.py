@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Mapping
 
 
 @dataclass
@@ -45,6 +45,10 @@ class InflightLedger:
 
     def tokens(self, replica: Hashable) -> int:
         return self._per_replica.get(replica, 0)
+
+    def tokens_by_replica(self) -> Mapping[Hashable, int]:
+        """Every replica's tokens at once (read only), for a router's hot loop."""
+        return self._per_replica
 
     def requests(self, replica: Hashable) -> int:
         return sum(1 for e in self._entries.values() if e.replica == replica)

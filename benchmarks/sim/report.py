@@ -1,0 +1,261 @@
+"""The simulator's report: validation against the CPU router benchmark, every policy at
+8 / 64 / 256 replicas, adapter-count and slot sweeps, and admission across ingresses.
+
+    nice -n 10 python -m benchmarks.sim.report               # all sections
+    python -m benchmarks.sim.report --sections validation      # one section (keeps the rest)
+    python -m benchmarks.sim.report --sections scale:64        # one row of the scale section
+    python -m benchmarks.sim.report --rewrite-report           # re-render from report.json
+
+Writes report.json, report.md and report.png under benchmarks/results/sim/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.sim import clock
+from benchmarks.sim.calibration import CPU_SMOLLM2, H200_8B, H200_MEASURED, H100_MEASURED
+from benchmarks.sim.policies import POLICIES
+from benchmarks.sim.simulation import SimConfig, Simulation
+from benchmarks.sim.trace import TraceRequest, WorkloadSpec, generate, zipf_weights
+from ruvllm.config import AdmissionConfig, PlacementConfig, RouterConfig, TenantLimits
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "benchmarks" / "results" / "sim"
+CPU_BENCH = ROOT / "benchmarks" / "results" / "router" / "report.json"
+
+# (sessions, seconds over which they start): 156 sessions per replica starting over 40 s
+# (10,000 at 64 replicas, the issue's target row); at 256 replicas the same start rate
+# per replica over 12.8 s, to keep the run within the report's time budget.
+SCALES = {8: (1_250, 40.0, list(POLICIES)),
+          64: (10_000, 40.0, ["placement_aware", "ray_multiplex", "prefix_only",
+                              "adapter_only", "round_robin"]),
+          256: (12_800, 12.8, ["placement_aware", "ray_multiplex"])}
+# The router's and planner's knobs sized for these GPUs. The shipped values are sized for
+# the 2-core CPU app: there a request holds ~100 KV tokens and a replica serves ~1
+# request/s; here a request holds ~3,000 (prompt + max_tokens) and a replica ~30/s, so
+# 4,096 tokens of allowed imbalance is about one request and 1 req/s per adapter copy
+# replicates nearly every adapter. The sweep section runs both.
+GPU_ROUTER = RouterConfig(max_imbalance_tokens=65_536, cold_adapter_penalty_tokens=16_384,
+                          prefix_imbalance_per_token=32.0)
+GPU_PLACEMENT = PlacementConfig(hot_requests_per_s=10.0)
+TARGET = {"adapter_hit_rate": 0.95, "cold_load_reduction": 3.0, "prefix_ratio": 1.5,
+          "decision_p99_us": 1000.0, "share_error": 0.05}
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def simulate(trace: list[TraceRequest], **cfg: Any) -> dict[str, Any]:
+    started = time.perf_counter()
+    result = clock.run(Simulation(SimConfig(**cfg), trace).run())
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+# -- validation: the CPU router benchmark at 2 replicas x 20 adapters ----------------------
+
+def cpu_bench_trace(requests: int = 480, adapters: int = 20, zipf_s: float = 1.1,
+                    concurrency: int = 16) -> list[TraceRequest]:
+    """benchmarks/router_bench.py's adapter section: 480 chat requests, Zipf(1.1) over 20
+    adapters (its own seed and sampler), 16 concurrent clients, 16 output tokens."""
+    rng = random.Random(1)
+    names = [f"lora{i:02d}" for i in range(adapters)]
+    picks = rng.choices(range(adapters), weights=zipf_weights(adapters, zipf_s), k=requests)
+    return [TraceRequest(t=0.0, prompt=[(f"req{i}", 40)], output_tokens=16, max_tokens=16,
+                         adapter=names[a], client=f"c{i % concurrency}", turn=i // concurrency,
+                         think_s=0.0 if i >= concurrency else None)
+            for i, a in enumerate(picks)]
+
+
+def section_validation() -> dict[str, Any]:
+    measured = json.loads(CPU_BENCH.read_text())["adapters"]
+    trace = cpu_bench_trace()
+    out: dict[str, Any] = {"profile": CPU_SMOLLM2.as_dict()}
+    for policy in ("power_of_two", "placement_aware"):
+        out[policy] = simulate(trace, policy=policy, replicas=2, profile=CPU_SMOLLM2)
+        log(f"validation {policy}: {out[policy]['adapter_loads']} loads")
+    sim_ratio = out["power_of_two"]["adapter_loads"] / max(1, out["placement_aware"]["adapter_loads"])
+    rows = []
+    for what, key in (("adapter loads, power_of_two", ("power_of_two", "adapter_loads")),
+                      ("adapter loads, placement_aware", ("placement_aware", "adapter_loads")),
+                      ("goodput req/s, power_of_two", ("power_of_two", "goodput_req_per_s")),
+                      ("goodput req/s, placement_aware", ("placement_aware", "goodput_req_per_s"))):
+        m, s = measured[key[0]][key[1]], out[key[0]][key[1] if key[1] != "goodput_req_per_s"
+                                                     else "completed_req_per_s"]
+        rows.append({"what": what, "measured": m, "simulated": s, "error": s / m - 1})
+    rows.append({"what": "load reduction (x)", "measured": measured["load_reduction"],
+                 "simulated": sim_ratio, "error": sim_ratio / measured["load_reduction"] - 1})
+    out["comparison"] = rows
+    return out
+
+
+# -- scale: every policy at 8 / 64 / 256 replicas ----------------------------------------
+
+def scale_trace(sessions: int, window_s: float, adapters: int = 1000, zipf_s: float = 1.0,
+                seed: int = 0) -> list[TraceRequest]:
+    return generate(WorkloadSpec(sessions=sessions, adapters=adapters, zipf_s=zipf_s,
+                                 duration_s=window_s, seed=seed))
+
+
+def gpu_run(trace: list[TraceRequest], policy: str, replicas: int, window_s: float,
+            **cfg: Any) -> dict[str, Any]:
+    cfg.setdefault("router", GPU_ROUTER)
+    cfg.setdefault("placement", GPU_PLACEMENT)
+    cfg.setdefault("profile", H200_8B)
+    return simulate(trace, policy=policy, replicas=replicas, ingresses=max(1, replicas // 32),
+                    warmup_s=window_s / 2, planner_replan_s=1.0, **cfg)
+
+
+def section_scale(sizes: list[int] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for replicas, (sessions, window_s, policies) in SCALES.items():
+        if sizes and replicas not in sizes:
+            continue
+        trace = scale_trace(sessions, window_s)
+        out[str(replicas)] = {"sessions": sessions, "requests": len(trace),
+                              "window_s": window_s, "ingresses": max(1, replicas // 32)}
+        for policy in policies:
+            r = gpu_run(trace, policy, replicas, window_s)
+            out[str(replicas)][policy] = r
+            log(f"scale {replicas} {policy}: hits {r['adapter_hit_rate']:.1%} loads/1k "
+                f"{r['cold_loads_per_1k']:.1f} prefix {r['prefix_hit_rate']:.1%} ttft p99 "
+                f"{r['ttft_p99_ms']:.0f} ms, rejected {r['rejection_rate']:.1%}, "
+                f"decision p99 {r['decision_cpu_p99_us']:.0f} us CPU, wall {r['wall_s']:.0f} s")
+    return out
+
+
+def section_sweep() -> dict[str, Any]:
+    """8 replicas: how the gap grows with adapters, what slots buy, and the knobs."""
+    sessions, window_s, _ = SCALES[8]
+    out: dict[str, Any] = {"adapters": {}, "slots": {}, "knobs": {}}
+    for adapters in (100, 300, 1000):
+        trace = scale_trace(sessions, window_s, adapters=adapters, seed=1)
+        out["adapters"][str(adapters)] = {
+            p: gpu_run(trace, p, 8, window_s) for p in ("placement_aware", "ray_multiplex")}
+        log(f"sweep adapters {adapters} done")
+    trace = scale_trace(sessions, window_s, seed=1)
+    for slots in (8, 32, 64):
+        profile = dataclasses.replace(H200_8B, adapter_slots=slots)
+        out["slots"][str(slots)] = {
+            p: gpu_run(trace, p, 8, window_s, profile=profile)
+            for p in ("placement_aware", "ray_multiplex")}
+        log(f"sweep slots {slots} done")
+    out["knobs"]["shipped"] = {"placement_aware": gpu_run(
+        trace, "placement_aware", 8, window_s, router=RouterConfig(), placement=PlacementConfig())}
+    out["knobs"]["sized"] = {"placement_aware": gpu_run(trace, "placement_aware", 8, window_s)}
+    log("sweep knobs done")
+    return out
+
+
+# -- admission across ingress replicas -----------------------------------------------------
+
+WEIGHTS = {"gold": 4.0, "silver": 2.0, "bronze": 1.0, "free": 1.0}
+
+
+def overload_trace(replicas: int, seconds: float = 45.0, overload: float = 2.0,
+                   seed: int = 3) -> list[TraceRequest]:
+    """Every tenant alone would fill the cluster: each sends `overload` x capacity / 4."""
+    rng = random.Random(seed)
+    per_replica_req_s = 64 / (200 * 0.012)  # 64 sequences x ~200 tokens at ~12 ms/step
+    rate = overload * per_replica_req_s * replicas / len(WEIGHTS)
+    out = []
+    for tenant in WEIGHTS:
+        t = 0.0
+        while True:
+            t += rng.expovariate(rate)
+            if t > seconds:
+                break
+            out.append(TraceRequest(t=t, prompt=[(f"{tenant}/{len(out)}", rng.randint(200, 1500))],
+                                    output_tokens=rng.randint(100, 300), max_tokens=300,
+                                    tenant=tenant))
+    out.sort(key=lambda r: r.t)
+    return out
+
+
+def share_error(result: dict[str, Any]) -> tuple[float, dict[str, float]]:
+    served = result["tenant_tokens_admitted_under_load"]
+    total = sum(served.values()) or 1
+    wsum = sum(WEIGHTS.values())
+    shares = {t: served.get(t, 0) / total for t in WEIGHTS}
+    return max(abs(shares[t] - WEIGHTS[t] / wsum) for t in WEIGHTS), shares
+
+
+def section_admission() -> dict[str, Any]:
+    replicas = 4
+    trace = overload_trace(replicas)
+    # Warm-up: shares count from 10 s on, when every ingress's queue is backlogged.
+    admission = AdmissionConfig(tenants={t: TenantLimits(weight=w) for t, w in WEIGHTS.items()})
+    out: dict[str, Any] = {"replicas": replicas, "requests": len(trace), "weights": WEIGHTS,
+                           "runs": {}}
+    runs = [("random", n, "static") for n in (1, 4, 8, 16)]
+    runs += [("tenant", n, split) for split in ("static", "weighted") for n in (4, 8, 16)]
+    runs += [("random", 8, "weighted")]
+    for spread, ingresses, split in runs:
+            r = simulate(trace, policy="placement_aware", replicas=replicas, profile=H200_8B,
+                         ingresses=ingresses, admission=admission, ingress_spread=spread,
+                         capacity_split=split,
+                         router=GPU_ROUTER, placement=GPU_PLACEMENT, planner_replan_s=1.0,
+                         warmup_s=10.0)
+            err, shares = share_error(r)
+            out["runs"][f"{spread}-{ingresses}-{split}"] = {
+                "spread": spread, "ingresses": ingresses, "split": split, "share_error": err, "shares": shares,
+                "rejection_rate": r["rejection_rate"], "goodput_tok_per_s": r["goodput_tok_per_s"],
+                "throughput_tok_per_s": r["throughput_tok_per_s"],
+                "queue_wait_p99_s": r["queue_wait_p99_s"], "engine_busy": r["engine_busy"]}
+            log(f"admission {spread} x{ingresses} {split}: share error {err:.1%}, "
+                f"busy {r['engine_busy']:.0%}")
+    return out
+
+
+# -- the report ----------------------------------------------------------------------------
+
+def main() -> int:
+    from benchmarks.sim.render import write_report
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="validation,scale,sweep,admission")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--rewrite-report", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    existing = args.out / "report.json"
+    results: dict[str, Any] = json.loads(existing.read_text()) if existing.is_file() else {}
+    if not args.rewrite_report:
+        sections = {"validation": section_validation, "scale": section_scale,
+                    "sweep": section_sweep, "admission": section_admission}
+        started = time.perf_counter()
+        for name in args.sections.split(","):
+            t0 = time.perf_counter()
+            if name.startswith("scale:"):  # one row of the scale section
+                rows = section_scale([int(name.split(":")[1])])
+                results.setdefault("scale", {}).update(rows)
+            else:
+                results[name] = sections[name]()
+            results.setdefault("wall_s", {})[name] = time.perf_counter() - t0
+            results["meta"] = {
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "engine": H200_8B.as_dict(),
+                "measured": {"h200": H200_MEASURED, "h100": H100_MEASURED},
+                "targets": TARGET, "gpu_router": GPU_ROUTER.model_dump(),
+                "gpu_placement": GPU_PLACEMENT.model_dump(),
+                "queue_timeout_s": AdmissionConfig().queue_timeout_s}
+            existing.write_text(json.dumps(results, indent=2, default=str))  # each section
+        log(f"done in {time.perf_counter() - started:.0f} s")
+    existing.write_text(json.dumps(results, indent=2, default=str))
+    write_report(args.out, results)
+    print((args.out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The cluster simulator's pieces (benchmarks/sim): simulated-time ordering, the engine
+model, the trace format, and that a run drives the project's own router, planner,
+admission controller and adapter slots (pure logic, no Ray cluster, no engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from adapters.slots import AdapterSlots
+from benchmarks.sim import clock
+from benchmarks.sim.calibration import H200_8B
+from benchmarks.sim.engine import Sequence, SimEngine, chain_keys
+from benchmarks.sim.simulation import SimConfig, Simulation
+from benchmarks.sim.trace import TraceRequest, WorkloadSpec, generate, read, stable_hash, write
+from router.admission import AdmissionController
+from router.placement import PlacementPlanner
+from router.placement_router import PlacementAwareRouter
+from ruvllm.config import AdmissionConfig
+
+
+def test_simulated_time_runs_callbacks_in_time_order_then_fifo():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        seen = []
+
+        async def at(delay: float, name: str) -> None:
+            await asyncio.sleep(delay)
+            seen.append((name, loop.time()))
+
+        await asyncio.gather(at(3600, "hour"), at(5, "b"), at(1, "a"), at(5, "c"))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.sleep(100), 10)  # a deadline in simulated time
+        return seen, loop.time()
+
+    seen, end = clock.run(scenario())
+    assert seen == [("a", 1), ("b", 5), ("c", 5), ("hour", 3600)]
+    assert end == 3610
+
+
+def test_stalled_simulation_raises_instead_of_hanging():
+    async def forever():
+        await asyncio.get_running_loop().create_future()
+
+    with pytest.raises(clock.Stalled):
+        clock.run(forever())
+
+
+def test_trace_round_trip_and_shorthand(tmp_path):
+    spec = WorkloadSpec(sessions=20, adapters=10, duration_s=10, seed=4)
+    trace = generate(spec)
+    assert trace == generate(spec), "a spec and seed give the same trace"
+    path = tmp_path / "t.jsonl"
+    write(path, trace)
+    assert read(path) == trace
+    assert {r.adapter for r in trace} - {None} <= {f"lora{i:04d}" for i in range(10)}
+    turns = [r for r in trace if r.session == trace[0].session]
+    assert all(a.prompt == b.prompt[:len(a.prompt)] for a, b in zip(turns, turns[1:])), \
+        "a later turn's prompt extends the earlier one (shared prefix)"
+
+    path.write_text('{"t": 1.5, "prompt_tokens": 300, "output_tokens": 20}\n')
+    (r,) = read(path)
+    assert (r.prompt_tokens, r.max_tokens, r.adapter) == (300, 20, None)
+    path.write_text('{"t": 1.5, "output_tokens": 20}\n')
+    with pytest.raises(ValueError, match="line 1"):
+        read(path)
+
+
+def test_engine_times_one_request_from_the_profile_and_hits_its_cache():
+    profile = dataclasses.replace(H200_8B, decode_per_seq_s=0.0, decode_per_ctx_token_s=0.0)
+    prompt = [("sys/a", 1000), ("doc/1", 2000)]
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        engine = SimEngine(profile, loop)
+        times = []
+        for _ in range(2):
+            seq = Sequence(chain=chain_keys(prompt, stable_hash), prompt_tokens=3000,
+                           output_tokens=11, adapter=None, first_token=loop.create_future(),
+                           done=loop.create_future())
+            start = loop.time()
+            engine.submit(seq)
+            times.append((await seq.first_token - start, await seq.done - start))
+        return times, engine.prefix_hits
+
+    (first, second), hits = clock.run(scenario())
+    # One step carries the whole 3,000-token prefill (under max_num_batched_tokens).
+    assert first[0] == pytest.approx(profile.decode_base_s + 3000 / profile.prefill_tokens_per_s)
+    assert first[1] - first[0] == pytest.approx(10 * profile.decode_base_s)
+    assert second[0] < first[0] / 10, "the second request's prompt is all cached"
+    assert hits == 2992  # whole 16-token blocks, never the last prompt token
+
+
+def test_a_run_drives_the_projects_router_planner_admission_and_slots(monkeypatch):
+    calls: dict[str, int] = {}
+
+    def spy(cls, name):
+        original = getattr(cls, name)
+
+        def wrapper(*args, **kwargs):
+            calls[f"{cls.__name__}.{name}"] = calls.get(f"{cls.__name__}.{name}", 0) + 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, wrapper)
+
+    spy(PlacementAwareRouter, "rank")
+    spy(PlacementAwareRouter, "on_request_completed")
+    spy(PlacementPlanner, "report")
+    spy(PlacementPlanner, "record_demand")
+    spy(AdmissionController, "_grant")
+    spy(AdapterSlots, "victims_for_one_more")
+
+    trace = generate(WorkloadSpec(sessions=40, adapters=30, duration_s=5, seed=1))
+    profile = dataclasses.replace(H200_8B, adapter_slots=4)
+    sim = Simulation(SimConfig(policy="placement_aware", replicas=4, ingresses=2,
+                               profile=profile), trace)
+    result = clock.run(sim.run())
+
+    assert result["completed"] == len(trace)
+    for name in ("PlacementAwareRouter.rank", "PlacementAwareRouter.on_request_completed",
+                 "AdmissionController._grant"):
+        assert calls[name] == len(trace), name
+    assert calls["PlacementPlanner.report"] > 0 and calls["PlacementPlanner.record_demand"] > 0
+    assert calls["AdapterSlots.victims_for_one_more"] > 0, "30 adapters in 4 x 4 slots evict"
+    assert result["adapter_loads"] > 0 and result["prefix_cache_hits"] > 0
+
+
+def test_admission_rejections_are_recorded_not_raised():
+    trace = [TraceRequest(t=0.0, prompt=[(f"p{i}", 500)], output_tokens=50, max_tokens=50,
+                          tenant="t") for i in range(400)]
+    cfg = SimConfig(policy="round_robin", replicas=1, profile=H200_8B,
+                    admission=AdmissionConfig(max_queue=10, queue_timeout_s=1.0))
+    result = clock.run(Simulation(cfg, trace).run())
+    assert result["requests"] == 400
+    assert 0 < result["rejection_rate"] < 1
+    assert set(result["rejected_by_reason"]) <= {"queue_full", "deadline"}
