@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ruvllm.atomic_dir import build_once
+from ruvllm.atomic_dir import build_once, write_text_atomic
 
 # Versions the jobs were measured with; the key of the environment's directory.
 TOOLKIT_REQUIREMENTS = (
@@ -43,9 +43,7 @@ def toolkit_python(cache_dir: Path, progress: Callable[[str], None] = print) -> 
         progress(f"creating the quantization toolkit environment in {target} "
                  f"({', '.join(TOOLKIT_REQUIREMENTS)}); once per machine, a few minutes")
         subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True)
-        venv_site = next((tmp / "lib").glob("python*/site-packages"))
-        (venv_site / "ruvllm-serving-env.pth").write_text(
-            "\n".join(p for p in site.getsitepackages() if Path(p).is_dir()) + "\n")
+        _point_at_serving_env(tmp)
         # The serving env's torch satisfies the toolkit's torch range; never replace it.
         import torch
 
@@ -58,4 +56,15 @@ def toolkit_python(cache_dir: Path, progress: Callable[[str], None] = print) -> 
                                               "torch": torch.__version__}))
 
     build_once(target, MARKER, build)
+    _point_at_serving_env(target)
     return target / "bin" / "python"
+
+
+def _point_at_serving_env(venv: Path) -> None:
+    """The toolkit venv is shared by every serving environment of the machine (a checkout's
+    .venv, a fresh clone's, CI's); the `.pth` must name the one running this job, or the
+    toolkit imports torch from an environment that may since have been deleted."""
+    pth = next((venv / "lib").glob("python*/site-packages")) / "ruvllm-serving-env.pth"
+    wanted = "\n".join(p for p in site.getsitepackages() if Path(p).is_dir()) + "\n"
+    if not pth.is_file() or pth.read_text() != wanted:
+        write_text_atomic(pth, wanted)

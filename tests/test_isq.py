@@ -259,3 +259,18 @@ def test_calibration_windows_are_memoised_per_weights_tokenizer_and_settings(tmp
     job.memoised_calibration_windows(base, small, "w1", cache, holdout=True)
     assert calls == [8, 16, 8, 8, 8]
 
+
+
+def test_toolkit_env_points_at_the_serving_env_running_the_job(tmp_path):
+    """The toolkit venv outlives the checkout that made it (a worktree, a fresh clone):
+    each job repoints its .pth, or the toolkit would import a deleted environment's torch."""
+    import site
+
+    from isq.toolkit_env import _point_at_serving_env
+
+    site_dir = tmp_path / "lib" / "python3.11" / "site-packages"
+    site_dir.mkdir(parents=True)
+    pth = site_dir / "ruvllm-serving-env.pth"
+    pth.write_text("/gone/.venv/lib/python3.11/site-packages\n")
+    _point_at_serving_env(tmp_path)
+    assert pth.read_text().split() == [p for p in site.getsitepackages() if Path(p).is_dir()]
