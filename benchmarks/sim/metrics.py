@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from benchmarks.sim.simulation import Simulation
+from typing import Any
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -16,7 +13,9 @@ def percentile(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p / 100 * len(s)))]
 
 
-def summarize(sim: "Simulation") -> dict[str, Any]:
+def summarize(sim: Any) -> dict[str, Any]:
+    """`sim` is a finished benchmarks.sim.simulation.Simulation (not imported: it imports
+    this module)."""
     recs = [r for r in sim.records if r.arrival >= sim.cfg.warmup_s]
     base = sim.counters_at_warmup
     ok = [r for r in recs if r.status == "ok"]
