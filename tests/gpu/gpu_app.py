@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import yaml
 
-from conftest import ADMIN_TOKEN, ROOT, ServeApp, _free_port, deploy_and_wait
+from conftest import ADMIN_TOKEN, DECLARED, ROOT, ServeApp, _free_port, deploy_and_wait
 
 BASE = "smollm2-135m-instruct"
 XLORA_NAME = "mix"
-GPU_ADAPTERS = ("alpha", "beta", "gamma")
+GPU_ADAPTERS = DECLARED  # three of the CPU suite's adapters (conftest.adapter_root)
 
 
 def cuda_devices() -> int:
@@ -75,23 +74,13 @@ def start_app(ray_head, args_update: dict[str, Any]) -> Iterator[ServeApp]:
 
 
 @pytest.fixture(scope="session")
-def gpu_adapter_root(tmp_path_factory, base_model_path) -> Path:
-    from adapters.synthetic import make_lora_adapters
-
-    root = tmp_path_factory.mktemp("gpu-adapters")
-    make_lora_adapters(base_model_path, root, GPU_ADAPTERS, rank=8,
-                       base_model_name="HuggingFaceTB/SmolLM2-135M-Instruct")
-    return root
-
-
-@pytest.fixture(scope="session")
-def one_gpu_app(ray_head, gpu_adapter_root, xlora_checkpoint) -> Iterator[ServeApp]:
+def one_gpu_app(ray_head, adapter_root, xlora_checkpoint) -> Iterator[ServeApp]:
     fraction = {"num_gpus": 0.4}  # base and mixture replicas share the one card
     yield from start_app(ray_head, {
         "engine": {"gpu_memory_utilization": 0.25, "max_loras": 2, "max_cpu_loras": 2,
                    "max_lora_rank": 8},
         "replicas": {"num_replicas": 1, **fraction},
-        "adapters": {"allowed_roots": [str(gpu_adapter_root)],
+        "adapters": {"allowed_roots": [str(adapter_root)],
                      "declared": {name: name for name in GPU_ADAPTERS},
                      "admin_token": ADMIN_TOKEN},
         "xlora": [{"name": XLORA_NAME, "checkpoint": str(xlora_checkpoint),

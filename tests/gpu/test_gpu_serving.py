@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx
 
 from conftest import ROOT
-from gpu_app import (BASE, GPU_ADAPTERS, XLORA_NAME, gpu_adapter_root,  # noqa: F401
-                     needs_gpus, one_gpu_app)
+from gpu_app import BASE, GPU_ADAPTERS, XLORA_NAME, needs_gpus, one_gpu_app  # noqa: F401
 
 pytestmark = needs_gpus(1)
 
