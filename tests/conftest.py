@@ -313,8 +313,10 @@ def openai_client(serve_app: ServeApp):
                          timeout=120)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def async_openai_client(serve_app: ServeApp):
+    """One per test: its connection pool belongs to the event loop of the test's
+    asyncio.run, and a pool reused from a closed loop fails ('Event loop is closed')."""
     import openai
 
     return openai.AsyncOpenAI(base_url=serve_app.openai_url, api_key="unused",
