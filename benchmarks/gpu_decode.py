@@ -6,8 +6,12 @@
     eager, X-LoRA granular and non-granular (eager: the two-pass forward is not captured) —
     on the X-LoRA fixture (`ruvllm xlora-fixture`).
 (c) Quantized 8B: the Llama-3-8B-shaped random model of `benchmarks.gpu_stack_vs_vllm` in
-    bf16, with vLLM's FP8 (weights quantized at load, W8A8 on Hopper), and W4A16 (Marlin)
-    when a compressed-tensors checkpoint is given (`--w4a16-dir`).
+    bf16, with vLLM's FP8 (weights quantized at load, W8A8 on Hopper), and W4A16: by
+    default a GPTQ-format checkpoint of the same shape whose 4-bit weights are random
+    (`--w4a16-dir random`; vLLM serves it with its Marlin-family kernels), or any W4A16
+    checkpoint directory. Decode speed depends on the shapes and the kernel, not on the
+    values, so random 4-bit weights measure what a real quantization of the 8B would; the
+    quality of ISQ's W4A16 is measured on the default model (tests/gpu/test_isq_gpu.py).
 
 Each row is its own process (one engine, its memory freed after): 32 prompt tokens, then
 `--tokens` generated tokens (ignore_eos) for a batch of 1 and of 64; decode tok/s is the
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,8 +64,12 @@ def run_row(name: str, spec: dict, script: Path) -> dict:
     if line is None:
         raise RuntimeError(f"{name} failed:\n{run.stderr[-3000:]}")
     result = json.loads(line[7:])
-    log(f"{name}: " + ", ".join(f"batch {b} {r['tok_per_s']:.0f} tok/s" for b, r in result.items())
-        + f" ({time.monotonic() - started:.0f} s with start-up)")
+    # Which GEMM kernels vLLM picked for the quantized rows (it logs its choice).
+    result["kernels"] = sorted({m.strip() for m in re.findall(
+        r"Using (\w+(?:LinearKernel|Kernel|kernel)\w*)", run.stdout + run.stderr)})
+    log(f"{name}: " + ", ".join(f"batch {b} {result[b]['tok_per_s']:.0f} tok/s"
+                                for b in map(str, spec["batches"]))
+        + f" ({time.monotonic() - started:.0f} s with start-up) {result['kernels']}")
     return result
 
 
@@ -79,10 +89,65 @@ def xlora_rows(tokens: int) -> dict[str, dict]:
                             "eager": True, **common},
         "X-LoRA non-granular": {"model": str(export_for_vllm(
             xlora, base, exported, {"non_granular": True})), "eager": True, **common},
+        # Whether the two-pass forward survives torch.compile + piecewise CUDA graphs.
+        "X-LoRA granular (CUDA graphs)": {"model": str(export_for_vllm(xlora, base, exported, {})),
+                                          "eager": False, **common},
     }
 
 
-def quant_rows(model_dir: Path, w4a16_dir: Path | None, tokens: int) -> dict[str, dict]:
+def build_random_gptq(path: Path, like: Path, group_size: int = 128) -> Path:
+    """A GPTQ-format (4-bit, symmetric, group 128, no act-order) checkpoint of `like`'s
+    Llama shape, every linear layer's packed weights random; embeddings, norms and the LM
+    head stay bf16 as GPTQ leaves them."""
+    if (path / ".ready").exists():
+        return path
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((like / "config.json").read_text())
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    kv = hidden // config["num_attention_heads"] * config["num_key_value_heads"]
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, kv),
+              "self_attn.v_proj": (hidden, kv), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter),
+              "mlp.down_proj": (inter, hidden)}  # (in_features, out_features)
+    path.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def packed(rows: int, cols: int) -> torch.Tensor:
+        return torch.randint(-2**31, 2**31 - 1, (rows, cols), dtype=torch.int32, device="cuda",
+                             generator=gen).cpu()
+
+    def bf16(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, device="cuda", generator=gen) * std).to(torch.bfloat16).cpu()
+
+    for layer in range(config["num_hidden_layers"]):
+        tensors = {f"model.layers.{layer}.input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                   f"model.layers.{layer}.post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+        for name, (k, n) in shapes.items():
+            prefix = f"model.layers.{layer}.{name}"
+            tensors[f"{prefix}.qweight"] = packed(k // 8, n)
+            # Symmetric GPTQ stores zero point 8 as 7 in every nibble; Marlin ignores it.
+            tensors[f"{prefix}.qzeros"] = torch.full((k // group_size, n // 8), 0x77777777, dtype=torch.int32)
+            tensors[f"{prefix}.scales"] = torch.full((k // group_size, n), 0.002, dtype=torch.float16)
+            tensors[f"{prefix}.g_idx"] = torch.arange(k, dtype=torch.int32) // group_size
+        save_file(tensors, str(path / f"layer-{layer:02d}.safetensors"), metadata={"format": "pt"})
+    save_file({"model.embed_tokens.weight": bf16(config["vocab_size"], hidden),
+               "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+               "lm_head.weight": bf16(config["vocab_size"], hidden)},
+              str(path / "embeddings.safetensors"), metadata={"format": "pt"})
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group_size,
+                                     "desc_act": False, "sym": True, "checkpoint_format": "gptq"}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "generation_config.json"):
+        if (like / name).exists():
+            shutil.copy(like / name, path / name)
+    (path / ".ready").write_text("ok")
+    return path
+
+
+def quant_rows(model_dir: Path, w4a16_dir: str | None, tokens: int) -> dict[str, dict]:
     from benchmarks.gpu_stack_vs_vllm import build_random_llama
     from ruvllm.model_store import prepare_builtin
 
@@ -91,8 +156,11 @@ def quant_rows(model_dir: Path, w4a16_dir: Path | None, tokens: int) -> dict[str
     rows = {"8B bf16": {"model": str(model_dir), **common},
             "8B FP8 (W8A8, quantized at load)": {"model": str(model_dir), "quantization": "fp8",
                                                  **common}}
-    if w4a16_dir is not None:
-        rows["8B W4A16 (Marlin)"] = {"model": str(w4a16_dir), **common}
+    if w4a16_dir == "random":
+        gptq = build_random_gptq(model_dir.with_name(model_dir.name + "-gptq"), model_dir)
+        rows["8B W4A16 (GPTQ, random 4-bit weights)"] = {"model": str(gptq), **common}
+    elif w4a16_dir:
+        rows["8B W4A16"] = {"model": w4a16_dir, **common}
     return rows
 
 
@@ -110,15 +178,25 @@ def write_report(out: Path, result: dict) -> None:
         rows = result["rows"].get(section)
         if not rows:
             continue
-        lines += [f"## {title}", "", "| row | batch 1 tok/s | vs peer | batch 64 tok/s | vs peer |",
-                  "|---|---|---|---|---|"]
+        lines += [f"## {title}", "", f"Peer: {peer}.", "",
+                  "| row | batch 1 tok/s | vs peer | batch 64 tok/s | vs peer | weights GiB | "
+                  "vs peer | kernels |", "|---|---|---|---|---|---|---|---|"]
         for name, r in rows.items():
+            if "error" in r:
+                lines.append(f"| {name} | failed: {r['error']} | | | | | | |")
+                continue
             cells = []
             for b in ("1", "64"):
-                ratio = r[b]["tok_per_s"] / rows[peer][b]["tok_per_s"]
-                cells += [f"{r[b]['tok_per_s']:.0f}", f"{ratio:.2f}x"]
+                ratio = r[b]["tok_per_s"] / rows[peer][b]["tok_per_s"] if "1" in rows[peer] else None
+                cells += [f"{r[b]['tok_per_s']:.0f}", "—" if ratio is None else f"{ratio:.2f}x"]
+            size = r.get("weight_bytes", 0)
+            peer_size = rows[peer].get("weight_bytes") or 0
+            cells += [f"{size / 2**30:.2f}", f"{size / peer_size:.2f}x" if peer_size else "—",
+                      ", ".join(r.get("kernels", [])) or "—"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    if result.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
     lines += ["Targets (issue 14): X-LoRA granular >= 0.5x and non-granular >= 0.8x the base "
               "(with CUDA graphs) at batch 64; W4A16 >= 1.8x and FP8 >= 1.3x bf16 at batch 1.",
               "", "![decode speed](report.png)", ""]
@@ -135,7 +213,7 @@ def plot(out: Path, result: dict) -> None:
     sections = [s for s in ("xlora", "quant") if result["rows"].get(s)]
     fig, axes = plt.subplots(1, len(sections), figsize=(7 * len(sections), 4), squeeze=False)
     for ax, section in zip(axes[0], sections):
-        rows = result["rows"][section]
+        rows = {n: r for n, r in result["rows"][section].items() if "error" not in r}
         names = list(rows)
         for i, b in enumerate(("1", "64")):
             ax.bar([j + i * 0.4 for j in range(len(names))],
@@ -153,7 +231,9 @@ def main() -> int:
     parser.add_argument("--rows", default="xlora,quant")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/llama8b-random"))
-    parser.add_argument("--w4a16-dir", type=Path, default=None)
+    parser.add_argument("--w4a16-dir", default="random",
+                        help="'random' (a GPTQ checkpoint with random 4-bit weights), a W4A16 "
+                             "checkpoint directory, or '' for no W4A16 row")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_decode")
     args = parser.parse_args()
 
@@ -171,8 +251,13 @@ def main() -> int:
     for section in args.rows.split(","):
         result["rows"][section] = {}
         for name, spec in sections[section]().items():
-            result["rows"][section][name] = run_row(name, spec, script)
-            result["rows"][section][name]["weight_bytes"] = weight_bytes(spec["model"])
+            try:
+                row = run_row(name, spec, script)
+            except RuntimeError as e:  # one row failing (an X-LoRA mode, a kernel) is a finding
+                log(str(e))
+                row = {"error": str(e).splitlines()[-1][:300]}
+            row["weight_bytes"] = weight_bytes(spec["model"])
+            result["rows"][section][name] = row
             write_report(args.out, result)  # partial results survive a later failure
     print((args.out / "report.md").read_text())
     return 0

@@ -13,8 +13,13 @@ with 4 slots of rank 16, max_num_seqs 256):
 
   bare     vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`);
   stack    `serve run cluster-gpu.yaml`, one engine replica, the model above;
+  stack-tput  `stack` under Ray Serve's high-throughput flags (RAY_SERVE_THROUGHPUT_OPTIMIZED:
+           direct ingress and gRPC between replicas; RAY_SERVE_ENABLE_HA_PROXY: HAProxy
+           instead of the Python HTTP proxy);
   stack-2  the same with two replicas, one per GPU (benchmark d: needs two GPUs; run it
-           with `--targets stack,stack-2 --concurrency 128`).
+           with `--targets stack,stack-2 --concurrency 128`); stack-2-tput likewise;
+  stack-i4, stack-tput-i4  one engine replica behind four ingress replicas (admission
+           then runs per ingress: each has its own queue and tenant shares).
 
 Load: vLLM's own `vllm bench serve` client, random 512-token prompts, 256 output tokens
 (ignore_eos), chat endpoint, at each concurrency. Writes report.json / report.md /
@@ -86,13 +91,21 @@ def start_bare(model: Path, port: int, logfile: Path) -> tuple[subprocess.Popen,
             f"http://127.0.0.1:{port}")
 
 
-def start_stack_on(model: Path, port: int, logfile: Path,
-                   replicas: int = 1) -> tuple[subprocess.Popen, str]:
+# Ray Serve 2.60's documented high-throughput mode (docs: "Enable High Throughput on Ray
+# Serve with KubeRay"): the ingress replica serves HTTP itself behind HAProxy, and
+# replicas talk gRPC instead of Ray's actor calls.
+THROUGHPUT_FLAGS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def start_stack_on(model: Path, port: int, logfile: Path, replicas: int = 1,
+                   env_vars: dict[str, str] | None = None,
+                   ingresses: int = 1) -> tuple[subprocess.Popen, str]:
     def use_model(args: dict) -> None:
         args["model"] = {"source": str(model), "served_name": SERVED}
         args["replicas"]["num_replicas"] = replicas
+        args["ingress"]["num_replicas"] = ingresses
 
-    return start_stack(port, logfile, use_model, GPU_CONFIG)
+    return start_stack(port, logfile, use_model, GPU_CONFIG, env_vars)
 
 
 def gpu_name() -> str:
@@ -101,12 +114,23 @@ def gpu_name() -> str:
     return out[0] if out else "unknown GPU"
 
 
+def gpu_count() -> int:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return len(visible.split(","))
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+    return len(out.strip().splitlines())
+
+
 def wait_for_gpu_memory(limit_mib: int = 4096, timeout_s: float = 120) -> None:
-    """The next target's vLLM sizes its KV cache from free memory: start it on an empty card."""
+    """The next target's vLLM sizes its KV cache from free memory: start it on an empty card.
+    Only this process's GPUs count (CUDA_VISIBLE_DEVICES): another job may hold the rest."""
+    query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        query += ["-i", os.environ["CUDA_VISIBLE_DEVICES"]]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True).stdout.split()
+        used = subprocess.run(query, capture_output=True, text=True).stdout.split()
         if used and max(int(u) for u in used) < limit_mib:
             return
         time.sleep(2)
@@ -129,25 +153,26 @@ def sweep(url: str, model: Path, concurrencies: list[int], args, out: Path, name
 
 
 def write_report(out: Path, results: dict, meta: dict) -> None:
-    bare = results.get("bare", {}).get("rows", {})
+    peer_name = meta.get("peer", "bare")
+    peer = results.get(peer_name, {}).get("rows", {})
     for name, target in results.items():
         for c, row in target["rows"].items():
-            if name != "bare" and c in bare:
-                row["throughput_ratio_vs_bare"] = row["output_throughput"] / bare[c]["output_throughput"]
-                row["ttft_p50_delta_ms"] = row["p50_ttft_ms"] - bare[c]["p50_ttft_ms"]
+            if name != peer_name and c in peer:
+                row["throughput_ratio_vs_bare"] = row["output_throughput"] / peer[c]["output_throughput"]
+                row["ttft_p50_delta_ms"] = row["p50_ttft_ms"] - peer[c]["p50_ttft_ms"]
     (out / "report.json").write_text(json.dumps({"meta": meta, "targets": results}, indent=2))
     lines = [
         "# ruvllm stack vs bare vLLM on a GPU",
         "",
-        f"Measured {meta['date']} on **{meta['gpu']}** (vLLM {meta['vllm']}, Ray {meta['ray']}), "
-        f"one run, the same GPU for both targets. Model: Llama-3-8B shape, random bf16 weights, "
+        f"Measured {meta['date']} on **{meta.get('gpus', 1)} x {meta['gpu']}** (vLLM {meta['vllm']}, Ray {meta['ray']}), "
+        f"one run, the same GPU(s) for every target. Model: Llama-3-8B shape, random bf16 weights, "
         f"the default model's tokenizer. {meta['input_len']} random prompt tokens, "
         f"{meta['output_len']} output tokens (ignore_eos), chat endpoint, `vllm bench serve`.",
         "",
         f"Engine settings for both (cluster-gpu.yaml): {meta['engine']}.",
         "",
-        "| target | concurrency | requests | output tok/s | ratio vs bare | TTFT p50 / p99 (ms) "
-        "| TTFT p50 vs bare | TPOT p50 (ms) | failed |",
+        f"| target | concurrency | requests | output tok/s | ratio vs {peer_name} | TTFT p50 / p99 (ms) "
+        f"| TTFT p50 vs {peer_name} | TPOT p50 (ms) | failed |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, target in results.items():
@@ -163,7 +188,10 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
     lines += ["", "Start-up (s): " + ", ".join(
         f"{n} {t['startup_s']:.0f}" for n, t in results.items()), "",
         "Targets (issue 14): stack output throughput >= 0.95x bare at c=64 and c=128; "
-        "TTFT p50 at c=1 within +10 ms of bare.", ""]
+        "TTFT p50 at c=1 within +10 ms of bare; two replicas on two GPUs >= 1.8x one "
+        "replica at c=128.", ""]
+    if meta.get("failed_targets"):
+        lines += ["Failed targets: " + "; ".join(f"{n}: {e}" for n, e in meta["failed_targets"].items()), ""]
     if meta.get("notes"):
         lines += ["## Notes", ""] + [f"- {note}" for note in meta["notes"]] + [""]
     lines += ["![throughput and TTFT](report.png)", ""]
@@ -196,6 +224,7 @@ def plot(out: Path, results: dict, meta: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", default="bare,stack")
+    parser.add_argument("--peer", default="bare", help="the target the ratios compare against")
     parser.add_argument("--concurrency", default="1,16,64,128")
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
@@ -225,7 +254,22 @@ def main() -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     starters = {"bare": lambda: start_bare(args.model_dir, 8100, logs / "bare.log"),
                 "stack": lambda: start_stack_on(args.model_dir, 8200, logs / "stack.log"),
-                "stack-2": lambda: start_stack_on(args.model_dir, 8300, logs / "stack-2.log", 2)}
+                "stack-2": lambda: start_stack_on(args.model_dir, 8300, logs / "stack-2.log", 2),
+                "stack-tput": lambda: start_stack_on(args.model_dir, 8400, logs / "stack-tput.log",
+                                                     env_vars=THROUGHPUT_FLAGS),
+                "stack-2-tput": lambda: start_stack_on(args.model_dir, 8500,
+                                                       logs / "stack-2-tput.log", 2,
+                                                       env_vars=THROUGHPUT_FLAGS),
+                "stack-tput-i4": lambda: start_stack_on(args.model_dir, 8600,
+                                                        logs / "stack-tput-i4.log",
+                                                        env_vars=THROUGHPUT_FLAGS, ingresses=4),
+                "stack-i4": lambda: start_stack_on(args.model_dir, 8700, logs / "stack-i4.log",
+                                                   ingresses=4)}
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu_name(),
+            "vllm": vllm.__version__, "ray": ray.__version__, "input_len": args.input_len,
+            "output_len": args.output_len, "peer": args.peer, "gpus": gpu_count(),
+            "engine": ", ".join(f"{k}={v}" for k, v in engine_settings(GPU_CONFIG).items()
+                                if v is not None)}
     results: dict[str, dict] = {}
     for name in args.targets.split(","):
         log(f"{name}: starting")
@@ -236,15 +280,13 @@ def main() -> int:
             log(f"{name}: serving after {ready:.0f} s")
             results[name] = {"startup_s": ready,
                              "rows": sweep(url, args.model_dir, concurrencies, args, args.out, name)}
+        except Exception as e:  # a target that fails is reported; the others still run
+            log(f"{name}: failed: {e!r}")
+            meta.setdefault("failed_targets", {})[name] = repr(e)[:300]
         finally:
             (stop if name == "bare" else stop_stack)(proc)
             wait_for_gpu_memory()
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu_name(),
-            "vllm": vllm.__version__, "ray": ray.__version__, "input_len": args.input_len,
-            "output_len": args.output_len,
-            "engine": ", ".join(f"{k}={v}" for k, v in engine_settings(GPU_CONFIG).items()
-                                if v is not None)}
-    write_report(args.out, results, meta)
+        write_report(args.out, results, meta)  # what was measured survives a later failure
     print((args.out / "report.md").read_text())
     return 0
 

@@ -87,7 +87,8 @@ def engine_settings(config: Path = ROOT / "cluster.yaml") -> dict[str, Any]:
 
 
 def start_stack(port: int, logfile: Path, overrides: Callable[[dict], None],
-                config_path: Path = ROOT / "cluster.yaml") -> tuple[subprocess.Popen, str]:
+                config_path: Path = ROOT / "cluster.yaml",
+                env_vars: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     config = yaml.safe_load(config_path.read_text())
     config["http_options"]["port"] = port
     overrides(config["applications"][0]["args"])
@@ -97,6 +98,7 @@ def start_stack(port: int, logfile: Path, overrides: Callable[[dict], None],
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["HF_HUB_OFFLINE"] = "1"
     env.setdefault("RAY_worker_niceness", "0")  # as `make serve` runs it (see Makefile)
+    env.update(env_vars or {})  # Ray Serve reads its feature flags when the cluster starts
     proc = subprocess.Popen([tool("serve"), "run", str(path)], env=env, cwd=ROOT,
                             stdout=logfile.open("w"), stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"
