@@ -112,14 +112,15 @@ def build_random_gptq(path: Path, like: Path, group_size: int = 128) -> Path:
               "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter),
               "mlp.down_proj": (inter, hidden)}  # (in_features, out_features)
     path.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def packed(rows: int, cols: int) -> torch.Tensor:
-        return torch.randint(-2**31, 2**31 - 1, (rows, cols), dtype=torch.int32, device="cuda",
+        return torch.randint(-2**31, 2**31 - 1, (rows, cols), dtype=torch.int32, device=device,
                              generator=gen).cpu()
 
     def bf16(*shape: int, std: float = 0.02) -> torch.Tensor:
-        return (torch.randn(*shape, device="cuda", generator=gen) * std).to(torch.bfloat16).cpu()
+        return (torch.randn(*shape, device=device, generator=gen) * std).to(torch.bfloat16).cpu()
 
     for layer in range(config["num_hidden_layers"]):
         tensors = {f"model.layers.{layer}.input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
