@@ -27,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.registry import AdapterError, AdapterSpec
-from deployments import request_limits, vllm_compat
+from deployments import readiness, request_limits, vllm_compat
 from deployments.auth import AdminGuard, ApiKeys, admin_token, bearer, digest
 from deployments.client_error import ClientError
 from deployments.cluster_view import ClusterView
@@ -128,7 +128,10 @@ class OpenAIIngress:
         self._admission_pools = (self._admission, *self._dedicated_admission.values())
         ingress_share = max(1, config.ingress.num_replicas)
 
+        self._capacity: dict[str | None, int] = {}
+
         def on_capacity(model: str | None, kv: int, seqs: int) -> None:
+            self._capacity[model] = kv
             pool = self._admission if model is None else self._dedicated_admission.get(model)
             if pool is not None:
                 pool.set_capacity(kv // ingress_share, max(1, seqs // ingress_share) if seqs else 0)
@@ -145,7 +148,8 @@ class OpenAIIngress:
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        status, body = readiness.health(self._base_name, self._capacity, self._dedicated)
+        return JSONResponse(body, status_code=status)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:

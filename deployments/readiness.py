@@ -54,3 +54,18 @@ class ReadyAnnouncement:
         pools = [f"{self.model!r} on {live.get(None, 0)} engine replica(s)"]
         pools += [f"{pool!r} on {live[pool]}" for pool in sorted(p for p in live if p)]
         return f"{READY_PREFIX} {', '.join(pools)}; OpenAI API at /v1"
+
+
+def health(base_model: str, capacity: dict[str | None, int],
+           dedicated: Iterable[str]) -> tuple[int, dict]:
+    """`GET /health`: 200 once an engine serving the base model has reported KV capacity,
+    503 before (and again if every such engine is gone), so a load balancer or readiness
+    probe sends no traffic that could only wait in the admission queue. The body names
+    each model's state; a dedicated model still quantizing or loading does not hold the
+    base back. `capacity` is the KV tokens last reported per pool (None: the base's)."""
+    models = {base_model: capacity.get(None, 0) > 0}
+    models.update({name: capacity.get(name, 0) > 0 for name in dedicated})
+    ready = models[base_model]
+    body = {"status": "ok" if ready else "starting",
+            "models": {name: "ready" if up else "starting" for name, up in models.items()}}
+    return (200 if ready else 503), body

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from conftest import cluster_app_args
-from deployments.readiness import READY_PREFIX, ReadyAnnouncement
+from deployments.readiness import READY_PREFIX, ReadyAnnouncement, health
 from router.placement import ReplicaReport
 from ruvllm.config import AppConfig
 
@@ -36,3 +36,14 @@ def test_dedicated_models_and_autoscaling_count_too():
     line = ready.line([_report("a"), _report("b"), _report("c", dedicated="q8")])
     assert line is not None and line.endswith(
         "'smollm2-135m-instruct' on 2 engine replica(s), 'q8' on 1; OpenAI API at /v1")
+
+
+def test_health_is_503_until_a_base_engine_reports_capacity_and_names_each_model():
+    status, body = health("base", {}, ["xl"])
+    assert status == 503 and body == {"status": "starting",
+                                      "models": {"base": "starting", "xl": "starting"}}
+    status, body = health("base", {None: 23296}, ["xl"])
+    assert status == 200 and body == {"status": "ok", "models": {"base": "ready", "xl": "starting"}}
+    assert health("base", {None: 23296, "xl": 1000}, ["xl"])[1]["models"]["xl"] == "ready"
+    # Every base engine gone: capacity reported as 0, traffic should stop coming.
+    assert health("base", {None: 0, "xl": 1000}, ["xl"])[0] == 503

@@ -109,9 +109,11 @@ def test_response_names_the_replica_and_request_id(serve_app, model):
     assert r.headers["x-ruvllm-replica"]
 
 
-def test_health(serve_app):
+def test_health(serve_app, model):
     r = httpx.get(f"{serve_app.base_url}/health", timeout=10)
     assert r.status_code == 200
+    assert r.json()["status"] == "ok"
+    assert r.json()["models"][model] == "ready"
 
 
 def test_disconnected_stream_frees_its_engine_request(serve_app, backend):
