@@ -124,6 +124,8 @@ def deterministic(threads: int) -> None:
     import numpy
     import torch
 
+    # cuBLAS is deterministic only with a fixed workspace (must be set before CUDA starts).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(0)
     numpy.random.seed(0)
     torch.manual_seed(0)
