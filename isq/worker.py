@@ -191,6 +191,7 @@ def main(spec_path: str) -> None:
     work_dtype = torch.bfloat16 if _cuda() else torch.float32
     eval_sets = spec["eval_sets"]
     metrics: dict = {"threads": threads,
+                     "device": torch.cuda.get_device_name() if _cuda() else "cpu",
                      "sets": {s["name"]: {"base_perplexity": s["base_perplexity"]}
                               for s in eval_sets}}
     unknown = [s for s in eval_sets if s["base_perplexity"] is None]
