@@ -42,14 +42,22 @@ VARIANT = {"name": QUANTIZED,
 KERNEL_LOG = re.compile(r"Using (\w+) for CompressedTensorsWNA16")
 
 
+def _applications(url: str, headers: dict) -> dict:
+    try:
+        return httpx.get(url, headers=headers, timeout=30).json().get("applications") or {}
+    except (httpx.HTTPError, ValueError):  # Serve restarting: ask again
+        return {"?": None}
+
+
 def _delete_applications(app_head) -> None:
     url = f"{app_head.dashboard_url}/api/serve/applications/"
     headers = app_head.auth_headers()
-    if not (httpx.get(url, headers=headers, timeout=30).json().get("applications") or {}):
+    if not _applications(url, headers):
         return
-    assert httpx.delete(url, headers=headers, timeout=60).status_code == 200
+    r = httpx.delete(url, headers=headers, timeout=120)
+    assert r.status_code == 200, r.text
     deadline = time.monotonic() + 120
-    while httpx.get(url, headers=headers, timeout=30).json().get("applications"):
+    while _applications(url, headers):
         assert time.monotonic() < deadline, "earlier Serve applications did not go away"
         time.sleep(2)
 
@@ -62,8 +70,8 @@ def isq_gpu_app(ray_head) -> Iterator[ServeApp]:
         # Base and quantized replicas share the card. Quantized replicas never load
         # adapters (deployments/replica.py); the base's LoRA is test_gpu_serving.py's.
         "engine": {"gpu_memory_utilization": 0.25, "enable_lora": False,
-                   # Eager: no torch.compile / CUDA graph capture, so two engines start in
-                   # well under a minute (the one-GPU app took 232 s with them). The
+                   # Eager: no torch.compile / CUDA graph capture at start (the one-GPU
+                   # app's setup took 232 s), leaving the call's minutes to the job. The
                    # kernel choice is the same; decode speed is benchmarks/gpu_decode's.
                    "enforce_eager": True},
         "adapters": {"allowed_roots": [], "declared": {}},
@@ -130,7 +138,8 @@ def _kernels_logged(head) -> dict[str, list[str]]:
     """vLLM logs `Using <kernel> for CompressedTensorsWNA16` once per kernel in its engine
     process, whose output Ray keeps in the worker logs of the session."""
     found: dict[str, list[str]] = {}
-    for log in Path("/tmp/ray/session_latest/logs").glob("worker-*"):
+    logs = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "session_latest" / "logs"
+    for log in logs.glob("worker-*"):
         try:
             text = log.read_text(errors="replace")
         except OSError:
