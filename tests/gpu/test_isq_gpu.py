@@ -134,12 +134,12 @@ def test_isq_job_quantized_on_the_gpu_and_passed_the_gate(isq_gpu_app):
     assert (group["weights"]["num_bits"], group["weights"]["group_size"]) == (4, GROUP_SIZE)
 
 
-def _kernels_logged(head) -> dict[str, list[str]]:
+def _kernels_logged() -> dict[str, list[str]]:
     """vLLM logs `Using <kernel> for CompressedTensorsWNA16` once per kernel in its engine
-    process, whose output Ray keeps in the worker logs of the session."""
+    process, whose output Ray keeps in the session's logs (the replica's worker-*.out/err)."""
     found: dict[str, list[str]] = {}
     logs = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "session_latest" / "logs"
-    for log in logs.glob("worker-*"):
+    for log in (f for f in logs.rglob("*") if f.suffix in (".out", ".err", ".log")):
         try:
             text = log.read_text(errors="replace")
         except OSError:
@@ -164,6 +164,8 @@ def test_the_w4a16_checkpoint_is_served_on_the_gpu_with_marlin(isq_gpu_app):
         else:
             r = httpx.post(f"{isq_gpu_app.openai_url}/completions", timeout=120, json={
                 "model": QUANTIZED, "prompt": text, "max_tokens": 8, "temperature": 0})
+        if r.status_code != 200:
+            _record(answers=answers, failed_request={name: r.text})
         assert r.status_code == 200, r.text
         assert r.json()["model"] == QUANTIZED
         choice = r.json()["choices"][0]
@@ -172,7 +174,7 @@ def test_the_w4a16_checkpoint_is_served_on_the_gpu_with_marlin(isq_gpu_app):
             right.append(name)
         replica = r.headers.get("x-ruvllm-replica")
     stats = isq_gpu_app.engine_stats(replica, f"ISQ-{QUANTIZED}")
-    kernels = _kernels_logged(isq_gpu_app.head)
+    kernels = _kernels_logged()
     _record(answers=answers, right=right, engine_stats={k: stats.get(k) for k in (
         "dtype", "block_size", "gpu_ids", "num_kv_blocks", "quantization")},
         kernels_logged=kernels)
