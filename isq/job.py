@@ -276,6 +276,7 @@ def quantize(base_dir: Path, model_name: str, isq: IsqConfig, cache_dir: Path,
             "evaluation": evaluation_report(sets, digest, metrics),
             "quantize_seconds": metrics["quantize_seconds"],
             "threads": metrics.get("threads"),
+            "device": metrics.get("device"),  # where the job quantized: cpu or the GPU's name
             "job_seconds": time.monotonic() - started,
             "bytes": checkpoint_bytes.compare(base_dir, tmp),
             "toolkit": list(TOOLKIT_REQUIREMENTS),

@@ -124,6 +124,8 @@ def deterministic(threads: int) -> None:
     import numpy
     import torch
 
+    # cuBLAS is deterministic only with a fixed workspace (must be set before CUDA starts).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(0)
     numpy.random.seed(0)
     torch.manual_seed(0)
@@ -189,6 +191,7 @@ def main(spec_path: str) -> None:
     work_dtype = torch.bfloat16 if _cuda() else torch.float32
     eval_sets = spec["eval_sets"]
     metrics: dict = {"threads": threads,
+                     "device": torch.cuda.get_device_name() if _cuda() else "cpu",
                      "sets": {s["name"]: {"base_perplexity": s["base_perplexity"]}
                               for s in eval_sets}}
     unknown = [s for s in eval_sets if s["base_perplexity"] is None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 import struct
 from pathlib import Path
@@ -261,7 +262,7 @@ def test_calibration_windows_are_memoised_per_weights_tokenizer_and_settings(tmp
 
 
 
-def test_toolkit_env_points_at_the_serving_env_running_the_job(tmp_path):
+def test_toolkit_env_points_at_the_serving_env_running_the_job(tmp_path, monkeypatch):
     """The toolkit venv outlives the checkout that made it (a worktree, a fresh clone):
     each job repoints its .pth, or the toolkit would import a deleted environment's torch."""
     import site
@@ -272,5 +273,72 @@ def test_toolkit_env_points_at_the_serving_env_running_the_job(tmp_path):
     site_dir.mkdir(parents=True)
     pth = site_dir / "ruvllm-serving-env.pth"
     pth.write_text("/gone/.venv/lib/python3.11/site-packages\n")
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     _point_at_serving_env(tmp_path)
     assert pth.read_text().split() == [p for p in site.getsitepackages() if Path(p).is_dir()]
+
+
+def test_toolkit_env_lists_the_serving_pythonpath_before_its_site_packages(tmp_path):
+    """A serving env unpacked onto PYTHONPATH (the GPU machines' /tmp/site) must reach the
+    worker, whose PYTHONPATH is the project root only; in the serving interpreter's own
+    order, each existing directory once, missing ones and empty entries dropped."""
+    from isq.toolkit_env import serving_paths
+
+    site_tree, project, site_packages = (tmp_path / n for n in ("site", "proj", "sp"))
+    for d in (site_tree, project, site_packages):
+        d.mkdir()
+    pythonpath = os.pathsep.join([str(project), "", str(site_tree), "/nonexistent",
+                                  str(project)])
+    assert serving_paths(pythonpath, [str(site_packages), str(site_tree)]) == [
+        str(project), str(site_tree), str(site_packages)]
+    assert serving_paths(None, [str(site_packages)]) == [str(site_packages)]
+
+
+def test_toolkit_env_pth_holds_pythonpath_entries_after_the_venvs_own(tmp_path, monkeypatch):
+    """The .pth is read after the venv's site-packages, so its pinned compressed-tensors
+    wins over an older one on the serving PYTHONPATH; the venv's own directory is never
+    listed again."""
+    import site
+
+    from isq.toolkit_env import _point_at_serving_env
+
+    site_dir = tmp_path / "venv" / "lib" / "python3.12" / "site-packages"
+    site_dir.mkdir(parents=True)
+    extra = tmp_path / "site"
+    extra.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(extra), str(site_dir)]))
+    _point_at_serving_env(tmp_path / "venv")
+    listed = (site_dir / "ruvllm-serving-env.pth").read_text().split()
+    assert listed == [str(extra)] + [p for p in site.getsitepackages() if Path(p).is_dir()]
+
+
+def test_toolkit_pip_runs_without_pythonpath_but_with_the_callers_pip_settings():
+    """PIP_NO_INDEX / PIP_FIND_LINKS (an offline wheelhouse) reach pip untouched; the
+    PYTHONPATH that would shadow the venv's packages while pip resolves does not."""
+    from isq.toolkit_env import pip_environment
+
+    env = pip_environment({"PYTHONPATH": "/tmp/site", "PIP_NO_INDEX": "1",
+                           "PIP_FIND_LINKS": "/wheels", "PATH": "/bin"})
+    assert env == {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheels", "PATH": "/bin"}
+
+
+def test_toolkit_venv_borrows_the_serving_pip_and_needs_no_ensurepip(tmp_path):
+    """Pythons without ensurepip (Debian's, the GPU image's) cannot make a venv with pip;
+    with pip in the serving env the venv is made without one and borrows it via the .pth."""
+    import subprocess
+
+    from isq.toolkit_env import venv_command
+
+    assert "--without-pip" in venv_command(tmp_path / "v", borrow_pip=True)
+    assert "--without-pip" not in venv_command(tmp_path / "v", borrow_pip=False)
+    venv = tmp_path / "v"
+    subprocess.run(venv_command(venv, borrow_pip=True), check=True)
+    from isq.toolkit_env import _point_at_serving_env
+
+    _point_at_serving_env(venv)
+    out = subprocess.run([str(venv / "bin" / "python"), "-c",
+                          "import sys, pip; print(sys.prefix); print(pip.__file__)"],
+                         capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    prefix, pip_file = out.stdout.split()
+    assert Path(prefix) == venv and not pip_file.startswith(str(venv))

@@ -58,6 +58,9 @@ def test_job_calibrated_on_a_users_file_is_gated_on_its_held_out_part(base_model
     first = quantize(base_model_path, BASE, isq, cache)
     assert not first.reused and first.path == target
     report = first.report
+    import torch
+
+    assert (report["device"] == "cpu") == (not torch.cuda.is_available())  # where it ran
     assert report["calibration"]["windows"] == 8 and "every 5th document" in report[
         "calibration"]["held_out"]
     sets = {s["name"]: s for s in report["evaluation"]["sets"]}
