@@ -217,6 +217,20 @@ class AdapterRegistry:
         self.version += 1
         return spec
 
+    def fingerprints(self) -> dict[str, tuple]:
+        """Registered name -> the fingerprint of the weights it names."""
+        return dict(self._fingerprints)
+
+    def retired(self) -> dict[str, tuple]:
+        """Deleted name -> the fingerprint of the weights it named."""
+        return dict(self._retired)
+
+    def retire(self, name: str, fingerprint: tuple) -> None:
+        """Remember that `name` named these weights (a registry restored from disk: the
+        names its predecessor used, which replicas may still hold)."""
+        if name not in self._specs:
+            self._retired[name] = tuple(fingerprint)
+
     def get(self, name: str) -> AdapterSpec | None:
         return self._specs.get(name)
 

@@ -38,13 +38,27 @@ def build_once(target: Path, marker: str, build: Callable[[Path], None],
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary sibling and an atomic rename."""
+    """Write `text` to `path` through a temporary sibling and an atomic rename. The
+    file's data reaches the disk before the rename, and the rename before this returns,
+    so after a crash (or a node losing power) the path holds the old text or the new,
+    never an empty or partial file: a rename can otherwise reach the disk first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

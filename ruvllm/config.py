@@ -8,6 +8,7 @@ unknown keys so a typo fails at build time with the field's path in the message.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -307,6 +308,12 @@ class AdaptersConfig(_Strict):
         "field); $RUVLLM_ADMIN_TOKEN if unset. Without one the admin API is off (403).",
     )
     max_registered: int = Field(1000, gt=0)
+    state_file: Path | None = Field(
+        None,
+        description="Where the placement controller keeps the adapter registry (runtime "
+        "registrations, retired names, version) across restarts; default "
+        "<cache_dir>/registry/<app name>.json.",
+    )
 
 
 class PlacementConfig(_Strict):
@@ -709,6 +716,14 @@ class AppConfig(_Strict):
     @property
     def resolved_cache_dir(self) -> Path:
         return resolve_cache_dir(self.cache_dir)
+
+    @property
+    def registry_state_file(self) -> Path:
+        if self.adapters.state_file is not None:
+            return Path(self.adapters.state_file).expanduser()
+        # The app's name is free text: keep it one safe path component.
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", self.name).lstrip(".") or "app"
+        return self.resolved_cache_dir / "registry" / f"{stem}.json"
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "AppConfig":

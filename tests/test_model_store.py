@@ -93,3 +93,17 @@ def test_write_text_atomic_replaces_whole_and_leaves_no_temp_files(tmp_path, mon
         write_text_atomic(target, "third")
     assert target.read_text() == "second"  # a failed write leaves the old file whole
     assert [p.name for p in target.parent.iterdir()] == ["x.json"]
+
+
+def test_write_text_atomic_syncs_the_data_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr("ruvllm.atomic_dir.os.fsync",
+                        lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr("ruvllm.atomic_dir.os.replace",
+                        lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    write_text_atomic(tmp_path / "x.json", "data")
+    # The file's data, then the rename, then the directory entry the rename wrote.
+    assert events == ["fsync", "replace", "fsync"]
