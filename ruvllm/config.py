@@ -23,7 +23,10 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Infinite and NaN numbers are refused: inf passes every lower bound, NaN passes an
+    # unbounded field and then equals nothing (itself included), and neither is JSON, the
+    # form Serve's REST API and dashboard carry configs in (found by tests/test_fuzz_config.py).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
