@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from typing import Any
 
 from adapters.base_model import BaseModelInfo
@@ -92,6 +93,9 @@ class PlacementController:
         self._config = config
         self._store = RegistryStore(config.registry_state_file)
         self._registry = restore_registry(config, self._store)
+        # Serve runs sync methods in a thread pool: a change and the save of the state it
+        # made must not interleave with another's, or an older state could be saved last.
+        self._registry_lock = threading.Lock()
         self._planner = PlacementPlanner(
             hot_requests_per_s=config.placement.hot_requests_per_s,
             demand_window_s=config.placement.demand_window_s,
@@ -118,10 +122,11 @@ class PlacementController:
             "dedicated_capacity": {pool: list(c) for pool, c in
                                    self._planner.capacities().items() if pool is not None},
             "replicas": len(self._planner.replicas()),
-            "version": self._registry.version,
         }
-        if known_version != self._registry.version:
-            state["adapters"] = self._registry.snapshot()
+        with self._registry_lock:
+            state["version"] = self._registry.version
+            if known_version != self._registry.version:
+                state["adapters"] = self._registry.snapshot()
         # Printed here, not in `report`: the ingress that called learns the engines'
         # capacity from this answer, so requests are admitted from now on.
         ready = self._ready.line(self._planner.replicas())
@@ -132,20 +137,28 @@ class PlacementController:
     # -- admin API (called by the ingress after it checked the token) --------------------
 
     def register_adapter(self, name: str, path: str) -> AdapterSpec | AdapterError:
+        with self._registry_lock:
+            return self._register(name, path)
+
+    def unregister_adapter(self, name: str) -> AdapterSpec | AdapterError:
+        with self._registry_lock:
+            return self._unregister(name)
+
+    def _register(self, name: str, path: str) -> AdapterSpec | AdapterError:
         try:
             spec = self._registry.register(name, path)
         except AdapterError as e:
             return e  # returned, not raised: it is an answer, not a controller failure
         failed = self._save(f"register {name}")
         if failed:
-            # The name stays retired with these weights: a sync in between may have
-            # shown it, and the same weights may still be registered under it later.
+            # The name stays retired with these weights, which may register under it
+            # again later; no other weights can (as if it had been deleted).
             self._registry.unregister(name)
             return failed
         logger.info("registered adapter %s from %s (rank %d)", name, spec.path, spec.rank)
         return spec
 
-    def unregister_adapter(self, name: str) -> AdapterSpec | AdapterError:
+    def _unregister(self, name: str) -> AdapterSpec | AdapterError:
         try:
             spec = self._registry.unregister(name)
         except AdapterError as e:

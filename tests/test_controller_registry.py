@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,22 @@ def test_the_state_file_is_whole_json_with_the_version_and_fingerprints(config):
 def test_the_default_state_file_is_under_the_cache_dir_per_app(tmp_path):
     config = AppConfig.from_args({"name": "../a b", "cache_dir": str(tmp_path)})
     assert config.registry_state_file == tmp_path / "registry" / "_a_b.json"
+
+
+def test_concurrent_changes_are_saved_as_made(config):
+    """Serve calls the controller's sync methods from a thread pool: whatever order the
+    changes land in, the saved registry is the live one."""
+    controller = PlacementController(config)
+
+    def churn(i: int) -> None:
+        for round_ in range(5):
+            name = f"t{i}-{round_}"
+            assert controller.register_adapter(name, "delta" if i % 2 else "epsilon").name == name
+            if round_ % 2:
+                assert controller.unregister_adapter(name).name == name
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(churn, range(8)))
+    live = adapters(controller)
+    assert len(live) == 2 + 8 * 3
+    assert adapters(PlacementController(config)) == live
