@@ -59,23 +59,24 @@ def resolve_inside_roots(path: str, roots: Iterable[Path]) -> Path:
         raise AdapterError(403, "no adapter roots are configured (adapters.allowed_roots)")
     if not isinstance(path, str) or "\x00" in path:
         raise AdapterError(400, "adapter path must be a string without NUL characters")
+    shown = path if len(path) <= 200 else f"{path[:200]}..."  # echoed in errors
     given = Path(path)
     if ".." in given.parts:
-        raise AdapterError(403, f"adapter path {path!r} contains '..'")
+        raise AdapterError(403, f"adapter path {shown!r} contains '..'")
     candidates = [given] if given.is_absolute() else [root / given for root in roots]
     for candidate in candidates:
         try:
             resolved = candidate.resolve()  # follows symlinks: an escaping link lands outside
             inside = any(resolved == root or root in resolved.parents for root in roots)
             if inside and not resolved.is_dir():
-                raise AdapterError(404, f"adapter directory {path!r} does not exist")
+                raise AdapterError(404, f"adapter directory {shown!r} does not exist")
         except (OSError, RuntimeError) as e:  # too long a name; a symlink loop (Python <
             # 3.13 raises RuntimeError for it): both found by tests/test_fuzz_adapters.py
             reason = e.strerror if isinstance(e, OSError) else str(e)
-            raise AdapterError(400, f"adapter path {path!r} is unusable: {reason}") from None
+            raise AdapterError(400, f"adapter path {shown!r} is unusable: {reason}") from None
         if inside:
             return resolved
-    raise AdapterError(403, f"adapter path {path!r} is outside the allowed roots")
+    raise AdapterError(403, f"adapter path {shown!r} is outside the allowed roots")
 
 
 def validate_adapter(name: str, path: str, roots: Iterable[Path], base: BaseModelInfo,
