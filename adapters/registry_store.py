@@ -54,23 +54,30 @@ class RegistryStore:
         self.path = path
 
     def load(self) -> RegistryState:
-        """The saved state; an empty one when there is none yet. A file that does not
-        parse (it cannot be half-written, so it was damaged or edited) is moved aside and
-        logged, and the version restarts above any a running ingress could hold: the
-        wall clock in milliseconds exceeds any count of registrations made so far."""
+        """The saved state; an empty one when there is none yet. A file that cannot be
+        read, or does not parse (it cannot be half-written, so it was damaged or edited;
+        it is moved aside), is logged, and the version restarts above any a running
+        ingress could hold: the wall clock in milliseconds exceeds any count of changes."""
         try:
             text = self.path.read_text()
         except FileNotFoundError:
             return RegistryState()
+        except (OSError, ValueError) as e:  # unreadable: permissions, I/O, not UTF-8
+            return self._lost(e, "could not be read")
         try:
             return self._parse(json.loads(text))
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             aside = self.path.with_name(f"{self.path.name}.bad-{int(time.time())}")
-            self.path.rename(aside)
-            logger.error("adapter registry state %s is unreadable (%s); moved to %s, "
-                         "runtime-registered adapters must be registered again",
-                         self.path, e, aside)
-            return RegistryState(version=time.time_ns() // 1_000_000)
+            try:
+                self.path.rename(aside)
+            except OSError:
+                aside = None
+            return self._lost(e, f"is damaged (kept as {aside})")
+
+    def _lost(self, error: Exception, what: str) -> RegistryState:
+        logger.error("adapter registry state %s %s: %s; adapters registered at run time "
+                     "must be registered again", self.path, what, error)
+        return RegistryState(version=time.time_ns() // 1_000_000)
 
     def save(self, state: RegistryState) -> None:
         write_text_atomic(self.path, json.dumps({

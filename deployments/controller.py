@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from typing import Any
 
 from adapters.base_model import BaseModelInfo
@@ -73,7 +74,16 @@ def restore_registry(config: AppConfig, store: RegistryStore) -> AdapterRegistry
             except AdapterError as e:
                 logger.error("%s adapter %s left out: %s", origin, name, e.message)
     registry.version += 1  # above the saved version even when nothing was registered
-    store.save(registry_state(registry))
+    try:
+        store.save(registry_state(registry))
+    except OSError as e:
+        # Serve anyway (a controller that does not start leaves every ingress without
+        # capacity); changes answer 503 until the file can be written. This version was
+        # not saved, so put it where no saved one reaches: the wall clock in ms is above
+        # any count of changes.
+        registry.version = max(registry.version, time.time_ns() // 1_000_000)
+        logger.error("could not save the adapter registry to %s (%s): adapters registered "
+                     "or deleted now are refused until it can be", store.path, e)
     return registry
 
 

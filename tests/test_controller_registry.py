@@ -171,7 +171,7 @@ def test_an_unreadable_state_file_is_moved_aside_and_the_version_jumps(config, e
     assert adapters(restarted) == ["alpha", "beta"]
     assert restarted.sync({}, -1)["version"] > seen + 1_000_000
     assert [p.name.split(".bad-")[0] for p in path.parent.glob("*.bad-*")] == [path.name]
-    assert any("unreadable" in line for line in errors)
+    assert any("is damaged" in line for line in errors)
 
 
 def test_the_state_file_is_whole_json_with_the_version_and_fingerprints(config):
@@ -207,3 +207,19 @@ def test_concurrent_changes_are_saved_as_made(config):
     live = adapters(controller)
     assert len(live) == 2 + 8 * 3
     assert adapters(PlacementController(config)) == live
+
+
+def test_a_state_file_that_cannot_be_written_does_not_stop_the_controller(
+        config, monkeypatch, errors):
+    seen = PlacementController(config).sync({}, -1)["version"]
+
+    def read_only(self, state):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(RegistryStore, "save", read_only)
+    controller = PlacementController(config)
+    assert adapters(controller) == ["alpha", "beta"]  # serving, declared adapters there
+    assert controller.sync({}, -1)["version"] > seen + 1_000_000  # never saved: off the count
+    refused = controller.register_adapter("delta", "delta")
+    assert isinstance(refused, AdapterError) and refused.status == 503
+    assert any("could not save" in line for line in errors)
