@@ -41,8 +41,11 @@ def _port(port: int) -> list[dict[str, Any]]:
     return [{"protocol": "TCP", "port": port}]
 
 
+def _in_any_namespace(labels: dict[str, str]) -> dict[str, Any]:
+    return {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(labels)}}
+
+
 def network_policy() -> dict[str, Any]:
-    any_namespace = {"namespaceSelector": {}}
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -52,12 +55,9 @@ def network_policy() -> dict[str, Any]:
             "policyTypes": ["Ingress"],
             "ingress": [
                 {"ports": _port(SERVE_PORT)},  # no `from`: every source
-                {"from": [{"podSelector": {}},
-                          {**any_namespace,
-                           "podSelector": {"matchLabels": dict(KUBERAY_OPERATOR_LABELS)}}],
+                {"from": [{"podSelector": {}}, _in_any_namespace(KUBERAY_OPERATOR_LABELS)],
                  "ports": _port(DASHBOARD_PORT)},
-                {"from": [{**any_namespace,
-                           "podSelector": {"matchLabels": dict(PROMETHEUS_LABELS)}}],
+                {"from": [_in_any_namespace(PROMETHEUS_LABELS)],
                  "ports": _port(METRICS_PORT)},
                 {"from": [{"podSelector": {"matchLabels": dict(POD_LABELS)}}]},  # every port
             ],

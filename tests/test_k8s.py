@@ -189,6 +189,7 @@ def test_network_policy_is_well_formed_and_selects_every_ray_pod():
     """What kubeconform would check against networking.k8s.io/v1 (no schema vendored for
     it), plus that it selects the pods the RayService manifests create."""
     policy = _policy()
+    assert "&id" not in ROOT.joinpath(*POLICY_PATH).read_text()  # plain YAML, no anchors
     assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
     assert set(policy) == {"apiVersion", "kind", "metadata", "spec"}
     assert policy["metadata"]["name"] == "ruvllm"
