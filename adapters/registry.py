@@ -44,7 +44,8 @@ class AdapterSpec:
 
 
 def check_name(name: str, base_name: str) -> None:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+    # fullmatch: `$` alone also matches before a trailing newline ("a\n" passed).
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise AdapterError(400, f"invalid adapter name {name!r}: use letters, digits, '.', "
                            "'_' or '-' (at most 64), starting with a letter or digit")
     if name == base_name:
@@ -56,18 +57,26 @@ def resolve_inside_roots(path: str, roots: Iterable[Path]) -> Path:
     roots = [Path(r).expanduser().resolve() for r in roots]
     if not roots:
         raise AdapterError(403, "no adapter roots are configured (adapters.allowed_roots)")
+    if not isinstance(path, str) or "\x00" in path:
+        raise AdapterError(400, "adapter path must be a string without NUL characters")
+    shown = path if len(path) <= 200 else f"{path[:200]}..."  # echoed in errors
     given = Path(path)
     if ".." in given.parts:
-        raise AdapterError(403, f"adapter path {path!r} contains '..'")
+        raise AdapterError(403, f"adapter path {shown!r} contains '..'")
     candidates = [given] if given.is_absolute() else [root / given for root in roots]
     for candidate in candidates:
-        resolved = candidate.resolve()  # follows symlinks: an escaping link lands outside
-        for root in roots:
-            if resolved == root or root in resolved.parents:
-                if not resolved.is_dir():
-                    raise AdapterError(404, f"adapter directory {path!r} does not exist")
-                return resolved
-    raise AdapterError(403, f"adapter path {path!r} is outside the allowed roots")
+        try:
+            resolved = candidate.resolve()  # follows symlinks: an escaping link lands outside
+            inside = any(resolved == root or root in resolved.parents for root in roots)
+            if inside and not resolved.is_dir():
+                raise AdapterError(404, f"adapter directory {shown!r} does not exist")
+        except (OSError, RuntimeError) as e:  # too long a name; a symlink loop (Python <
+            # 3.13 raises RuntimeError for it): both found by tests/test_fuzz_adapters.py
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            raise AdapterError(400, f"adapter path {shown!r} is unusable: {reason}") from None
+        if inside:
+            return resolved
+    raise AdapterError(403, f"adapter path {shown!r} is outside the allowed roots")
 
 
 def validate_adapter(name: str, path: str, roots: Iterable[Path], base: BaseModelInfo,
@@ -76,20 +85,31 @@ def validate_adapter(name: str, path: str, roots: Iterable[Path], base: BaseMode
     directory = resolve_inside_roots(path, roots)
     config = _read_config(directory)
     rank = config.get("r")
-    if not isinstance(rank, int) or rank < 1:
+    if not _is_rank(rank):
         raise AdapterError(400, f"adapter {name!r}: adapter_config.json has no valid rank 'r'")
-    ranks = {rank, *[int(r) for r in (config.get("rank_pattern") or {}).values()]}
+    pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict) or not all(_is_rank(r) for r in pattern.values()):
+        raise AdapterError(400, f"adapter {name!r}: adapter_config.json's rank_pattern must "
+                           "map module names to ranks")
+    ranks = {rank, *pattern.values()}
     if max(ranks) > max_lora_rank:
         raise AdapterError(400, f"adapter {name!r}: rank {max(ranks)} exceeds the engine's "
                            f"max_lora_rank {max_lora_rank}")
     targets = _target_modules(name, config, base)
-    if not base.matches(config.get("base_model_name_or_path")):
+    base_model = config.get("base_model_name_or_path")
+    if base_model is not None and not isinstance(base_model, str):
+        raise AdapterError(400, f"adapter {name!r}: base_model_name_or_path is not a string")
+    if not base.matches(base_model):
         raise AdapterError(400, f"adapter {name!r} was trained for base model "
                            f"{config.get('base_model_name_or_path')!r}, not this one "
                            f"({base_name})")
     _check_tensors(name, directory, base, ranks)
     return AdapterSpec(name, str(directory), max(ranks), targets,
                        config.get("base_model_name_or_path"))
+
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _read_config(directory: Path) -> dict:
@@ -100,7 +120,7 @@ def _read_config(directory: Path) -> dict:
         raise AdapterError(400, f"{directory.name}: adapter_model.safetensors is missing")
     try:
         config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError, OSError) as e:  # JSON, UTF-8, nesting, I/O
         raise AdapterError(400, f"{directory.name}: adapter_config.json does not parse: {e}") from None
     if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
         raise AdapterError(400, f"{directory.name}: not a LoRA adapter (peft_type "
@@ -111,13 +131,18 @@ def _read_config(directory: Path) -> dict:
 def _target_modules(name: str, config: dict, base: BaseModelInfo) -> tuple[str, ...]:
     targets = config.get("target_modules")
     if isinstance(targets, str):  # peft allows a regex over module paths
-        pattern = re.compile(targets)
+        try:
+            pattern = re.compile(targets)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise AdapterError(400, f"adapter {name!r}: target_modules {targets!r} is not a "
+                               f"regular expression: {e}") from None
         matched = tuple(m for m in base.linear_shapes if pattern.search(m))
         if not matched:
             raise AdapterError(400, f"adapter {name!r}: target_modules {targets!r} matches "
                                "no module of the base model")
         return matched
-    if not isinstance(targets, list) or not targets:
+    if (not isinstance(targets, list) or not targets
+            or not all(isinstance(t, str) for t in targets)):
         raise AdapterError(400, f"adapter {name!r}: adapter_config.json lists no target_modules")
     unknown = sorted(set(targets) - set(base.linear_shapes))
     if unknown:
@@ -216,6 +241,20 @@ class AdapterRegistry:
         self._retired[name] = self._fingerprints.pop(name)
         self.version += 1
         return spec
+
+    def fingerprints(self) -> dict[str, tuple]:
+        """Registered name -> the fingerprint of the weights it names."""
+        return dict(self._fingerprints)
+
+    def retired(self) -> dict[str, tuple]:
+        """Deleted name -> the fingerprint of the weights it named."""
+        return dict(self._retired)
+
+    def retire(self, name: str, fingerprint: tuple) -> None:
+        """Remember that `name` named these weights (a registry restored from disk: the
+        names its predecessor used, which replicas may still hold)."""
+        if name not in self._specs:
+            self._retired[name] = tuple(fingerprint)
 
     def get(self, name: str) -> AdapterSpec | None:
         return self._specs.get(name)

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+import time
 from typing import Any
 
 from adapters.base_model import BaseModelInfo
 from adapters.registry import AdapterError, AdapterRegistry, AdapterSpec
+from adapters.registry_store import RegisteredAdapter, RegistryState, RegistryStore
 from deployments.readiness import ReadyAnnouncement
 from router.placement import PlacementPlan, PlacementPlanner, ReplicaReport
 from ruvllm.builtin_models import BUILTIN_MODELS
@@ -24,19 +27,73 @@ from ruvllm.model_store import resolve_model
 logger = logging.getLogger("ray.serve")
 
 
-def make_registry(config: AppConfig) -> AdapterRegistry:
-    """The adapter registry with every declared adapter validated (raises AdapterError)."""
+def empty_registry(config: AppConfig) -> AdapterRegistry:
+    """A registry over the configured base model, with no adapter in it yet."""
     model_path = resolve_model(config.model.source, config.resolved_cache_dir)
     aliases = {config.model.name, config.model.source}
     if config.model.is_builtin:
         builtin = BUILTIN_MODELS[config.model.source.split(":", 1)[1]]
         aliases |= {builtin.hf_id, builtin.hf_id.rsplit("/", 1)[-1]}
     base = BaseModelInfo.from_checkpoint(model_path, aliases)
-    registry = AdapterRegistry(base, config.model.name, config.adapters.allowed_roots,
-                               config.engine.max_lora_rank, config.adapters.max_registered)
+    return AdapterRegistry(base, config.model.name, config.adapters.allowed_roots,
+                           config.engine.max_lora_rank, config.adapters.max_registered)
+
+
+def make_registry(config: AppConfig) -> AdapterRegistry:
+    """The adapter registry with every declared adapter validated (raises AdapterError):
+    the app builder's check, so a deployment with a bad declared adapter fails loudly."""
+    registry = empty_registry(config)
     for name, path in config.adapters.declared.items():
         registry.register(name, path)
     return registry
+
+
+def restore_registry(config: AppConfig, store: RegistryStore) -> AdapterRegistry:
+    """The registry a (re)started controller serves: the declared adapters, then those
+    its predecessor registered at run time, with the names it retired, all re-validated.
+
+    An adapter that no longer validates (directory gone, files rewritten, root no longer
+    allowed) is logged and left out: one bad adapter must not keep the controller, and
+    with it every ingress's capacity, down. Each name keeps naming the weights it named
+    before: a rewritten adapter is refused (replicas may hold the old weights under that
+    name) and stays retired. A declared adapter deleted at run time comes back; the
+    config declares it. The version continues above the saved one, and the result is
+    saved before anyone can read it."""
+    state = store.load()
+    registry = empty_registry(config)
+    registry.version = state.version
+    for name, fingerprint in {**state.retired, **{n: a.fingerprint for n, a in
+                                                  state.adapters.items()}}.items():
+        registry.retire(name, fingerprint)
+    declared = config.adapters.declared
+    runtime = {n: a.path for n, a in state.adapters.items() if n not in declared}
+    for origin, adapters in (("declared", declared), ("runtime-registered", runtime)):
+        for name, path in adapters.items():
+            try:
+                registry.register(name, path)
+            except AdapterError as e:
+                logger.error("%s adapter %s left out: %s", origin, name, e.message)
+    registry.version += 1  # above the saved version even when nothing was registered
+    try:
+        store.save(registry_state(registry))
+    except OSError as e:
+        # Serve anyway (a controller that does not start leaves every ingress without
+        # capacity); changes answer 503 until the file can be written. This version was
+        # not saved, so put it where no saved one reaches: the wall clock in ms is above
+        # any count of changes.
+        registry.version = max(registry.version, time.time_ns() // 1_000_000)
+        logger.error("could not save the adapter registry to %s (%s): adapters registered "
+                     "or deleted now are refused until it can be", store.path, e)
+    return registry
+
+
+def registry_state(registry: AdapterRegistry) -> RegistryState:
+    fingerprints = registry.fingerprints()
+    return RegistryState(
+        version=registry.version,
+        adapters={name: RegisteredAdapter(spec.path, fingerprints[name])
+                  for name, spec in registry.snapshot().items()},
+        retired=registry.retired())
 
 
 class PlacementController:
@@ -44,7 +101,11 @@ class PlacementController:
 
     def __init__(self, config: AppConfig) -> None:
         self._config = config
-        self._registry = make_registry(config)
+        self._store = RegistryStore(config.registry_state_file)
+        self._registry = restore_registry(config, self._store)
+        # Serve runs sync methods in a thread pool: a change and the save of the state it
+        # made must not interleave with another's, or an older state could be saved last.
+        self._registry_lock = threading.Lock()
         self._planner = PlacementPlanner(
             hot_requests_per_s=config.placement.hot_requests_per_s,
             demand_window_s=config.placement.demand_window_s,
@@ -71,10 +132,11 @@ class PlacementController:
             "dedicated_capacity": {pool: list(c) for pool, c in
                                    self._planner.capacities().items() if pool is not None},
             "replicas": len(self._planner.replicas()),
-            "version": self._registry.version,
         }
-        if known_version != self._registry.version:
-            state["adapters"] = self._registry.snapshot()
+        with self._registry_lock:
+            state["version"] = self._registry.version
+            if known_version != self._registry.version:
+                state["adapters"] = self._registry.snapshot()
         # Printed here, not in `report`: the ingress that called learns the engines'
         # capacity from this answer, so requests are admitted from now on.
         ready = self._ready.line(self._planner.replicas())
@@ -85,20 +147,54 @@ class PlacementController:
     # -- admin API (called by the ingress after it checked the token) --------------------
 
     def register_adapter(self, name: str, path: str) -> AdapterSpec | AdapterError:
+        with self._registry_lock:
+            return self._register(name, path)
+
+    def unregister_adapter(self, name: str) -> AdapterSpec | AdapterError:
+        with self._registry_lock:
+            return self._unregister(name)
+
+    def _register(self, name: str, path: str) -> AdapterSpec | AdapterError:
         try:
             spec = self._registry.register(name, path)
         except AdapterError as e:
             return e  # returned, not raised: it is an answer, not a controller failure
+        failed = self._save(f"register {name}")
+        if failed:
+            # The name stays retired with these weights, which may register under it
+            # again later; no other weights can (as if it had been deleted).
+            self._registry.unregister(name)
+            return failed
         logger.info("registered adapter %s from %s (rank %d)", name, spec.path, spec.rank)
         return spec
 
-    def unregister_adapter(self, name: str) -> AdapterSpec | AdapterError:
+    def _unregister(self, name: str) -> AdapterSpec | AdapterError:
         try:
             spec = self._registry.unregister(name)
         except AdapterError as e:
             return e
+        failed = self._save(f"delete {name}")
+        if failed:
+            try:
+                self._registry.register(name, spec.path)
+            except AdapterError:
+                pass  # its directory went bad meanwhile: deleted it stays, and a restart
+                # leaves it out too
+            else:
+                return failed
         self._planner.forget_adapter(name)
         return spec
+
+    def _save(self, change: str) -> AdapterError | None:
+        """Persist the registry; a change that could not be saved is undone and answered
+        503, since a controller restart would otherwise silently revert it."""
+        try:
+            self._store.save(registry_state(self._registry))
+        except OSError as e:
+            logger.error("could not save the adapter registry to %s: %s", self._store.path, e)
+            return AdapterError(503, f"could not {change}: the adapter registry could not "
+                                "be saved; try again")
+        return None
 
     def describe(self) -> dict[str, Any]:
         table = self._planner.table()

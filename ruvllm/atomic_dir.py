@@ -1,7 +1,8 @@
 """Files and directories published whole. Directories are built once under a file lock,
 in a temporary sibling renamed into place, so concurrent builders do the work once and a
 crash never leaves a half-written directory that a replica could load; small shared
-files (memos in the cache) are replaced atomically, so a reader sees all or nothing."""
+files (memos in the cache, the adapter registry's state) are replaced atomically, so a
+reader sees all or nothing. Both are fsync'ed before the rename that publishes them."""
 
 from __future__ import annotations
 
@@ -28,23 +29,56 @@ def build_once(target: Path, marker: str, build: Callable[[Path], None],
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             build(tmp)
+            _fsync_tree(tmp)  # the files' data on disk before the rename publishes them
             if target.exists():
                 shutil.rmtree(target)
             tmp.rename(target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        _fsync_dir(target.parent)
     return True
 
 
+def _fsync_tree(top: Path) -> None:
+    """Every file and directory under `top` flushed to disk: a rename can reach the disk
+    before the data it publishes, and after a crash the marker would then stand beside
+    empty or partial weights."""
+    for directory, _, files in os.walk(top):
+        for name in files:
+            path = Path(directory) / name
+            if path.is_symlink():
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(directory))
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary sibling and an atomic rename."""
+    """Write `text` to `path` through a temporary sibling and an atomic rename. The
+    file's data reaches the disk before the rename, and the rename before this returns,
+    so after a crash (or a node losing power) the path holds the old text or the new,
+    never an empty or partial file: a rename can otherwise reach the disk first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -8,6 +8,7 @@ unknown keys so a typo fails at build time with the field's path in the message.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,7 +23,10 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Infinite and NaN numbers are refused: inf passes every lower bound, NaN passes an
+    # unbounded field and then equals nothing (itself included), and neither is JSON, the
+    # form Serve's REST API and dashboard carry configs in (found by tests/test_fuzz_config.py).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -307,6 +311,12 @@ class AdaptersConfig(_Strict):
         "field); $RUVLLM_ADMIN_TOKEN if unset. Without one the admin API is off (403).",
     )
     max_registered: int = Field(1000, gt=0)
+    state_file: Path | None = Field(
+        None,
+        description="Where the placement controller keeps the adapter registry (runtime "
+        "registrations, retired names, version) across restarts; default "
+        "<cache_dir>/registry/<app name>.json.",
+    )
 
 
 class PlacementConfig(_Strict):
@@ -709,6 +719,14 @@ class AppConfig(_Strict):
     @property
     def resolved_cache_dir(self) -> Path:
         return resolve_cache_dir(self.cache_dir)
+
+    @property
+    def registry_state_file(self) -> Path:
+        if self.adapters.state_file is not None:
+            return Path(self.adapters.state_file).expanduser()
+        # The app's name is free text: keep it one safe path component.
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", self.name).lstrip(".") or "app"
+        return self.resolved_cache_dir / "registry" / f"{stem}.json"
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "AppConfig":

@@ -97,6 +97,33 @@ def serve_config_v2(config_path: Path, profile: Profile) -> dict[str, Any]:
 
 # The head's well-known ports, named as KubeRay's services expect them.
 HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000))
+SERVE_PORT = dict(HEAD_PORTS)["serve"]
+DASHBOARD_PORT = dict(HEAD_PORTS)["dashboard"]
+
+# The rayproject/ray images' own user: `ray`, uid 1000, primary group `users` (gid 100),
+# which owns $HOME and /app (docker/Dockerfile.* copy the code there as `ray`).
+RUN_AS_USER = 1000
+RUN_AS_GROUP = 100
+
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS_USER,
+    "runAsGroup": RUN_AS_GROUP,
+    # The cache volume's files are group-owned by gid 100 and group-writable, so every pod
+    # (head, workers, ISQ jobs) can publish models, adapters and the adapter registry there.
+    "fsGroup": RUN_AS_GROUP,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "privileged": False,
+    "capabilities": {"drop": ["ALL"]},
+    # Not read-only: Ray writes its session directory (/tmp/ray: sockets, logs, spilled
+    # objects), and vLLM, torch.compile, Triton and Hugging Face write caches under $HOME
+    # and /tmp. Making the root read-only needs emptyDir mounts for each of them, not
+    # tried with the Ray image here (no cluster in CI), so it stays writable.
+    "readOnlyRootFilesystem": False,
+}
 
 
 def _container(profile: Profile, name: str, cpu: str, memory: str, gpus: int) -> dict[str, Any]:
@@ -120,11 +147,13 @@ def _container(profile: Profile, name: str, cpu: str, memory: str, gpus: int) ->
         ],
         "ports": ports,
         "volumeMounts": [{"name": "ruvllm-cache", "mountPath": CACHE_MOUNT}],
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
     }
 
 
 def _pod(profile: Profile, name: str, cpu: str, memory: str, gpus: int) -> dict[str, Any]:
     spec: dict[str, Any] = {
+        "securityContext": copy.deepcopy(POD_SECURITY),
         "containers": [_container(profile, name, cpu, memory, gpus)],
         "volumes": [{"name": "ruvllm-cache",
                      "persistentVolumeClaim": {"claimName": "ruvllm-cache"}}],

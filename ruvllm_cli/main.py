@@ -41,11 +41,14 @@ def _k8s_render(args: argparse.Namespace) -> int:
         print(out)
     if args.all and not args.stdout:
         from ruvllm.grafana import DASHBOARD_PATH, dashboard_text
+        from ruvllm.k8s_network import POLICY_PATH, network_policy_text
 
-        out = args.config.resolve().parent.joinpath(*DASHBOARD_PATH)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(dashboard_text())
-        print(out)
+        for path, text in ((DASHBOARD_PATH, dashboard_text()),
+                           (POLICY_PATH, network_policy_text())):
+            out = args.config.resolve().parent.joinpath(*path)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+            print(out)
     return 0
 
 

@@ -63,7 +63,10 @@ def e2e_app_args(adapter_root: Path, xlora_checkpoint: Path) -> dict[str, Any]:
                       "max_num_seqs": 16}
     args["adapters"] = {"allowed_roots": [str(adapter_root)],
                         "declared": {name: name for name in DECLARED},
-                        "admin_token": ADMIN_TOKEN}
+                        "admin_token": ADMIN_TOKEN,
+                        # The session's own registry: names a past session registered or
+                        # retired (in the shared cache dir) must not carry over.
+                        "state_file": str(adapter_root.parent / "registry.json")}
     # A small default max_tokens keeps the test of requests that omit it short (every
     # other request names its max_tokens).
     args["admission"] = {**args.get("admission", {}), "max_queue": 16, "queue_timeout_s": 20,

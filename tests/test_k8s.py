@@ -17,11 +17,12 @@ import yaml
 from conftest import ROOT
 from ruvllm.config import AppConfig
 from ruvllm.k8s import PROFILES, manifest_path, render_text
+from ruvllm.k8s_network import POLICY_PATH, network_policy_text
 
 K8S = ROOT / "k8s"
 VENDORED_CRDS = K8S / "crds"
 CRD_DIR = Path(os.environ.get("RUVLLM_KUBERAY_CRDS", VENDORED_CRDS))
-OTHER_KINDS = {"PersistentVolumeClaim", "PodMonitor", "Kustomization"}
+OTHER_KINDS = {"PersistentVolumeClaim", "PodMonitor", "Kustomization", "NetworkPolicy"}
 
 
 def _manifests() -> list[tuple[Path, dict[str, Any]]]:
@@ -131,3 +132,139 @@ def test_committed_dashboard_is_the_generated_one():
     assert any(n.startswith("ray_ruvllm_admission") for n in names)
     assert any(n.startswith("ray_ruvllm_routing") for n in names)
     assert "ray_vllm_kv_cache_usage_perc" in names
+
+
+def _pod_templates(profile: str) -> list[dict[str, Any]]:
+    doc = yaml.safe_load(manifest_path(ROOT / "cluster.yaml", profile).read_text())
+    cluster = doc["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"],
+            *[group["template"] for group in cluster["workerGroupSpecs"]]]
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_pod_runs_unprivileged(profile):
+    for template in _pod_templates(profile):
+        pod = template["spec"]["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] == 1000
+        assert pod["fsGroup"] == pod["runAsGroup"] == 100  # the Ray image's `users` group
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert not template["spec"].get("hostNetwork") and not template["spec"].get("hostPID")
+        for container in template["spec"]["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            assert sc.get("runAsUser", 1000) != 0
+            # Ray and vLLM write under /tmp and $HOME (see ruvllm/k8s.py): explicit, not a default.
+            assert sc["readOnlyRootFilesystem"] is False
+
+
+def test_crd_schema_catches_a_security_context_typo():
+    schemas = _crd_schemas()
+    doc = yaml.safe_load(manifest_path(ROOT / "cluster.yaml", "gpu").read_text())
+    broken = copy.deepcopy(doc)
+    head = broken["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    head["securityContext"]["runAsNonRot"] = True
+    assert list(jsonschema.Draft7Validator(schemas["RayService"]).iter_errors(broken))
+
+
+def test_committed_network_policy_is_the_generated_one():
+    path = ROOT.joinpath(*POLICY_PATH)
+    assert path.read_text() == network_policy_text(), (
+        f"{path} is stale: run `ruvllm k8s render --all`")
+    kustomization = yaml.safe_load((path.parent / "kustomization.yaml").read_text())
+    assert path.name in kustomization["resources"]
+
+
+def _policy() -> dict[str, Any]:
+    return yaml.safe_load(ROOT.joinpath(*POLICY_PATH).read_text())
+
+
+def _check_selector(selector: dict[str, Any]) -> None:
+    assert set(selector) <= {"matchLabels", "matchExpressions"}
+    for key, value in selector.get("matchLabels", {}).items():
+        assert isinstance(key, str) and isinstance(value, str)
+
+
+def test_network_policy_is_well_formed_and_selects_every_ray_pod():
+    """What kubeconform would check against networking.k8s.io/v1 (no schema vendored for
+    it), plus that it selects the pods the RayService manifests create."""
+    policy = _policy()
+    assert "&id" not in ROOT.joinpath(*POLICY_PATH).read_text()  # plain YAML, no anchors
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
+    assert set(policy) == {"apiVersion", "kind", "metadata", "spec"}
+    assert policy["metadata"]["name"] == "ruvllm"
+    spec = policy["spec"]
+    assert set(spec) <= {"podSelector", "policyTypes", "ingress", "egress"}
+    assert spec["policyTypes"] == ["Ingress"]
+    _check_selector(spec["podSelector"])
+    for rule in spec["ingress"]:
+        assert set(rule) <= {"from", "ports"} and rule
+        for port in rule.get("ports", []):
+            assert set(port) <= {"protocol", "port", "endPort"}
+            assert port["protocol"] in ("TCP", "UDP", "SCTP")
+            assert isinstance(port["port"], int) and 0 < port["port"] < 65536
+        for peer in rule.get("from", []):
+            assert peer and set(peer) <= {"podSelector", "namespaceSelector", "ipBlock"}
+            for key in ("podSelector", "namespaceSelector"):
+                if key in peer:
+                    _check_selector(peer[key])
+    wanted = spec["podSelector"]["matchLabels"]
+    for profile in PROFILES:
+        for template in _pod_templates(profile):
+            labels = template["metadata"]["labels"]
+            assert wanted.items() <= labels.items(), f"{profile}: a pod the policy misses"
+
+
+# Sources of traffic: (labels, namespace) of a pod, or None for a client outside the
+# cluster (through a load balancer or Ingress).
+OUTSIDE = None
+SAME_NAMESPACE_APP = ({"app": "web"}, "serving")
+RAY_POD = ({"app.kubernetes.io/name": "ruvllm", "ray.io/node-type": "worker"}, "serving")
+RAY_LABELLED_ELSEWHERE = ({"app.kubernetes.io/name": "ruvllm"}, "other")
+OPERATOR = ({"app.kubernetes.io/name": "kuberay-operator"}, "kuberay-system")
+PROMETHEUS = ({"app.kubernetes.io/name": "prometheus"}, "monitoring")
+OTHER_NAMESPACE_APP = ({"app": "web"}, "other")
+
+
+def _admits(policy: dict[str, Any], source, port: int, namespace: str = "serving") -> bool:
+    """NetworkPolicy ingress semantics for one TCP connection to a selected pod: a rule
+    admits when some peer of its `from` matches (none listed: every source) and some
+    entry of its `ports` matches (none listed: every port)."""
+    def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+        assert "matchExpressions" not in selector  # not used; not modelled here
+        return selector.get("matchLabels", {}).items() <= labels.items()
+
+    def peer_matches(peer: dict[str, Any]) -> bool:
+        if source is None or "ipBlock" in peer:
+            return False  # no ipBlock is used; an outside client matches no pod peer
+        labels, ns = source
+        if "namespaceSelector" in peer:
+            ns_ok = matches(peer["namespaceSelector"], {"kubernetes.io/metadata.name": ns})
+        else:
+            ns_ok = ns == namespace
+        return ns_ok and matches(peer.get("podSelector", {}), labels)
+
+    for rule in policy["spec"]["ingress"]:
+        if "from" in rule and not any(peer_matches(p) for p in rule["from"]):
+            continue
+        if "ports" in rule and not any(p["port"] == port and p["protocol"] == "TCP"
+                                       for p in rule["ports"]):
+            continue
+        return True
+    return False
+
+
+@pytest.mark.parametrize("source,open_ports", [
+    (OUTSIDE, {8000}),
+    (OTHER_NAMESPACE_APP, {8000}),
+    (SAME_NAMESPACE_APP, {8000, 8265}),
+    (OPERATOR, {8000, 8265}),
+    (PROMETHEUS, {8000, 8080}),
+    (RAY_LABELLED_ELSEWHERE, {8000}),  # a look-alike label in another namespace is not the cluster
+    (RAY_POD, {8000, 8265, 8080, 6379, 10001, 52365, 10002, 19999}),
+])
+def test_network_policy_admits_serve_from_anywhere_and_the_rest_only_from_its_own(
+        source, open_ports):
+    policy = _policy()
+    for port in (8000, 8265, 8080, 6379, 10001, 52365, 10002, 19999):
+        assert _admits(policy, source, port) == (port in open_ports), (source, port)

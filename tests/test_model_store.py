@@ -93,3 +93,51 @@ def test_write_text_atomic_replaces_whole_and_leaves_no_temp_files(tmp_path, mon
         write_text_atomic(target, "third")
     assert target.read_text() == "second"  # a failed write leaves the old file whole
     assert [p.name for p in target.parent.iterdir()] == ["x.json"]
+
+
+def test_write_text_atomic_syncs_the_data_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr("ruvllm.atomic_dir.os.fsync",
+                        lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr("ruvllm.atomic_dir.os.replace",
+                        lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    write_text_atomic(tmp_path / "x.json", "data")
+    # The file's data, then the rename, then the directory entry the rename wrote.
+    assert events == ["fsync", "replace", "fsync"]
+
+
+def test_build_once_syncs_every_file_before_publishing(tmp_path, monkeypatch):
+    import os
+
+    from ruvllm.atomic_dir import build_once
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr("ruvllm.atomic_dir.os.fsync", fsync)
+
+    def build(tmp: Path) -> None:
+        (tmp / "sub").mkdir()
+        (tmp / "weights.bin").write_bytes(b"w" * 1000)
+        (tmp / "sub" / "config.json").write_text("{}")
+        (tmp / "DONE").write_text("")
+        synced.clear()
+
+    def rename(self, target):
+        published.extend(synced)  # what was on disk when the rename happened
+        return real_rename(self, target)
+
+    published: list[str] = []
+    real_rename = Path.rename
+    monkeypatch.setattr(Path, "rename", rename)
+    assert build_once(tmp_path / "model", "DONE", build)
+    names = {Path(p).name for p in published}
+    assert {"weights.bin", "config.json", "DONE", "sub"} <= names
+    assert Path(synced[-1]) == tmp_path  # and the directory entry of the rename

@@ -138,3 +138,13 @@ def test_a_deleted_adapter_name_does_not_come_back_with_other_weights(serve_app)
     assert httpx.post(url, json={"name": "reused", "path": "delta"}, headers=admin,
                       timeout=30).status_code == 201
     assert httpx.delete(f"{url}/reused", headers=admin, timeout=30).status_code == 200
+
+
+def test_adapter_names_and_paths_the_fuzz_tests_broke_on_are_400(serve_app):
+    """Found by tests/test_fuzz_adapters.py: these reached the controller as a ValueError /
+    OSError / RuntimeError (a 500) or, for the name, were accepted."""
+    url = f"{serve_app.openai_url}/adapters"
+    admin = serve_app.admin_headers()
+    for body in ({"name": "nul", "path": "del\u0000ta"}, {"name": "long", "path": "x" * 5000},
+                 {"name": "delta\n", "path": "delta"}):
+        refused(httpx.post(url, json=body, headers=admin, timeout=30), 400)
