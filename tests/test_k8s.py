@@ -268,3 +268,20 @@ def test_network_policy_admits_serve_from_anywhere_and_the_rest_only_from_its_ow
     policy = _policy()
     for port in (8000, 8265, 8080, 6379, 10001, 52365, 10002, 19999):
         assert _admits(policy, source, port) == (port in open_ports), (source, port)
+
+
+def test_gpu_deployments_run_serve_in_high_throughput_mode_and_cpu_ones_do_not():
+    """Ray reads these flags at start: the GPU manifests and `make serve` on a GPU config
+    set them (ruvllm/serve_mode.py says why), the CPU profile keeps Serve's default."""
+    from ruvllm.serve_mode import THROUGHPUT_FLAGS
+
+    def env_of(profile: str) -> dict[str, str]:
+        doc = yaml.safe_load((ROOT / "k8s" / "overlays" / profile / "rayservice.yaml").read_text())
+        head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+        return {e["name"]: e.get("value") for e in head["containers"][0]["env"]}
+
+    assert THROUGHPUT_FLAGS.items() <= env_of("gpu").items()
+    assert not THROUGHPUT_FLAGS.keys() & env_of("cpu-dev").keys()
+    makefile = (ROOT / "Makefile").read_text()
+    for name, value in THROUGHPUT_FLAGS.items():
+        assert f"export {name} ?= {value}" in makefile
