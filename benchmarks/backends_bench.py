@@ -33,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -180,13 +181,18 @@ def run_bare_mistralrs(concurrency: int, requests: int) -> dict[str, Any]:
 
     base = prepare_builtin("smollm2-135m-instruct")
     runner = Runner(which=MistralRsModel(base, base).which(), max_seqs=max(64, concurrency))
+    # The Runner takes one call at a time ("Already borrowed" otherwise), as the engine's
+    # _send knows; a chat send returns at once with its stream.
+    send_lock = threading.Lock()
 
     def one(messages: list) -> tuple[float | None, int, float]:
         started = time.monotonic()
         ttft, tokens = None, 0
-        for chunk in runner.send_chat_completion_request(ChatCompletionRequest(
+        with send_lock:
+            stream = runner.send_chat_completion_request(ChatCompletionRequest(
                 model="default", messages=messages, max_tokens=OUTPUT_TOKENS, temperature=0,
-                ignore_eos=True, stream=True)):
+                ignore_eos=True, stream=True))
+        for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 ttft = ttft if ttft is not None else time.monotonic() - started
                 tokens += 1
@@ -350,7 +356,9 @@ def plot(out: Path, engines: dict[str, Any]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--targets", default=",".join(TARGETS),
+                        help="'' keeps the engines of the existing report and reruns only "
+                             "the stack-vs-bare comparison")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--stack-port", type=int, default=8731)
     parser.add_argument("--skip-stack", action="store_true")
@@ -369,7 +377,11 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     engines, notes = {}, []
-    for target in args.targets.split(","):
+    if not args.targets:  # only the stack-vs-bare comparison, beside the engines measured before
+        saved = json.loads((args.out / "report.json").read_text())
+        engines = saved["results"]["engines"]
+        notes = [n for n in saved["meta"]["notes"] if not n.startswith("- stack vs bare")]
+    for target in filter(None, args.targets.split(",")):
         log(f"{target}: starting")
         try:
             engines[target] = child(target, concurrency, args.target_timeout_s)
