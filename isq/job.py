@@ -385,11 +385,26 @@ def check_quality(report: dict[str, Any], isq: IsqConfig) -> None:
         "this model")
 
 
+def die_with_parent() -> None:
+    """`preexec_fn` for the toolkit worker: the kernel sends it SIGKILL when the process that
+    started it dies. A job past `timeout_s` is cancelled with `ray.cancel(force=True)`, a
+    SIGKILL no `finally` sees: without this the worker ran on, orphaned, holding a GPU or
+    the cores (issue 16). Linux only (PR_SET_PDEATHSIG); elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def run_worker(python: Path, spec: Path, progress: Progress) -> None:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent),
                TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen([str(python), "-m", "isq.worker", str(spec)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=die_with_parent)
     tail: list[str] = []
     last_bar = 0.0
     assert proc.stdout is not None

@@ -26,6 +26,12 @@ def build_once(target: Path, marker: str, build: Callable[[Path], None],
     with FileLock(str(target.parent / f".{target.name}.lock")):
         if (target / marker).is_file() and not force:
             return False
+        # Under the lock nobody else builds `target`: a temporary directory of its name is
+        # what a builder killed mid-build (SIGKILL: no `except` below ran) left behind.
+        for stale in target.parent.glob(f".{target.name}.*"):
+            suffix = stale.name[len(target.name) + 2:]  # mkdtemp's 8 characters, no dot
+            if stale.is_dir() and len(suffix) == 8 and "." not in suffix:
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             build(tmp)

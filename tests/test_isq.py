@@ -342,3 +342,38 @@ def test_toolkit_venv_borrows_the_serving_pip_and_needs_no_ensurepip(tmp_path):
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     prefix, pip_file = out.stdout.split()
     assert Path(prefix) == venv and not pip_file.startswith(str(venv))
+
+
+def test_toolkit_worker_dies_with_the_job_that_started_it(tmp_path):
+    """ray.cancel(force=True) SIGKILLs the job's process; its toolkit worker must not run on."""
+    from conftest import ROOT
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from isq.job import die_with_parent\n"
+        "child = subprocess.Popen(['sleep', '60'], preexec_fn=die_with_parent)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(60)\n")], cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "parent never started its child"
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    break  # a zombie: dead, waiting for init to reap it
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"child {child} outlived its SIGKILLed parent")

@@ -141,3 +141,17 @@ def test_build_once_syncs_every_file_before_publishing(tmp_path, monkeypatch):
     names = {Path(p).name for p in published}
     assert {"weights.bin", "config.json", "DONE", "sub"} <= names
     assert Path(synced[-1]) == tmp_path  # and the directory entry of the rename
+
+
+def test_build_once_removes_what_a_killed_builder_left_and_spares_other_targets(tmp_path):
+    from ruvllm.atomic_dir import build_once
+
+    target = tmp_path / "model"
+    left = tmp_path / ".model.k1ll3d_x"  # a SIGKILLed builder's mkdtemp
+    (left / "weights").mkdir(parents=True)
+    other = tmp_path / ".model.v2.abcd1234"  # another target's ("model.v2") build in flight
+    other.mkdir()
+    assert build_once(target, "done", lambda tmp: (tmp / "done").write_text("ok"))
+    assert (target / "done").is_file()
+    assert not left.exists()
+    assert other.exists()
