@@ -209,18 +209,21 @@ def run_stack_mistralrs(concurrency: int, requests: int, port: int) -> dict[str,
     """`serve run` of cluster.yaml with one mistral.rs replica, over HTTP."""
     import httpx
 
-    from benchmarks.harness import start_stack, stop_stack, wait_until_ready
+    from benchmarks.harness import start_stack, stop_stack, wait_until_ready, wait_until_serving
     from benchmarks.loadgen import bounded, client, stream_chat
 
     def overrides(args: dict) -> None:
         args["engine"] = {"backend": "mistralrs", "max_num_seqs": 64,
                           "max_model_len": args["engine"].get("max_model_len", 2048)}
         args["replicas"] = {**args["replicas"], "num_replicas": 1}
+        # mistral.rs has no dynamic LoRA: a config with adapter roots is refused for it.
+        args["adapters"] = {**args.get("adapters", {}), "allowed_roots": [], "declared": {}}
 
     logfile = Path(os.environ.get("TMPDIR", "/tmp")) / "backends-bench-stack.log"
     proc, url = start_stack(port, logfile, overrides)
     try:
         wait_until_ready(f"{url}/v1/models", proc, 600, "the stack")
+        wait_until_serving(url, "smollm2-135m-instruct", proc, 600, "the stack")
         chat_url = f"{url}/v1/chat/completions"
 
         async def main() -> dict[str, Any]:
