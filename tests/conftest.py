@@ -78,6 +78,17 @@ def e2e_app_args(adapter_root: Path, xlora_checkpoint: Path) -> dict[str, Any]:
     return args
 
 
+def status_of(call) -> int | None:
+    """The status of the ClientError `call()` raises, or None if it raises none."""
+    from deployments.client_error import ClientError
+
+    try:
+        call()
+    except ClientError as e:
+        return e.status
+    return None
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that need no Ray cluster run first. The session's Serve app lives until the
     session ends, and its vLLM-CPU processes keep both cores busy polling: the X-LoRA
@@ -294,26 +305,32 @@ def ray_head(tmp_path_factory) -> Iterator[RayHead]:
         head.stop()
 
 
-@pytest.fixture(scope="session")
-def serve_app(ray_head: RayHead, adapter_root: Path, xlora_checkpoint: Path) -> Iterator[ServeApp]:
+def run_app(ray_head: RayHead, serve_config: dict[str, Any], what: str) -> Iterator[ServeApp]:
+    """Deploy `serve_config` on the session's Ray head, yield it as a ServeApp, and hold a
+    driver connection for deployment handles (replica stats) while it is in use. An app of
+    the same name deployed again replaces the one before (the GPU tests do that)."""
     import ray
 
     from ruvllm.config import AppConfig
 
-    port = _free_port()
-    args = e2e_app_args(adapter_root, xlora_checkpoint)
-    serve_config = kuberay_serve_config(args, port)
     started = time.monotonic()
     deploy_and_wait(ray_head, serve_config)
-    print(f"\nServe app up in {time.monotonic() - started:.0f} s on port {port}")
-    # The tests' own driver, for deployment handles (replica stats).
-    ray.init(address=ray_head.address, log_to_driver=bool(os.environ.get("RUVLLM_TEST_LOGS")))
+    port = serve_config["http_options"]["port"]
+    print(f"\n{what} up in {time.monotonic() - started:.0f} s on port {port}")
+    ray.init(address=ray_head.address, log_to_driver=bool(os.environ.get("RUVLLM_TEST_LOGS")),
+             ignore_reinit_error=True)
     try:
         (app,) = serve_config["applications"]
         yield ServeApp(f"http://127.0.0.1:{port}", "ruvllm", AppConfig.from_args(app["args"]),
                        ray_head, serve_config)
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_head: RayHead, adapter_root: Path, xlora_checkpoint: Path) -> Iterator[ServeApp]:
+    serve_config = kuberay_serve_config(e2e_app_args(adapter_root, xlora_checkpoint), _free_port())
+    yield from run_app(ray_head, serve_config, "Serve app")
 
 
 @pytest.fixture(scope="session")

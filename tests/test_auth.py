@@ -8,19 +8,12 @@ import pytest
 
 from deployments import auth
 from deployments.auth import ADMIN_TOKEN_HEADER, AdminGuard, ApiKeys
+from conftest import status_of
 from deployments.client_error import ClientError
 from ruvllm.config import AppConfig, ConfigError
 
 TOKEN = "a-long-enough-admin-token"
 JSON = {"content-type": "application/json"}
-
-
-def status_of(call) -> int | None:
-    try:
-        call()
-    except ClientError as e:
-        return e.status
-    return None
 
 
 def sha(key: str) -> str:

@@ -8,15 +8,8 @@ import json
 import pytest
 
 from deployments import request_limits as rl
+from conftest import status_of
 from deployments.client_error import ClientError
-
-
-def status_of(call) -> int | None:
-    try:
-        call()
-    except ClientError as e:
-        return e.status
-    return None
 
 
 def test_deeply_nested_json_is_a_400_not_a_500():

@@ -9,14 +9,12 @@ so that eviction shows with three adapters.
 
 from __future__ import annotations
 
-import os
-import time
 from typing import Any, Iterator
 
 import pytest
 import yaml
 
-from conftest import ADMIN_TOKEN, DECLARED, ROOT, ServeApp, _free_port, deploy_and_wait
+from conftest import ADMIN_TOKEN, DECLARED, ROOT, ServeApp, _free_port, run_app
 
 BASE = "smollm2-135m-instruct"
 XLORA_NAME = "mix"
@@ -53,24 +51,7 @@ def gpu_serve_config(args_update: dict[str, Any], http_port: int) -> dict[str, A
 
 
 def start_app(ray_head, args_update: dict[str, Any]) -> Iterator[ServeApp]:
-    import ray
-
-    from ruvllm.config import AppConfig
-
-    port = _free_port()
-    serve_config = gpu_serve_config(args_update, port)
-    started = time.monotonic()
-    deploy_and_wait(ray_head, serve_config)
-    print(f"\nGPU Serve app up in {time.monotonic() - started:.0f} s on port {port}")
-    # The two-GPU app replaces the one-GPU app (same name, PUT again) in one session.
-    ray.init(address=ray_head.address, log_to_driver=bool(os.environ.get("RUVLLM_TEST_LOGS")),
-             ignore_reinit_error=True)
-    try:
-        (app,) = serve_config["applications"]
-        yield ServeApp(f"http://127.0.0.1:{port}", "ruvllm", AppConfig.from_args(app["args"]),
-                       ray_head, serve_config)
-    finally:
-        ray.shutdown()
+    yield from run_app(ray_head, gpu_serve_config(args_update, _free_port()), "GPU Serve app")
 
 
 @pytest.fixture(scope="session")
