@@ -37,9 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import (
-    ROOT, engine_settings, log, start_stack, stop, stop_stack, wait_until_ready, wait_until_serving,
-)
+from benchmarks.harness import ROOT, engine_settings, log, running, start_stack
 from benchmarks.serve_vs_vllm import run_load, summarize
 from ruvllm.serve_mode import THROUGHPUT_FLAGS
 
@@ -269,20 +267,15 @@ def main() -> int:
                                 if v is not None)}
     results: dict[str, dict] = {}
     for name in args.targets.split(","):
-        log(f"{name}: starting")
-        proc, url = starters[name]()
         try:
-            ready = wait_until_ready(f"{url}/v1/models", proc, args.startup_timeout, name)
-            ready += wait_until_serving(url, SERVED, proc, args.startup_timeout, name)
-            log(f"{name}: serving after {ready:.0f} s")
-            results[name] = {"startup_s": ready,
-                             "rows": sweep(url, args.model_dir, concurrencies, args, args.out, name)}
+            with running(name, starters[name], args.startup_timeout, SERVED) as (url, ready):
+                log(f"{name}: serving after {ready:.0f} s")
+                results[name] = {"startup_s": ready, "rows": sweep(
+                    url, args.model_dir, concurrencies, args, args.out, name)}
         except Exception as e:  # a target that fails is reported; the others still run
             log(f"{name}: failed: {e!r}")
             meta.setdefault("failed_targets", {})[name] = repr(e)[:300]
-        finally:
-            (stop if name == "bare" else stop_stack)(proc)
-            wait_for_gpu_memory()
+        wait_for_gpu_memory()
         write_report(args.out, results, meta)  # what was measured survives a later failure
     print((args.out / "report.md").read_text())
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -10,7 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import httpx
 import yaml
@@ -102,6 +103,23 @@ def start_stack(port: int, logfile: Path, overrides: Callable[[dict], None],
     proc = subprocess.Popen([tool("serve"), "run", str(path)], env=env, cwd=ROOT,
                             stdout=logfile.open("w"), stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def running(name: str, start: Callable[[], tuple[subprocess.Popen, str]], startup_timeout_s: float,
+            served_model: str | None = None) -> Iterator[tuple[str, float]]:
+    """A benchmark target, started and ready (and, given `served_model`, having served a
+    request), yielding its URL and start-up seconds; stopped on the way out. "bare" targets
+    are plain processes, the others `serve run` stacks."""
+    log(f"{name}: starting")
+    proc, url = start()
+    try:
+        ready = wait_until_ready(f"{url}/v1/models", proc, startup_timeout_s, name)
+        if served_model is not None:
+            ready += wait_until_serving(url, served_model, proc, startup_timeout_s, name)
+        yield url, ready
+    finally:
+        (stop if name == "bare" else stop_stack)(proc)
 
 
 def _vllm_processes() -> set[int]:

@@ -25,9 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import (
-    MODEL, ROOT, engine_settings, log, start_stack, stop, stop_stack, wait_until_ready,
-)
+from benchmarks.harness import MODEL, ROOT, engine_settings, log, running, start_stack
 
 PERCENTILES = (50, 90, 99)
 
@@ -177,18 +175,13 @@ def main() -> int:
     }
     results: dict[str, dict] = {}
     for name in args.targets.split(","):
-        log(f"{name}: starting")
-        proc, url = starters[name]()
-        try:
-            ready = wait_until_ready(f"{url}/v1/models", proc, args.startup_timeout, name)
+        with running(name, starters[name], args.startup_timeout) as (url, ready):
             log(f"{name}: ready in {ready:.0f} s; driving load")
             summary = summarize(run_load(url, model_path, args, args.out, name))
             summary["startup_s"] = ready
             results[name] = summary
             log(f"{name}: {summary['output_throughput']:.1f} output tok/s, "
                 f"TTFT p99 {summary.get('p99_ttft_ms', 0):.0f} ms")
-        finally:
-            (stop if name == "bare" else stop_stack)(proc)
 
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -10,7 +10,6 @@ which adapter to evict — lives in AdapterSlots, which runs here unchanged).
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, OrderedDict
 from typing import Any
 
 from ray.serve._private.common import DeploymentID, ReplicaID
@@ -23,54 +22,13 @@ from router.placement import ReplicaReport
 DEPLOYMENT = DeploymentID(name="LLMReplica", app_name="sim")
 
 
-class LRUSlots:
+class LRUSlots(AdapterSlots):
     """vLLM's own LoRA cache and Ray Serve's multiplexing: evict the least recently used
-    idle adapter. The subset of AdapterSlots' interface a replica uses."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._lru: OrderedDict[str, None] = OrderedDict()
-        self._in_use: Counter[str] = Counter()
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._lru
-
-    def resident(self) -> list[str]:
-        return list(self._lru)
-
-    @property
-    def free(self) -> int:
-        return self.capacity - len(self._lru)
-
-    def touch(self, name: str) -> None:
-        self._lru.move_to_end(name)
-
-    def add(self, name: str) -> None:
-        self._lru[name] = None
-
-    def remove(self, name: str) -> None:
-        self._lru.pop(name, None)
-
-    def acquire(self, name: str) -> None:
-        self._in_use[name] += 1
-        if name in self._lru:
-            self.touch(name)
+    idle adapter. AdapterSlots remembering no demand: every idle adapter then ties at zero
+    and its eviction order falls back to least recently used."""
 
     def note_demand(self, name: str, requests: float = 1.0) -> None:
         pass
-
-    def release(self, name: str) -> None:
-        self._in_use[name] -= 1
-        if self._in_use[name] <= 0:
-            del self._in_use[name]
-
-    def is_idle(self, name: str) -> bool:
-        return name not in self._in_use
-
-    def victims_for_one_more(self) -> list[str]:
-        excess = len(self._lru) + 1 - self.capacity
-        idle = [n for n in self._lru if n not in self._in_use]
-        return idle[:max(0, excess)]
 
 
 class SimReplica:
