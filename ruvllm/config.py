@@ -696,8 +696,12 @@ class AppConfig(_Strict):
                                  "model.source is a checkpoint directory")
         for i, mixture in enumerate(self.xlora):
             if self.backend_of(mixture) != "vllm":
-                raise ValueError(f"xlora.{i}.engine.backend: X-LoRA mixtures are served by "
-                                 "vLLM only in this version (mistral.rs X-LoRA is not wired)")
+                raise ValueError(
+                    f"xlora.{i}.engine.backend: X-LoRA mixtures are served by vLLM only. "
+                    "mistral.rs 0.9.5 loads the converted checkpoint but fails every prompt "
+                    "longer than one token (\"RoPE positions length 1 does not match token "
+                    "count N\": its X-LoRA models pass one RoPE position per sequence, its "
+                    "CPU rotary kernel wants one per token); use backend vllm for mixtures")
         return self
 
     def backend_of(self, deployment: "QuantizedModel | XLoraMixture | None" = None) -> str:
