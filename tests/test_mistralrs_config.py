@@ -63,7 +63,7 @@ def test_quantized_variant_fields_must_match_their_backend(variant, message):
 
 def test_xlora_with_mistralrs_is_refused_clearly():
     # The limit it names is pinned by tests/e2e/test_xlora_mistralrs.py.
-    with pytest.raises(ConfigError, match="served by vLLM only. mistral.rs 0.9.5 .* RoPE "
+    with pytest.raises(ConfigError, match="served by vLLM only. mistral.rs 0.9.5 .*RoPE "
                        "positions length 1 does not match token count"):
         AppConfig.from_args({"xlora": [{"name": "m", "checkpoint": "builtin:fixture",
                                         "engine": {"backend": "mistralrs"}}]})
