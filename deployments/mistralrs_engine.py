@@ -73,6 +73,7 @@ class MistralRsEngine:
         self._pool = ThreadPoolExecutor(max_workers=config.max_num_seqs + 4,
                                         thread_name_prefix="mistralrs")
         self._inflight: dict[str, _InFlight] = {}
+        self._adapters: set[str] = set()  # LoRA aliases loaded into the Runner
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self.startup_s = 0.0
@@ -98,9 +99,20 @@ class MistralRsEngine:
         from mistralrs import Runner
 
         # No `seed=`: mistral.rs 0.9.5 refuses it on CPU ("cannot seed the CPU rng").
-        return Runner(which=self._model.which(), max_seqs=self._config.max_num_seqs,
+        return Runner(which=self._model.which(self._lora_limits()),
+                      max_seqs=self._config.max_num_seqs,
                       prefix_cache_n=self._config.mistralrs.prefix_cache_n,
                       in_situ_quant=self._model.in_situ)
+
+    def _lora_limits(self) -> "tuple[int, int] | None":
+        """(resident adapters, largest rank) for mistral.rs's LoRA runtime, or None
+        without LoRA. The replica keeps at most `max_cpu_loras` (else `max_loras`)
+        adapters loaded and evicts only idle ones; twice that leaves room for a replaced
+        generation an in-flight request still holds."""
+        c = self._config
+        if not c.enable_lora:
+            return None
+        return 2 * (c.max_cpu_loras or c.max_loras), c.max_lora_rank
 
     # -- stats ---------------------------------------------------------------------------
 
@@ -172,7 +184,19 @@ class MistralRsEngine:
             raise RequestError(400, f"{loc}: {err['msg']}" if loc else err["msg"]) from None
         except vllm_compat.client_error_types() as e:
             raise RequestError(400, str(e), getattr(e, "parameter", None)) from None
-        return plan_request(kind, request, self._count_prompt, self._max_model_len)
+        plan = plan_request(kind, request, self._count_prompt, self._max_model_len)
+        plan.adapter = self._adapter_of(body.get("model"))
+        return plan
+
+    def _adapter_of(self, model: Any) -> str | None:
+        """The LoRA alias a request names (its `model`), None for the served model."""
+        if model in (None, self._served_name):
+            return None
+        if model in self._adapters:
+            return model
+        # The replica loads a request's adapter before the request reaches the engine:
+        # a name not loaded here is one this engine does not serve (vLLM's 404).
+        raise RequestError(404, f"The model `{model}` does not exist.", "model")
 
     def _count_prompt(self, kind: str, prompt: Any) -> int:
         if kind == "chat":
@@ -265,13 +289,27 @@ class MistralRsEngine:
             else:
                 self._release(request_id)
 
-    # -- adapters (LoRA is refused at config time for this backend) ------------------------
+    # -- adapters: mistral.rs's dynamic LoRA runtime (`Which.Lora`, adapters=[]) ---------------
 
     async def load_adapter(self, name: str, path: str) -> None:
-        raise RuntimeError("backend mistralrs serves no LoRA adapters in ruvllm")
+        """Load a peft LoRA directory under alias `name`; requests naming it run with it
+        (`adapter=` per request), batched beside the base model's and other adapters'."""
+        if self._lora_limits() is None:
+            raise RuntimeError("engine.enable_lora is off for this mistral.rs engine")
+        try:
+            await asyncio.wrap_future(self._pool.submit(
+                self._send, lambda _: self._runner.load_lora_adapter(name, path), None))
+        except ValueError as e:  # mistralrs.LoraAdapterError (code: e.code)
+            raise RuntimeError(f"mistral.rs could not load adapter {name!r}: "
+                               f"{getattr(e, 'code', '')} {e}".strip()) from None
+        self._adapters.add(name)
 
     async def unload_adapter(self, name: str) -> None:
-        raise RuntimeError("backend mistralrs serves no LoRA adapters in ruvllm")
+        # Out of the request path first: a request for it now is a 404, not a race.
+        self._adapters.discard(name)
+        # In-flight requests keep the generation they started with (mistral.rs leases it).
+        await asyncio.wrap_future(self._pool.submit(
+            self._send, lambda _: self._runner.unload_lora_adapter(name), None))
 
     async def check_health(self) -> None:
         if self._runner is None:
@@ -326,16 +364,18 @@ class _Plan:
     n: int
     sampling: dict[str, Any]
     model: str
+    adapter: str | None = None  # a LoRA alias loaded into the Runner
 
     def mistral_request(self) -> Any:
         from mistralrs import ChatCompletionRequest, CompletionRequest
 
+        extra = {"adapter": self.adapter} if self.adapter else {}
         if self.kind == "chat":
             return ChatCompletionRequest(messages=self.prompt, model=self.model,
                                          max_tokens=self.max_tokens, n_choices=self.n,
-                                         stream=self.stream, **self.sampling)
-        return CompletionRequest(prompt=self.prompt, model=self.model,
-                                 max_tokens=self.max_tokens, n_choices=self.n, **self.sampling)
+                                         stream=self.stream, **self.sampling, **extra)
+        return CompletionRequest(prompt=self.prompt, model=self.model, max_tokens=self.max_tokens,
+                                 n_choices=self.n, **self.sampling, **extra)
 
 
 def plan_request(kind: str, request: Any, count_prompt: Callable[[str, Any], int],

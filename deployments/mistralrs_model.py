@@ -34,7 +34,9 @@ class MistralRsModel:
     gguf_file: Path | None = None
     in_situ: str | None = None
 
-    def which(self) -> Any:
+    def which(self, lora: "tuple[int, int] | None" = None) -> Any:
+        """mistral.rs's model selection; `lora` = (max resident adapters, max rank) turns
+        on its dynamic LoRA runtime, empty at start (adapters are loaded at run time)."""
         from mistralrs import Architecture, ModelDType, Which
 
         if self.gguf_file is not None:
@@ -43,10 +45,13 @@ class MistralRsModel:
                               tok_model_id=str(self.tokenizer_dir))
         config = json.loads((self.model_dir / "config.json").read_text())
         arch = _ARCHITECTURES.get(config.get("model_type"))
+        arch = getattr(Architecture, arch) if arch else None
+        if lora is not None:
+            max_adapters, max_rank = lora
+            return Which.Lora(model_id=str(self.model_dir), adapters=[], arch=arch,
+                              dtype=ModelDType.F32, max_adapters=max_adapters, max_rank=max_rank)
         # float32, as the vLLM backend serves on CPU: the two stay comparable.
-        return Which.Plain(model_id=str(self.model_dir),
-                           arch=getattr(Architecture, arch) if arch else None,
-                           dtype=ModelDType.F32)
+        return Which.Plain(model_id=str(self.model_dir), arch=arch, dtype=ModelDType.F32)
 
     def describe(self) -> str:
         if self.gguf_file is not None:

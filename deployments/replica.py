@@ -95,11 +95,11 @@ def _mistralrs_engine(config: AppConfig, quantized: QuantizedServing | None,
     from deployments.mistralrs_model import MistralRsModel, readable_checkpoint
 
     base = resolve_model(config.model.source, config.resolved_cache_dir)
+    if quantized is None:  # the base deployment: its LoRA adapters too (engine.enable_lora)
+        model = MistralRsModel(base, readable_checkpoint(base, config.resolved_cache_dir))
+        return MistralRsEngine(model, config.model.name, config.engine, threads)
     engine = config.engine_for(None).model_copy(update={"backend": "mistralrs",
                                                         "enable_lora": False})
-    if quantized is None:
-        model = MistralRsModel(base, readable_checkpoint(base, config.resolved_cache_dir))
-        return MistralRsEngine(model, config.model.name, engine, threads)
     if quantized.gguf_file:
         model = MistralRsModel(base, gguf_file=Path(quantized.gguf_file))
     else:

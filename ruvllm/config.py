@@ -147,12 +147,8 @@ class EngineConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":
         if self.backend == "mistralrs":
-            if self.enable_lora:
-                raise ValueError(
-                    "enable_lora with backend mistralrs: ruvllm serves LoRA adapters through "
-                    "vLLM only (mistral.rs 0.9.5 loads adapters only into a model selected as "
-                    "Which.Lora/GGUF with a LoRA runtime, which ruvllm does not wire); use "
-                    "backend vllm for the adapter-serving deployment")
+            # enable_lora works on both: mistral.rs's LoRA runtime (Which.Lora) loads and
+            # unloads peft adapters at run time and selects one per request.
             if self.extra_engine_args:
                 raise ValueError("extra_engine_args are vLLM arguments; backend mistralrs "
                                  "takes its own settings under engine.mistralrs")

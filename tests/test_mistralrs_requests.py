@@ -86,3 +86,22 @@ def test_completion_reply_and_its_single_event_stream_agree():
     events = SseFramer.from_reply(plan, reply)
     assert json.loads(events[0][6:])["choices"][0]["text"] == " Paris."
     assert events[-1] == "data: [DONE]\n\n" and len(events) == 2  # no usage unless asked
+
+
+def test_a_request_names_a_loaded_adapter_or_gets_404():
+    from deployments.mistralrs_engine import MistralRsEngine
+    from ruvllm.config import EngineConfig
+
+    engine = MistralRsEngine(None, "m", EngineConfig(backend="mistralrs", enable_lora=True))
+    engine._adapters.add("alpha")
+    assert engine._adapter_of("m") is None and engine._adapter_of(None) is None
+    assert engine._adapter_of("alpha") == "alpha"
+    with pytest.raises(RequestError) as e:
+        engine._adapter_of("beta")  # registered elsewhere, not loaded here
+    assert e.value.status == 404 and e.value.param == "model"
+    plan = _plan()
+    plan.adapter = "alpha"
+    pytest.importorskip("mistralrs")
+    plan.mistral_request()  # mistral.rs takes `adapter=` (its getter is not exposed)
+    assert engine._lora_limits() == (2 * EngineConfig().max_loras, EngineConfig().max_lora_rank)
+    engine.shutdown()
