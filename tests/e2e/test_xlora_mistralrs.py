@@ -22,13 +22,15 @@ TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def runner(xlora_checkpoint, base_model_path, tmp_path_factory):
+def runner(xlora_checkpoint, base_model_path):
     from mistralrs import Architecture, ModelDType, Runner, Which
 
     from adapters.xlora.mistralrs_export import export_for_mistralrs
+    from ruvllm.config import resolve_cache_dir
 
+    # Cached by content beside the vLLM export (the base's lm_head copy is 0.6 GB).
     converted = export_for_mistralrs(xlora_checkpoint, base_model_path,
-                                     tmp_path_factory.mktemp("xlora-mistralrs"))
+                                     resolve_cache_dir() / "xlora" / "mistralrs")
     return Runner(which=Which.XLora(
         xlora_model_id=str(converted.xlora_dir), order=str(converted.order_file),
         model_id=str(converted.base_dir), arch=Architecture.Llama, dtype=ModelDType.F32),
