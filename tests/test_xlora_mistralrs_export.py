@@ -62,3 +62,32 @@ def test_config_and_names():
             assert a == b or a not in f"{b}adapter_model.safetensors"
     assert mistralrs_limits(spec) is None
     assert "enable_softmax_topk" in mistralrs_limits({**spec, "enable_softmax_topk": True})
+
+
+def test_tied_base_gets_lm_head_in_a_second_shard(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from adapters.xlora.mistralrs_export import _base_with_lm_head
+
+    base = tmp_path / "base"
+    base.mkdir()
+    embedding = torch.randn(10, 4)
+    save_file({"model.embed_tokens.weight": embedding}, str(base / "model.safetensors"))
+    (base / "config.json").write_text(json.dumps({"rope_parameters": {"rope_theta": 5.0}}))
+    (base / "tokenizer.json").write_text("{}")
+    derived = _base_with_lm_head(base, tmp_path / "out")
+    names = sorted(p.name for p in derived.iterdir())
+    assert names == ["config.json", "model-00001-of-00002.safetensors",
+                     "model-00002-of-00002.safetensors", "tokenizer.json"]
+    assert (derived / "model-00001-of-00002.safetensors").resolve() == \
+        (base / "model.safetensors").resolve()  # linked, not copied
+    with safe_open(str(derived / "model-00002-of-00002.safetensors"), framework="pt") as f:
+        torch.testing.assert_close(f.get_tensor("lm_head.weight"), embedding)
+    assert json.loads((derived / "config.json").read_text())["rope_theta"] == 5.0
+    assert _base_with_lm_head(base, tmp_path / "out") == derived  # built once
+    save_file({"model.embed_tokens.weight": embedding, "lm_head.weight": embedding},
+              str(base / "model.safetensors"))
+    assert _base_with_lm_head(base, tmp_path / "other") == base.resolve()

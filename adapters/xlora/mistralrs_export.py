@@ -28,7 +28,7 @@ layer, modules in registration order), which is the index layerwise scalings use
 
 mistral.rs's X-LoRA Llama also needs an `lm_head.weight` (it does not tie it to the
 embeddings), so a base with tied embeddings is given a derived checkpoint directory
-whose `model.safetensors` adds it (built once, cached like the export).
+with it in a second weights shard (built once, cached like the export).
 """
 
 from __future__ import annotations
@@ -167,8 +167,10 @@ def classifier_tensors(classifier: dict[str, Any], hidden: int) -> dict[str, Any
 
 
 def _base_with_lm_head(base_path: Path, out_root: Path) -> Path:
-    """`base_path` when its weights hold `lm_head.weight`, else a derived directory
-    (other files linked) whose weights add it as a copy of the tied embeddings."""
+    """`base_path` when its weights hold `lm_head.weight`, else a derived directory: the
+    base's files linked, its one weights file linked as the first of two shards and a
+    second shard holding only `lm_head.weight`, a copy of the tied embeddings (mistral.rs
+    loads every `model-N-of-M.safetensors`; 113 MB here instead of a copy of the model)."""
     from safetensors import safe_open
 
     files = sorted(base_path.glob("*.safetensors"))
@@ -177,7 +179,7 @@ def _base_with_lm_head(base_path: Path, out_root: Path) -> Path:
         with safe_open(str(file), framework="pt") as f:
             keys |= set(f.keys())
     config = json.loads((base_path / "config.json").read_text())
-    if "lm_head.weight" in keys or len(files) != 1:
+    if "lm_head.weight" in keys or [f.name for f in files] != ["model.safetensors"]:
         return base_path.resolve()
     key = hashlib.sha256(f"{base_path.resolve()}:{files[0].stat().st_mtime_ns}:"
                          f"{(base_path / 'config.json').stat().st_mtime_ns}".encode()
@@ -185,14 +187,16 @@ def _base_with_lm_head(base_path: Path, out_root: Path) -> Path:
     target = out_root / "bases" / f"{base_path.name}-{key}"
 
     def build(tmp: Path) -> None:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
         for item in base_path.iterdir():
             if item.suffix != ".safetensors" and item.name != "config.json":
                 os.symlink(item.resolve(), tmp / item.name)
-        tensors = load_file(str(files[0]))
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-        save_file(tensors, str(tmp / files[0].name), metadata={"format": "pt"})
+        os.symlink(files[0].resolve(), tmp / "model-00001-of-00002.safetensors")
+        with safe_open(str(files[0]), framework="pt") as f:
+            embedding = f.get_tensor("model.embed_tokens.weight")
+        save_file({"lm_head.weight": embedding.contiguous()},
+                  str(tmp / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
         # mistral.rs reads rope_theta at the top level only (deployments/mistralrs_model).
         theta = (config.get("rope_parameters") or {}).get("rope_theta")
         if "rope_theta" not in config and theta is not None:
