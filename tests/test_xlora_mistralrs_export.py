@@ -88,6 +88,6 @@ def test_tied_base_gets_lm_head_in_a_second_shard(tmp_path):
         torch.testing.assert_close(f.get_tensor("lm_head.weight"), embedding)
     assert json.loads((derived / "config.json").read_text())["rope_theta"] == 5.0
     assert _base_with_lm_head(base, tmp_path / "out") == derived  # built once
-    save_file({"model.embed_tokens.weight": embedding, "lm_head.weight": embedding},
+    save_file({"model.embed_tokens.weight": embedding, "lm_head.weight": embedding.clone()},
               str(base / "model.safetensors"))
     assert _base_with_lm_head(base, tmp_path / "other") == base.resolve()
