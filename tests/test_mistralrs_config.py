@@ -21,11 +21,9 @@ def test_backend_defaults_to_vllm_and_old_kind_still_reads():
         AppConfig.from_args({"engine": {"backend": "llama.cpp"}})
 
 
-def test_lora_with_mistralrs_is_accepted_and_vllm_arguments_are_not():
-    config = AppConfig.from_args({
-        "engine": {"backend": "mistralrs", "enable_lora": True, "max_loras": 2, "max_cpu_loras": 3},
-        "adapters": {"allowed_roots": ["/tmp"]}})
-    assert config.engine.enable_lora and config.backend_of(None) == "mistralrs"
+def test_lora_with_mistralrs_fails_at_config_time_naming_the_limit():
+    with pytest.raises(ConfigError, match="enable_lora with backend mistralrs"):
+        AppConfig.from_args({"engine": {"backend": "mistralrs", "enable_lora": True}})
     with pytest.raises(ConfigError, match="extra_engine_args"):
         AppConfig.from_args({"engine": {"backend": "mistralrs",
                                         "extra_engine_args": {"swap_space": 1}}})

@@ -23,8 +23,9 @@ def engine(base_model_path):
     from deployments.mistralrs_model import MistralRsModel
     from ruvllm.config import EngineConfig
 
-    config = EngineConfig(backend="mistralrs", max_num_seqs=4, enable_lora=True, max_loras=2,
-                          max_lora_rank=8)
+    # The engine's wiring, under the config-time refusal (which model_copy skips).
+    config = EngineConfig(backend="mistralrs", max_num_seqs=4, max_loras=2, max_lora_rank=8
+                          ).model_copy(update={"enable_lora": True})
     engine = MistralRsEngine(MistralRsModel(base_model_path, base_model_path), "m", config,
                              threads=2)
     asyncio.run(engine.start())
@@ -64,6 +65,9 @@ def _peft_greedy(base_model_path, adapter_dir) -> str:
     return tokenizer.decode(ids[start:], skip_special_tokens=True)
 
 
+@pytest.mark.xfail(strict=True, reason="mistral.rs 0.9.5 as wired here: the three outputs "
+                   "(base, alpha, beta) were not distinct (measured 2026-11-30); enable_lora with "
+                   "backend mistralrs is refused at config time until this passes")
 def test_request_naming_an_adapter_gets_its_output(engine, adapter_root, base_model_path):
     for name in ADAPTERS:
         asyncio.run(engine.load_adapter(name, str(adapter_root / name)))

@@ -67,8 +67,14 @@ def _peft_greedy(xlora_checkpoint, base_model_path) -> dict[str, str]:
     return out
 
 
-def test_converted_checkpoint_decodes_like_peft(runner, xlora_checkpoint, base_model_path):
-    expected = _peft_greedy(xlora_checkpoint, base_model_path)
+@pytest.fixture(scope="module")
+def peft_expected(xlora_checkpoint, base_model_path):
+    # Before the Runner exists: its spinning rayon workers slowed peft here 219 s vs ~10 s.
+    return _peft_greedy(xlora_checkpoint, base_model_path)
+
+
+def test_converted_checkpoint_decodes_like_peft(peft_expected, runner):
+    expected = peft_expected
     got = {prompt: _complete(runner, prompt) for prompt in PROMPTS}
     assert got == expected
 
