@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from deployments import vllm_compat
-from deployments.mistralrs_engine import RequestError, SseFramer, openai_reply, plan_request
+from ruvllm.deployments import vllm_compat
+from ruvllm.deployments.mistralrs_engine import RequestError, SseFramer, openai_reply, plan_request
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -89,7 +89,7 @@ def test_completion_reply_and_its_single_event_stream_agree():
 
 
 def test_a_request_names_a_loaded_adapter_or_gets_404():
-    from deployments.mistralrs_engine import MistralRsEngine
+    from ruvllm.deployments.mistralrs_engine import MistralRsEngine
     from ruvllm.config import EngineConfig
 
     # The engine's wiring, under the config-time refusal (which model_copy skips).

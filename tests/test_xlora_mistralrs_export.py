@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.xlora.mistralrs_export import (classifier_tensors, expert_name,
+from ruvllm.adapters.xlora.mistralrs_export import (classifier_tensors, expert_name,
                                              mistralrs_limits, mistralrs_xlora_config)
 
 
@@ -70,7 +70,7 @@ def test_tied_base_gets_lm_head_in_a_second_shard(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from adapters.xlora.mistralrs_export import _base_with_lm_head
+    from ruvllm.adapters.xlora.mistralrs_export import _base_with_lm_head
 
     base = tmp_path / "base"
     base.mkdir()

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.xlora.checkpoint import read_checkpoint, xlora_spec
+from ruvllm.adapters.xlora.checkpoint import read_checkpoint, xlora_spec
 from ruvllm.atomic_dir import build_once
 
 _MARKER = "ordering.json"

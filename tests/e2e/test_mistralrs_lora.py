@@ -19,8 +19,8 @@ TOKENS = 12
 
 @pytest.fixture(scope="module")
 def engine(base_model_path):
-    from deployments.mistralrs_engine import MistralRsEngine
-    from deployments.mistralrs_model import MistralRsModel
+    from ruvllm.deployments.mistralrs_engine import MistralRsEngine
+    from ruvllm.deployments.mistralrs_model import MistralRsModel
     from ruvllm.config import EngineConfig
 
     # The engine's wiring, under the config-time refusal (which model_copy skips).

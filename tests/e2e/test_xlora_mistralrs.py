@@ -6,7 +6,7 @@ one-token prompt mistral.rs decodes exactly peft's greedy tokens (every decode s
 one token per sequence), so the conversion is faithful. But any prompt longer than one
 token fails in mistral.rs itself: its X-LoRA models pass one RoPE position per sequence
 while its CPU rotary kernel takes one per token. That is why `xlora:` with backend
-mistralrs stays refused at config time (ruvllm/config.py); when this test's last
+mistralrs stays refused at config time (core/config.py); when this test's last
 assertion starts failing, an upgraded mistral.rs can prefill and the refusal can go.
 """
 
@@ -25,7 +25,7 @@ TOKENS = 16
 def runner(xlora_checkpoint, base_model_path):
     from mistralrs import Architecture, ModelDType, Runner, Which
 
-    from adapters.xlora.mistralrs_export import export_for_mistralrs
+    from ruvllm.adapters.xlora.mistralrs_export import export_for_mistralrs
     from ruvllm.config import resolve_cache_dir
 
     # Cached by content beside the vLLM export (the base's lm_head copy is 0.6 GB).
@@ -49,7 +49,7 @@ def _peft_greedy(xlora_checkpoint, base_model_path) -> dict[str, str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapters.xlora.fixture import load_peft_xlora
+    from ruvllm.adapters.xlora.fixture import load_peft_xlora
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_model_path))
     model = AutoModelForCausalLM.from_pretrained(str(base_model_path), dtype=torch.float32)
