@@ -34,7 +34,7 @@ from ruvllm.deployments.cluster_view import ClusterView
 from ruvllm.deployments.footprint import Footprint, request_footprint
 from ruvllm.deployments.prompt import PromptInfo, PromptInspector, PromptTooLong
 from ruvllm.deployments.protocol import ReplyHead, error_body
-from ruvllm.router.admission import Admission, AdmissionController, Rejected, TooLarge
+from ruvllm.admission.controller import Admission, AdmissionController, Rejected, TooLarge
 from ruvllm.router.hints import RoutingHints
 from ruvllm.router.metrics import AdmissionMetrics
 from ruvllm.config import AppConfig

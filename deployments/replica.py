@@ -18,7 +18,7 @@ from ruvllm.deployments.coalesce import coalesce_ready
 from ruvllm.deployments.protocol import Engine, ReplyHead, error_body
 from ruvllm.router.hints import RoutingHints
 from ruvllm.router.metrics import AdapterMetrics
-from ruvllm.router.placement import ReplicaReport
+from ruvllm.adapters.placement import ReplicaReport
 from ruvllm.config import AppConfig, EngineConfig, XLoraMixture
 from ruvllm.model_store import resolve_model
 

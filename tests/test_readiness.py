@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import cluster_app_args
 from ruvllm.deployments.readiness import READY_PREFIX, ReadyAnnouncement, health
-from ruvllm.router.placement import ReplicaReport
+from ruvllm.adapters.placement import ReplicaReport
 from ruvllm.config import AppConfig
 
 

@@ -15,8 +15,8 @@ from benchmarks.sim.calibration import H200_8B
 from benchmarks.sim.engine import Sequence, SimEngine, chain_keys
 from benchmarks.sim.simulation import SimConfig, Simulation
 from benchmarks.sim.trace import TraceRequest, WorkloadSpec, generate, read, stable_hash, write
-from ruvllm.router.admission import AdmissionController
-from ruvllm.router.placement import PlacementPlanner
+from ruvllm.admission.controller import AdmissionController
+from ruvllm.adapters.placement import PlacementPlanner
 from ruvllm.router.placement_router import PlacementAwareRouter
 from ruvllm.config import AdmissionConfig
 

@@ -17,7 +17,7 @@ from ray.serve._private.common import DeploymentID, ReplicaID
 from ruvllm.adapters.slots import AdapterSlots
 from benchmarks.sim.calibration import EngineProfile
 from benchmarks.sim.engine import Sequence, SimEngine
-from ruvllm.router.placement import ReplicaReport
+from ruvllm.adapters.placement import ReplicaReport
 
 DEPLOYMENT = DeploymentID(name="LLMReplica", app_name="sim")
 
