@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import Counter
 from typing import Any, Callable
 
@@ -18,8 +19,16 @@ logger = logging.getLogger("ray.serve")
 
 class ClusterView:
     def __init__(self, controller: DeploymentHandle, period_s: float,
-                 on_capacity: Callable[[str | None, int, int], None]) -> None:
+                 on_capacity: Callable[[str | None, int, int], None],
+                 tenant_demand: Callable[[], dict[str, tuple[int, int]]] | None = None) -> None:
+        """`tenant_demand`: this ingress's admitted and waiting (KV tokens, sequences) per
+        tenant, sent
+        with each sync; the controller answers with `capacity_share`, this ingress's
+        fraction of the engines' capacity (None until then, or without `tenant_demand`)."""
         self._controller = controller
+        self._tenant_demand = tenant_demand
+        self.ingress_id = uuid.uuid4().hex
+        self.capacity_share: float | None = None
         self._period_s = period_s
         self._on_capacity = on_capacity
         self._demand: Counter[str] = Counter()
@@ -49,7 +58,12 @@ class ClusterView:
         async with self._sync_lock:
             demand, self._demand = self._demand, Counter()
             try:
-                state: dict[str, Any] = await self._controller.sync.remote(dict(demand), self._version)
+                if self._tenant_demand is None:
+                    state: dict[str, Any] = await self._controller.sync.remote(
+                        dict(demand), self._version)
+                else:
+                    state = await self._controller.sync.remote(
+                        dict(demand), self._version, self.ingress_id, self._tenant_demand())
             except Exception:
                 self._demand.update(demand)  # report it next time
                 raise
@@ -57,6 +71,7 @@ class ClusterView:
                 self.adapters = state["adapters"]
                 self._version = state["version"]
             self.replicas = state["replicas"]
+            self.capacity_share = state.get("capacity_share")
             self._on_capacity(None, state["kv_tokens"], state["max_seqs"])
             for model, (kv, seqs) in state.get("dedicated_capacity", {}).items():
                 self._on_capacity(model, kv, seqs)

@@ -19,6 +19,7 @@ from adapters.base_model import BaseModelInfo
 from adapters.registry import AdapterError, AdapterRegistry, AdapterSpec
 from adapters.registry_store import RegisteredAdapter, RegistryState, RegistryStore
 from deployments.readiness import ReadyAnnouncement
+from router.capacity_shares import CapacityShares
 from router.placement import PlacementPlan, PlacementPlanner, ReplicaReport
 from ruvllm.builtin_models import BUILTIN_MODELS
 from ruvllm.config import AppConfig
@@ -111,6 +112,10 @@ class PlacementController:
             demand_window_s=config.placement.demand_window_s,
             replica_timeout_s=5 * config.placement.report_period_s + 5,
         )
+        admission = config.admission
+        self._shares = CapacityShares(
+            lambda tenant: admission.tenants.get(tenant, admission.default_tenant).weight,
+            timeout_s=5 * config.placement.report_period_s + 5)
         self._ready = ReadyAnnouncement.for_config(config)
 
     # -- engine replicas ------------------------------------------------------------------
@@ -121,8 +126,11 @@ class PlacementController:
 
     # -- ingresses ------------------------------------------------------------------------
 
-    def sync(self, demand: dict[str, int], known_version: int) -> dict[str, Any]:
-        """Record an ingress's demand; return capacity and, if changed, the registry."""
+    def sync(self, demand: dict[str, int], known_version: int, ingress_id: str | None = None,
+             tenant_demand: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+        """Record an ingress's demand; return capacity, the ingress's share of it (from
+        the tenants each ingress is serving, router/capacity_shares.py) and, if changed,
+        the registry."""
         self._planner.record_demand(demand)
         kv_tokens, max_seqs = self._planner.capacity()
         state: dict[str, Any] = {
@@ -133,6 +141,9 @@ class PlacementController:
                                    self._planner.capacities().items() if pool is not None},
             "replicas": len(self._planner.replicas()),
         }
+        if ingress_id is not None:
+            self._shares.update(ingress_id, tenant_demand or {})
+            state["capacity_share"] = self._shares.share(ingress_id, kv_tokens, max_seqs)
         with self._registry_lock:
             state["version"] = self._registry.version
             if known_version != self._registry.version:

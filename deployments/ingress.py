@@ -133,10 +133,28 @@ class OpenAIIngress:
         def on_capacity(model: str | None, kv: int, seqs: int) -> None:
             self._capacity[model] = kv
             pool = self._admission if model is None else self._dedicated_admission.get(model)
-            if pool is not None:
+            if pool is None:
+                return
+            # The controller's share follows the tenants this ingress serves, so fair
+            # queuing here adds up to weighted shares cluster-wide; an equal split until
+            # it has answered.
+            share = self._cluster.capacity_share
+            if share is None:
                 pool.set_capacity(kv // ingress_share, max(1, seqs // ingress_share) if seqs else 0)
+            else:
+                pool.set_capacity(int(kv * share), max(1, int(seqs * share)) if seqs else 0)
 
-        self._cluster = ClusterView(controller, config.placement.report_period_s, on_capacity)
+        def tenant_demand() -> dict[str, tuple[int, int]]:
+            # One share for all of this ingress's pools, from their demand summed.
+            out: dict[str, tuple[int, int]] = {}
+            for pool in self._admission_pools:
+                for tenant, (tokens, seqs) in pool.tenant_demand().items():
+                    had = out.get(tenant, (0, 0))
+                    out[tenant] = (had[0] + tokens, had[1] + seqs)
+            return out
+
+        self._cluster = ClusterView(controller, config.placement.report_period_s, on_capacity,
+                                    tenant_demand)
         self._cluster.start()
 
     def __del__(self) -> None:

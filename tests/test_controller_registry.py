@@ -223,3 +223,30 @@ def test_a_state_file_that_cannot_be_written_does_not_stop_the_controller(
     refused = controller.register_adapter("delta", "delta")
     assert isinstance(refused, AdapterError) and refused.status == 503
     assert any("could not save" in line for line in errors)
+
+
+def test_ingresses_get_capacity_shares_by_the_tenants_they_serve(config):
+    """The controller splits the engines between ingress views by their tenants' demand
+    (weighted, router/capacity_shares.py), through the same sync that carries adapters."""
+    from router.placement import ReplicaReport
+    weighted = config.model_copy(update={"admission": config.admission.model_copy(update={
+        "tenants": {"gold": {"weight": 3.0}, "free": {"weight": 1.0}}})})
+    weighted = AppConfig.model_validate(weighted.model_dump())
+    controller = PlacementController(weighted)
+    controller.report(ReplicaReport("r0", [], 4, 0.0, kv_capacity_tokens=8000, max_num_seqs=8))
+    handle = LocalHandle(controller)
+    seen: dict[str, list] = {"gold": [], "free": []}
+    views = {t: ClusterView(handle, period_s=1.0,
+                            on_capacity=lambda model, kv, seqs, t=t: seen[t].append(kv),
+                            tenant_demand=lambda t=t: {t: (100_000, 100)})
+             for t in seen}
+
+    async def scenario():
+        for _ in range(2):  # the first ingress to sync is alone until the second has
+            for view in views.values():
+                await view.sync()
+
+    asyncio.run(scenario())
+    assert views["gold"].capacity_share == pytest.approx(0.75)
+    assert views["free"].capacity_share == pytest.approx(0.25)
+    assert seen["gold"][-1] == 8000 and views["gold"].ingress_id != views["free"].ingress_id
