@@ -41,6 +41,7 @@ def _router_config(config: AppConfig) -> RequestRouterConfig:
             "max_imbalance_tokens": r.max_imbalance_tokens,
             "prefix_imbalance_per_token": r.prefix_imbalance_per_token,
             "cold_adapter_penalty_tokens": r.cold_adapter_penalty_tokens,
+            "affinity_headroom": r.affinity_headroom,
             "affinity_table_size": r.affinity_table_size,
         }
     return RequestRouterConfig(

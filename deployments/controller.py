@@ -111,6 +111,7 @@ class PlacementController:
             hot_requests_per_s=config.placement.hot_requests_per_s,
             demand_window_s=config.placement.demand_window_s,
             replica_timeout_s=5 * config.placement.report_period_s + 5,
+            preload_idle=config.placement.preload_idle_adapters,
         )
         admission = config.admission
         self._shares = CapacityShares(

@@ -105,6 +105,7 @@ class Simulation:
                              max_imbalance_tokens=r.max_imbalance_tokens,
                              prefix_imbalance_per_token=r.prefix_imbalance_per_token,
                              cold_adapter_penalty_tokens=r.cold_adapter_penalty_tokens,
+                             affinity_headroom=r.affinity_headroom,
                              affinity_table_size=r.affinity_table_size)
         self.ingresses = [Ingress(i, cfg, loop, policy_cls(random.Random(cfg.seed + 100 + i),
                                                            loop.time, **router_kwargs))
@@ -113,7 +114,7 @@ class Simulation:
         self.planner = PlacementPlanner(
             hot_requests_per_s=p.hot_requests_per_s, demand_window_s=p.demand_window_s,
             replica_timeout_s=5 * p.report_period_s + 5, clock=loop.time,
-            replan_interval_s=cfg.planner_replan_s)
+            replan_interval_s=cfg.planner_replan_s, preload_idle=p.preload_idle_adapters)
         self.plan_on = policy_cls.plan
         limits = cfg.admission
         self.shares = CapacityShares(
