@@ -18,7 +18,7 @@ that holds the request's adapter (and, for a session or prefix, is the replica i
 used) wins whatever the imbalance: on a GPU a few more sequences in a batch cost a few
 percent of step time, while an adapter load stalls the engine and a moved session
 recomputes its whole context. Token imbalance alone spilled adapters onto non-holders at
-~7 requests of difference and caused 80% of the cold loads at 64 H200 replicas
+~7 requests of difference and caused ~73% of the cold loads at 64 H200 replicas
 (benchmarks/sim: 24.0 loads per 1k requests vs Ray multiplexing's 5.5).
 
 Replicas report resident adapters with their routing stats; between reports the router
