@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from router.admission import AdmissionController
-from router.capacity_shares import CapacityShares, fair_allocation
+from ruvllm.admission.controller import AdmissionController
+from ruvllm.router.capacity_shares import CapacityShares, fair_allocation
 from ruvllm.config import AdmissionConfig
 
 WEIGHTS = {"gold": 4.0, "silver": 2.0, "bronze": 1.0, "free": 1.0}

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from adapters.registry import AdapterError
-from adapters.registry_store import RegistryStore
-from deployments.cluster_view import ClusterView
-from deployments.controller import PlacementController
+from ruvllm.adapters.registry import AdapterError
+from ruvllm.adapters.registry_store import RegistryStore
+from ruvllm.deployments.cluster_view import ClusterView
+from ruvllm.deployments.controller import PlacementController
 from ruvllm.config import AppConfig
 
 
@@ -228,7 +228,7 @@ def test_a_state_file_that_cannot_be_written_does_not_stop_the_controller(
 def test_ingresses_get_capacity_shares_by_the_tenants_they_serve(config):
     """The controller splits the engines between ingress views by their tenants' demand
     (weighted, router/capacity_shares.py), through the same sync that carries adapters."""
-    from router.placement import ReplicaReport
+    from ruvllm.adapters.placement import ReplicaReport
     weighted = config.model_copy(update={"admission": config.admission.model_copy(update={
         "tenants": {"gold": {"weight": 3.0}, "free": {"weight": 1.0}}})})
     weighted = AppConfig.model_validate(weighted.model_dump())

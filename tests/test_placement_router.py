@@ -15,8 +15,8 @@ from ray.serve._private.common import (
 )
 from ray.serve.request_router import PendingRequest
 
-from router.hints import RoutingHints
-from router.placement_router import PlacementAwareRouter, RoundRobinRouter
+from ruvllm.router.hints import RoutingHints
+from ruvllm.router.placement_router import PlacementAwareRouter, RoundRobinRouter
 
 DEPLOYMENT = DeploymentID(name="LLMReplica", app_name="test")
 
@@ -257,7 +257,7 @@ def test_a_session_keeps_its_replica_while_it_has_headroom():
 
 def test_a_large_cluster_scores_a_sample_but_always_the_adapters_holders():
     async def scenario():
-        from router.placement_router import RANKED, SCANNED
+        from ruvllm.router.placement_router import RANKED, SCANNED
         router = make_router()
         replicas = [replica(f"r{i}", adapters=[], adapter_slots_free=1) for i in range(4 * SCANNED)]
         holder = replica("holder", adapters=["rare"], adapter_slots_free=0)
