@@ -56,6 +56,8 @@ class ClusterView:
             if "adapters" in state:
                 self.adapters = state["adapters"]
                 self._version = state["version"]
+            if state.get("warming_up"):
+                return  # a restarted controller's partial count: keep the last one
             self.replicas = state["replicas"]
             self._on_capacity(None, state["kv_tokens"], state["max_seqs"])
             for model, (kv, seqs) in state.get("dedicated_capacity", {}).items():

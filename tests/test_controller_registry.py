@@ -223,3 +223,40 @@ def test_a_state_file_that_cannot_be_written_does_not_stop_the_controller(
     refused = controller.register_adapter("delta", "delta")
     assert isinstance(refused, AdapterError) and refused.status == 503
     assert any("could not save" in line for line in errors)
+
+
+def test_a_restarted_controller_does_not_zero_the_ingress_capacity(tmp_path, root):
+    """Right after Serve restarts the controller no replica has reported to it yet: an
+    ingress that took its count (0) would admit nothing and fail /health until its next
+    sync (before: it did). It keeps the last count until the replicas had time to report."""
+    import time
+
+    from router.placement import ReplicaReport
+
+    config = AppConfig.from_args({
+        "engine": {"enable_lora": True, "max_lora_rank": 8},
+        "placement": {"report_period_s": 0.05},
+        "adapters": {"allowed_roots": [str(root)], "declared": {"alpha": "alpha"},
+                     "state_file": str(tmp_path / "registry.json")}})
+    report = ReplicaReport(replica_id="r1", resident=[], slots=2, queued_tokens=0,
+                           kv_capacity_tokens=4096, max_num_seqs=16)
+    seen: list[int] = []
+    handle = LocalHandle(PlacementController(config))
+    view = ClusterView(handle, period_s=1.0, on_capacity=lambda model, kv, seqs: seen.append(kv))
+    time.sleep(1.2)  # past the first controller's own warm-up (2 periods + 1 s)
+    handle.controller.report(report)
+    asyncio.run(view.sync())
+    assert seen == [4096]
+
+    handle.controller = PlacementController(config)  # Serve restarted the controller
+    asyncio.run(view.sync())
+    assert seen == [4096] and sorted(view.adapters) == ["alpha"]
+    time.sleep(1.2)
+    handle.controller.report(report)
+    asyncio.run(view.sync())
+    assert seen == [4096, 4096]
+    # Past its warm-up a controller that heard from no engine means it: 0 is taken.
+    handle.controller = PlacementController(config)
+    time.sleep(1.2)
+    asyncio.run(view.sync())
+    assert seen == [4096, 4096, 0]
