@@ -68,6 +68,12 @@ class Engine(Protocol):
 
     async def check_health(self) -> None: ...
 
+    @property
+    def is_dead(self) -> bool:
+        """The engine can serve nothing more (its own process died) and the replica
+        should be replaced."""
+        ...
+
     def shutdown(self) -> None: ...
 
 

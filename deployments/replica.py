@@ -24,6 +24,11 @@ from ruvllm.model_store import resolve_model
 
 logger = logging.getLogger("ray.serve")
 
+# How often a replica checks that its engine's process is alive. A dead engine answers
+# every request with an error at once, so while it sits in the candidate set a
+# load-aware router prefers it (it looks idle); the check is one attribute read.
+ENGINE_WATCH_PERIOD_S = 0.1
+
 
 def cpu_engine_env(config: EngineConfig, local_rank: int, local_world_size: int) -> dict[str, str]:
     """Environment for vLLM's CPU backend in a replica that is `local_rank` of
@@ -155,6 +160,7 @@ class LLMReplica:
         self._controller = controller
         self._report_task = (asyncio.get_running_loop().create_task(self._report_loop())
                              if controller is not None else None)
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_engine())
 
     # -- requests ------------------------------------------------------------------------
 
@@ -317,6 +323,21 @@ class LLMReplica:
             prefix_cache_hits=s.prefix_cache_hits, dedicated=self._dedicated,
             **self._adapter_counts)
 
+    async def _watch_engine(self) -> None:
+        """Exit the replica's process as soon as its engine has died. vLLM cannot restart
+        its engine core in place (its own API server exits on EngineDeadError too), and
+        Serve's health check would only notice within `health_check_period_s`, while
+        routers kept sending requests here to fail. A dead actor is what Serve and its
+        routers handle best: every router drops it on its next call (ActorDiedError),
+        a request not yet started there is routed to another replica, the in-flight
+        ones end with the ingress's 503 error, and the controller starts a new one."""
+        while not self._engine.is_dead:
+            await asyncio.sleep(ENGINE_WATCH_PERIOD_S)
+        logger.error("replica %s: its engine process died; exiting so that Serve "
+                     "replaces this replica", self._replica_id)
+        logging.shutdown()
+        os._exit(1)
+
     # -- operators and routers -----------------------------------------------------------
 
     def engine_stats(self, hints: RoutingHints | None = None) -> dict[str, Any]:
@@ -344,9 +365,10 @@ class LLMReplica:
 
     def __del__(self) -> None:
         # Stop the engine-core process with the replica instead of orphaning it.
-        task = getattr(self, "_report_task", None)
-        if task is not None:
-            task.cancel()
+        for name in ("_report_task", "_watch_task"):
+            task = getattr(self, name, None)
+            if task is not None:
+                task.cancel()
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
