@@ -94,7 +94,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     session ends, and its vLLM-CPU processes keep both cores busy polling: the X-LoRA
     parity test took 620 s when it came after the app and 210 s before it, and the whole
     fresh-clone CI run went from 36 to 24 minutes."""
-    items.sort(key=lambda item: "ray_head" in getattr(item, "fixturenames", ()))
+    # Fault injection (tests/e2e/test_faults.py, marker `faults`) kills parts of the
+    # shared app: it runs last, and restores what it killed before it ends.
+    items.sort(key=lambda item: ("ray_head" in getattr(item, "fixturenames", ()),
+                                 item.get_closest_marker("faults") is not None))
 
 
 ADAPTERS = ("alpha", "beta", "gamma", "delta", "epsilon")
