@@ -104,8 +104,9 @@ async def session(url: str, kind: str, seed: int, until: float, tally: Tally,
     async with httpx.AsyncClient(timeout=None) as client:
         while time.monotonic() < until:
             await one_request(client, url, kind, rng, tally, timeout_s)
-            if kind == "good":
-                await asyncio.sleep(rng.uniform(0, 1))
+            # Good clients think between turns; the others come straight back (a short
+            # pause only, so that on 2 cores the load generator does not starve the app).
+            await asyncio.sleep(rng.uniform(0, 1) if kind == "good" else 0.05)
 
 
 def serve_processes() -> dict[str, list[psutil.Process]]:
