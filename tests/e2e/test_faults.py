@@ -284,9 +284,11 @@ def test_replica_actor_killed_mid_stream(serve_app, pending_restore):
     victim = replicas[0]
     actor = alive_actors("LLMReplica")[victim]
     core = engine_core(actor.pid)
+    # Waited for even if this test fails, so that the app is whole for the next.
+    pending_restore.victim, pending_restore.killed_at = victim, time.monotonic()
     run = asyncio.run(streams_then_fault(serve_app, sessions, victim,
                                          lambda: kill_actor(actor.name)))
-    pending_restore.victim, pending_restore.killed_at = victim, run.killed_at
+    pending_restore.killed_at = run.killed_at
     check_only_the_victims_requests_failed(run, sessions)
     # The engine core does not outlive its replica (it would keep polling a core).
     gone, alive = psutil.wait_procs([core], timeout=30)
@@ -359,9 +361,11 @@ def test_engine_process_killed_under_load(serve_app, pending_restore):
     actor = alive_actors("LLMReplica")[victim]
     replica_process = psutil.Process(actor.pid)
     core = engine_core(actor.pid)
+    # Waited for even if this test fails, so that the app is whole for the next.
+    pending_restore.victim, pending_restore.killed_at = victim, time.monotonic()
     run = asyncio.run(streams_then_fault(serve_app, sessions, victim,
                                          lambda: os.kill(core.pid, signal.SIGKILL)))
-    pending_restore.victim, pending_restore.killed_at = victim, run.killed_at
+    pending_restore.killed_at = run.killed_at
     check_only_the_victims_requests_failed(run, sessions)
     # The replica whose engine died goes away itself, so that Serve replaces it.
     gone, alive = psutil.wait_procs([replica_process], timeout=30)
