@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from adapters.registry import AdapterError
-from adapters.registry_store import RegistryStore
-from deployments.cluster_view import ClusterView
-from deployments.controller import PlacementController
+from ruvllm.adapters.registry import AdapterError
+from ruvllm.adapters.registry_store import RegistryStore
+from ruvllm.deployments.cluster_view import ClusterView
+from ruvllm.deployments.controller import PlacementController
 from ruvllm.config import AppConfig
 
 
@@ -231,7 +231,7 @@ def test_a_restarted_controller_does_not_zero_the_ingress_capacity(tmp_path, roo
     sync (before: it did). It keeps the last count until the replicas had time to report."""
     import time
 
-    from router.placement import ReplicaReport
+    from ruvllm.adapters.placement import ReplicaReport
 
     config = AppConfig.from_args({
         "engine": {"enable_lora": True, "max_lora_rank": 8},

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.app import _ingress_options, _replica_options
+from ruvllm.deployments.app import _ingress_options, _replica_options
 from ruvllm.config import AppConfig
 
 

@@ -37,7 +37,7 @@ PLAN = [
 def fuzz_schema(serve_app: ServeApp):
     import schemathesis
 
-    from deployments import vllm_compat
+    from ruvllm.deployments import vllm_compat
     from openai_openapi import openapi_document
 
     document = openapi_document(vllm_compat.chat_request_cls(),
