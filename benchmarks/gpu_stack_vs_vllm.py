@@ -273,7 +273,9 @@ def main() -> int:
     results: dict[str, dict] = {}
     for name in args.targets.split(","):
         try:
-            with running(name, starters[name], args.startup_timeout, SERVED) as (url, ready):
+            ready_log = None if name == "bare" else logs / f"{name}.log"
+            with running(name, starters[name], args.startup_timeout, SERVED,
+                         ready_log) as (url, ready):
                 log(f"{name}: serving after {ready:.0f} s")
                 results[name] = {"startup_s": ready, "rows": sweep(
                     url, args.model_dir, concurrencies, args, args.out, name)}

@@ -80,7 +80,9 @@ def make_engine(config: AppConfig, mixture: XLoraMixture | None = None,
     # mode leaves the scaling pass's cache unfilled for generated tokens, so a prefix
     # cache hit on them would read garbage: it serves without prefix caching. The
     # two-pass forward (and non-granular's data-dependent skip) runs eagerly: vLLM's
-    # torch.compile / CUDA-graph capture assume one pass per step.
+    # torch.compile / CUDA-graph capture assume one pass per step. Measured on an H200:
+    # under graphs it decodes as fast as the base but its tokens part from peft's on every
+    # prompt (max |log-prob difference| 11.9; eager: 0.18, same tokens).
     engine = config.engine.model_copy(update={
         "enable_lora": False,
         "enforce_eager": True,
