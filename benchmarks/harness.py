@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import yaml
 
-from deployments.readiness import READY_PREFIX
+from ruvllm.deployments.readiness import READY_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"

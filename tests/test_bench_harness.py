@@ -8,7 +8,7 @@ import time
 import pytest
 
 from benchmarks.harness import wait_for_ready_line
-from deployments.readiness import READY_PREFIX
+from ruvllm.deployments.readiness import READY_PREFIX
 
 
 def _sleeper(seconds: float) -> subprocess.Popen:

@@ -23,7 +23,7 @@ python3 - >> $R/progress 2>&1 <<'PY'
 from pathlib import Path
 from benchmarks.gpu_stack_vs_vllm import build_random_llama
 from benchmarks.gpu_decode import build_random_gptq
-from adapters.xlora.fixture import build_fixture
+from ruvllm.adapters.xlora.fixture import build_fixture
 from ruvllm.model_store import prepare_builtin
 base = prepare_builtin("smollm2-135m-instruct")
 m = Path("/tmp/llama8b-random")
@@ -35,7 +35,7 @@ p "models built"
 (
   CUDA_VISIBLE_DEVICES=1 python3 -m benchmarks.gpu_decode --rows quant --out $R/b > $R/b/log 2>&1
   p "b (quant rows) done rc=$?"
-  CUDA_VISIBLE_DEVICES=1 python3 -m adapters.xlora.parity --xlora $(cat /tmp/xlora-fixture) \
+  CUDA_VISIBLE_DEVICES=1 python3 -m ruvllm.adapters.xlora.parity --xlora $(cat /tmp/xlora-fixture) \
     --base $(python3 -c "from ruvllm.model_store import prepare_builtin as p; print(p('smollm2-135m-instruct'))") \
     --prompts 5 --tokens 32 --dtype bfloat16 --cuda-graphs --out $R/x/parity-graphs.json > $R/x/log 2>&1
   p "x (parity, CUDA graphs) done rc=$?"
