@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -315,16 +316,10 @@ class LLMReplica:
             kv_capacity_tokens=s.kv_capacity_tokens, max_num_seqs=s.max_num_seqs,
             running=s.running, waiting=s.waiting, prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits, dedicated=self._dedicated,
+            reported_at=time.time(), engine={**dataclasses.asdict(s), "gpu_ids": _gpu_ids()},
             **self._adapter_counts)
 
-    # -- operators and routers -----------------------------------------------------------
-
-    def engine_stats(self, hints: RoutingHints | None = None) -> dict[str, Any]:
-        stats = dataclasses.asdict(self._engine.stats())
-        stats.update(replica_id=self._replica_id, adapters=self._slots.resident(),
-                     adapter_slots=self._slots.capacity, gpu_ids=_gpu_ids(),
-                     **self._adapter_counts)
-        return stats
+    # -- routers and Serve ----------------------------------------------------------------
 
     def record_routing_stats(self) -> dict[str, Any]:
         # Serve calls this every request_routing_stats_period_s; routers read it.
