@@ -117,7 +117,7 @@ def test_health(serve_app, model):
 
 
 def test_disconnected_stream_frees_its_engine_request(serve_app, backend):
-    model, deployment = backend
+    model, _ = backend
     body = {"model": model, "stream": True, "max_tokens": 1500, "ignore_eos": True,
             "messages": [{"role": "user", "content": "Tell me a very long story."}]}
     with httpx.Client(timeout=60) as client:
@@ -127,12 +127,12 @@ def test_disconnected_stream_frees_its_engine_request(serve_app, backend):
             lines = r.iter_lines()
             received = [next(lines) for _ in range(6)]
             assert any(line.startswith("data:") for line in received)
-            busy = serve_app.engine_stats(replica_id, deployment)
+            busy = serve_app.engine_stats(replica_id)
             assert busy["unfinished"] >= 1, busy
         # Leaving the block closes the connection mid-stream.
     deadline = time.monotonic() + 30
     while True:
-        stats = serve_app.engine_stats(replica_id, deployment)
+        stats = serve_app.engine_stats(replica_id)
         if stats["unfinished"] == 0:
             break
         assert time.monotonic() < deadline, f"engine request not freed: {stats}"
