@@ -176,6 +176,7 @@ class LLMReplica:
 
     async def _serve(self, method: Any, body: dict[str, Any], request_id: str,
                      hints: RoutingHints | None) -> AsyncIterator[ReplyHead | str]:
+        started = time.perf_counter()
         if body.get(XLORA_SCALINGS_FIELD) is not None:
             async for item in self._serve_with_scalings(method, body, request_id):
                 yield item
@@ -196,7 +197,8 @@ class LLMReplica:
                     return
             reply = method(body, request_id)
             head = await anext(reply)
-            yield dataclasses.replace(head, replica_id=self._replica_id)
+            yield dataclasses.replace(head, replica_id=self._replica_id,
+                                      prepare_s=time.perf_counter() - started)
             if head.is_stream:
                 async for chunk in coalesce_ready(reply):
                     yield chunk

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from conftest import BACKENDS
+from ruvllm.deployments import server_timing
 
 pytestmark = pytest.mark.e2e
 
@@ -107,6 +108,24 @@ def test_response_names_the_replica_and_request_id(serve_app, model):
     assert r.status_code == 200
     assert r.headers["x-request-id"] == "req-abc"
     assert r.headers["x-ruvllm-replica"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_server_timing_splits_the_time_before_the_reply(serve_app, model, stream):
+    body = {"model": model, "messages": FRANCE, "max_tokens": 4, "stream": stream}
+    started = time.perf_counter()
+    with httpx.stream("POST", f"{serve_app.openai_url}/chat/completions", json=body,
+                      timeout=60) as r:
+        headers_after_ms = (time.perf_counter() - started) * 1000
+        r.read()
+    assert r.status_code == 200
+    phases = server_timing.parse(r.headers["server-timing"])
+    assert list(phases) == ["ingress", "admission", "replica", "hop"]
+    assert all(ms >= 0 for ms in phases.values()), phases
+    # The replica validated and tokenized the request before its head: some time, and
+    # all of what the server accounts for happened before the client had the headers.
+    assert phases["replica"] > 0 and phases["ingress"] > 0, phases
+    assert sum(phases.values()) <= headers_after_ms, (phases, headers_after_ms)
 
 
 def test_health(serve_app, model):
