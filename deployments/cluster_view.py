@@ -5,15 +5,13 @@ demand this ingress has seen since its last sync."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import Counter
 from typing import Any, Callable
 
 from ray.serve.handle import DeploymentHandle
 
 from ruvllm.adapters.registry import AdapterSpec
-
-logger = logging.getLogger("ray.serve")
+from ruvllm.deployments.periodic import repeat_every
 
 
 class ClusterView:
@@ -30,7 +28,8 @@ class ClusterView:
         self._sync_lock = asyncio.Lock()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = asyncio.get_running_loop().create_task(
+            repeat_every(self._period_s, self.sync, "cluster view sync"))
 
     def stop(self) -> None:
         if self._task is not None:
@@ -63,12 +62,3 @@ class ClusterView:
             for model, (kv, seqs) in state.get("dedicated_capacity", {}).items():
                 self._on_capacity(model, kv, seqs)
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.sync()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                logger.warning("cluster view sync failed: %r", e)
-            await asyncio.sleep(self._period_s)

@@ -17,6 +17,7 @@ class ReplyHead:
     status: int = 200
     body: dict[str, Any] | None = None
     replica_id: str = ""  # filled in by the replica deployment
+    prepare_s: float = 0.0  # the replica's time before this head (deployments/server_timing.py)
 
     @property
     def is_stream(self) -> bool:
