@@ -24,7 +24,7 @@ import math
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 
 @dataclass
@@ -46,6 +46,11 @@ class ReplicaReport:
     # The model a dedicated replica serves (X-LoRA mixture, quantized variant); None for
     # the base replicas, which serve the base model and its LoRA adapters.
     dedicated: str | None = None
+    # For operators, who read every replica's last report through `GET /v1/adapters`: when
+    # it was made (wall clock) and what the engine says of itself (the replica protocol's
+    # EngineStats fields, the GPUs it runs on).
+    reported_at: float = 0.0
+    engine: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -13,8 +13,7 @@ from typing import Any, Callable
 from ray.serve.handle import DeploymentHandle
 
 from ruvllm.adapters.registry import AdapterSpec
-
-logger = logging.getLogger("ray.serve")
+from ruvllm.deployments.periodic import repeat_every
 
 
 class ClusterView:
@@ -39,7 +38,8 @@ class ClusterView:
         self._sync_lock = asyncio.Lock()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = asyncio.get_running_loop().create_task(
+            repeat_every(self._period_s, self.sync, "cluster view sync"))
 
     def stop(self) -> None:
         if self._task is not None:
@@ -70,18 +70,11 @@ class ClusterView:
             if "adapters" in state:
                 self.adapters = state["adapters"]
                 self._version = state["version"]
+            if state.get("warming_up"):
+                return  # a restarted controller's partial count: keep the last one
             self.replicas = state["replicas"]
             self.capacity_share = state.get("capacity_share")
             self._on_capacity(None, state["kv_tokens"], state["max_seqs"])
             for model, (kv, seqs) in state.get("dedicated_capacity", {}).items():
                 self._on_capacity(model, kv, seqs)
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.sync()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                logger.warning("cluster view sync failed: %r", e)
-            await asyncio.sleep(self._period_s)

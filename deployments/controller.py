@@ -118,6 +118,9 @@ class PlacementController:
             lambda tenant: admission.tenants.get(tenant, admission.default_tenant).weight,
             timeout_s=5 * config.placement.report_period_s + 5)
         self._ready = ReadyAnnouncement.for_config(config)
+        # Until every live replica has had time to report, the planner's capacity is a
+        # partial count (zero right after a restart); see `sync`.
+        self._reports_complete_at = time.monotonic() + 2 * config.placement.report_period_s + 1
 
     # -- engine replicas ------------------------------------------------------------------
 
@@ -141,6 +144,10 @@ class PlacementController:
             "dedicated_capacity": {pool: list(c) for pool, c in
                                    self._planner.capacities().items() if pool is not None},
             "replicas": len(self._planner.replicas()),
+            # A restarted controller has heard from no replica yet: an ingress that took
+            # this count would admit nothing and fail its health check until the next
+            # sync, so it keeps the capacity it knew (the engines did not go anywhere).
+            "warming_up": time.monotonic() < self._reports_complete_at,
         }
         if ingress_id is not None:
             self._shares.update(ingress_id, tenant_demand or {})

@@ -300,8 +300,6 @@ class PlacementAwareRouter(RequestRouter):
     ) -> List[List[RunningReplica]]:
         started = time.perf_counter()
         hints = hints_of(pending_request)
-        if hints is not None and hints.replica_id is not None:
-            return [[r for r in candidate_replicas if r.replica_id.unique_id == hints.replica_id]]
         self._ledger.purge_expired()
         ranked, reason = self.rank(candidate_replicas, hints)
         if pending_request is not None and hints is not None:
@@ -379,9 +377,6 @@ class RoundRobinRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None
                               ) -> List[List[RunningReplica]]:
-        hints = hints_of(pending_request)
-        if hints is not None and hints.replica_id is not None:
-            return [[r for r in candidate_replicas if r.replica_id.unique_id == hints.replica_id]]
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         self._next += 1
         start = self._next % len(ordered)

@@ -106,18 +106,6 @@ def test_engine_reported_load_counts_for_traffic_from_other_routers():
     asyncio.run(scenario())
 
 
-def test_pinned_request_goes_only_to_its_replica():
-    async def scenario():
-        router = make_router()
-        a, b = replica("a"), replica("b")
-        ranks = await router.choose_replicas([a, b], pending("p", RoutingHints(replica_id="b")))
-        assert ranks == [[b]]
-        ranks = await router.choose_replicas([a, b], pending("p2", RoutingHints(replica_id="zz")))
-        assert ranks == [[]]
-
-    asyncio.run(scenario())
-
-
 def test_cancelled_request_is_never_charged():
     async def scenario():
         router = make_router()
