@@ -229,10 +229,15 @@ def test_ingresses_get_capacity_shares_by_the_tenants_they_serve(config):
     """The controller splits the engines between ingress views by their tenants' demand
     (weighted, router/capacity_shares.py), through the same sync that carries adapters."""
     from ruvllm.adapters.placement import ReplicaReport
+    import time
+
     weighted = config.model_copy(update={"admission": config.admission.model_copy(update={
         "tenants": {"gold": {"weight": 3.0}, "free": {"weight": 1.0}}})})
-    weighted = AppConfig.model_validate(weighted.model_dump())
+    dumped = weighted.model_dump()
+    dumped["placement"]["report_period_s"] = 0.05
+    weighted = AppConfig.model_validate(dumped)
     controller = PlacementController(weighted)
+    time.sleep(1.2)  # past a new controller's warm-up (2 report periods + 1 s)
     controller.report(ReplicaReport("r0", [], 4, 0.0, kv_capacity_tokens=8000, max_num_seqs=8))
     handle = LocalHandle(controller)
     seen: dict[str, list] = {"gold": [], "free": []}
