@@ -311,6 +311,11 @@ class MistralRsEngine:
         await asyncio.wrap_future(self._pool.submit(
             self._send, lambda _: self._runner.unload_lora_adapter(name), None))
 
+    @property
+    def is_dead(self) -> bool:
+        # mistral.rs runs inside the replica's process: if it dies, the replica does.
+        return False
+
     async def check_health(self) -> None:
         if self._runner is None:
             raise RuntimeError("mistral.rs runner is not started")
