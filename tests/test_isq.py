@@ -391,7 +391,7 @@ def test_mixed_precision_is_in_the_key_and_needs_calibration(tmp_path):
     assert "mixed_precision" not in plain.job_params()  # existing checkpoints keep their keys
     assert mixed.needs_calibration and not plain.needs_calibration
     assert mixed.job_params()["mixed_precision"] == {"bits": 8, "fraction": 0.3,
-                                                     "sensitivity_windows": 32}
+                                                     "sensitivity_windows": 16}
     calib = [[1, 2, 3]]
     assert cache_key("w" * 64, mixed, calib) != cache_key("w" * 64, IsqConfig(
         method="rtn", group_size=64, mixed_precision={"fraction": 0.2}), calib)
