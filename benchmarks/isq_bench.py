@@ -13,8 +13,9 @@ quantized Linear layers alone) and the perplexity increase. Then every checkpoin
 can serve on this machine is served (compiled vLLM-CPU, float32 activations) next to
 the unquantized base in the same run: decode tokens/s and the ratio to the base.
 
-`--repeat N` builds each scheme N times from scratch (the cached checkpoint deleted
-first) and reports whether the checkpoint bytes repeat, or else the perplexity spread.
+`--repeat N` builds each scheme N - 1 more times from scratch (the cached checkpoint
+deleted first; the first of the N is the cached build of the same inputs, or this run's)
+and reports whether the checkpoint bytes repeat, or else the perplexity spread.
 
 Writes report.json, report.md and report.png under --out.
 """
@@ -106,8 +107,9 @@ def _sha256(path: Path) -> str:
 
 
 def repeat_jobs(base: Path, first: dict, name: str, runs: int, cache: Path) -> dict:
-    """`first` (built from scratch) and `runs - 1` more from scratch: do the checkpoint
-    bytes repeat, and if not, how far apart are the perplexities?"""
+    """`first` (the cached build of these inputs, or this run's) and `runs - 1` more built
+    from scratch: do the checkpoint bytes repeat, and if not, how far apart are the
+    perplexities? Each row records its thread count (part of what the bytes depend on)."""
     reports = [first] + [run_jobs(base, [name], cache, fresh=True)[name]
                          for _ in range(runs - 1)]
     rows = [{"sha256": r["checkpoint_sha256"], "threads": r.get("threads"),
@@ -234,8 +236,8 @@ def write_report(out: Path, result: dict) -> None:
         lines.append(f"- {t['what']}: {t['measured']} — {verdict}")
     if result.get("repeats"):
         lines += ["", "## Reproducibility", "",
-                  "Each scheme quantized again from scratch (cached checkpoint deleted first), "
-                  "same inputs, same thread count:", "",
+                  "The same inputs built again from scratch (cached checkpoint deleted "
+                  "first); the first run is the cached build of those inputs:", "",
                   "| scheme | runs | identical checkpoint bytes | increase per run | spread "
                   "| out of distribution per run | spread |", "|---|---|---|---|---|---|---|"]
         for name, rep in result["repeats"].items():
@@ -442,7 +444,7 @@ def main() -> int:
         parser.error(f"unknown schemes {sorted(unknown)}; known: {', '.join(SCHEMES)}")
     args.out.mkdir(parents=True, exist_ok=True)
     base = prepare_builtin(MODEL)
-    jobs = run_jobs(base, names, resolve_cache_dir(None), fresh=args.repeat > 1)
+    jobs = run_jobs(base, names, resolve_cache_dir(None))
     repeats = {n: repeat_jobs(base, jobs[n], n, args.repeat, resolve_cache_dir(None))
                for n in names} if args.repeat > 1 else {}
     speed_targets = {"base (float32)": base}

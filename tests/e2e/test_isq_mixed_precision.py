@@ -27,9 +27,9 @@ def test_mixed_precision_keeps_the_most_sensitive_layers_at_8_bits_and_repeats(
     cache = resolve_cache_dir(None)
     isq = IsqConfig.model_validate({
         "method": "rtn", "bits": 4, "group_size": 64, "num_cpus": 0,
-        "mixed_precision": {"bits": 8, "fraction": 0.25, "sensitivity_windows": 4},
-        "calibration": {"samples": 4, "seq_len": 64},
-        "evaluation": {"windows": 2, "seq_len": 128, "out_of_distribution": False},
+        "mixed_precision": {"bits": 8, "fraction": 0.25, "sensitivity_windows": 2},
+        "calibration": {"samples": 2, "seq_len": 32},
+        "evaluation": {"windows": 1, "seq_len": 64, "out_of_distribution": False},
         "max_perplexity_increase": 10})
 
     weights = weights_digest(base_model_path)
