@@ -349,7 +349,9 @@ def ood_targets(jobs: dict[str, dict]) -> list[dict]:
                             "<= +20% out of distribution, at <= 0.35x the Linear layers' bf16 "
                             "bytes (rows with an out-of-distribution figure)",
                     "measured": f"{best}: {_pct(inc[best])}, {_pct(ood[best])} out of "
-                                f"distribution, {lin[best]:.3f}x",
+                                f"distribution, {lin[best]:.3f}x" + _missed_by(
+                                    [("held-out", inc[best], 0.10),
+                                     ("out of distribution", ood[best], 0.20)]),
                     "met": inc[best] <= 0.10 and ood[best] <= 0.20})
     for n in ood:
         rtn = rtn_reference(jobs, n)
@@ -359,6 +361,13 @@ def ood_targets(jobs: dict[str, dict]) -> list[dict]:
                                     f"{_pct(ood[rtn])})",
                         "met": ood[n] <= 0.6 * ood[rtn]})
     return out
+
+
+def _missed_by(checks: list[tuple[str, float, float]]) -> str:
+    """`; missed by N pts held-out, ...` for the checks over their limit, else ''."""
+    over = [f"{100 * (value - limit):.1f} pts {what}" for what, value, limit in checks
+            if value > limit]
+    return f"; missed by {', '.join(over)}" if over else ""
 
 
 def rtn_reference(jobs: dict[str, dict], name: str) -> str | None:
