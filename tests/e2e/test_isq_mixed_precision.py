@@ -20,6 +20,7 @@ BASE = "smollm2-135m-instruct"
 def test_mixed_precision_keeps_the_most_sensitive_layers_at_8_bits_and_repeats(
         base_model_path):
     from isq import checkpoint_bytes
+    from isq.sensitivity import choose_kept
     from isq.job import (cache_key, memoised_calibration_windows, quantize, result_dir,
                          weights_digest)
     from ruvllm.config import IsqConfig, resolve_cache_dir
@@ -47,11 +48,15 @@ def test_mixed_precision_keeps_the_most_sensitive_layers_at_8_bits_and_repeats(
     kept = mixed["kept"]
     assert kept and 0 < mixed["kept_weight_fraction"] <= 0.25
     assert "Fisher" in mixed["proxy"] and len(mixed["sensitivity"]) == 30 * 7
-    # The kept layers are the most sensitive per weight: none left at 4 bits beats them.
-    sizes = {n: shape[0] * shape[1] for n, (_, shape) in checkpoint_bytes.tensors(
-        base_model_path).items() if n.endswith("proj.weight")}
-    density = {n: s / sizes[n + ".weight"] for n, s in mixed["sensitivity"].items()}
-    assert min(density[n] for n in kept) > sorted(density.values())[len(density) // 2]
+    # The kept layers are the job's measurement put through the rule: the most sensitive
+    # per weight first, within the budget.
+    sizes = {n[:-len(".weight")]: shape[0] * shape[1] for n, (_, shape) in
+             checkpoint_bytes.tensors(base_model_path).items() if n.endswith("proj.weight")}
+    assert kept == choose_kept(mixed["sensitivity"], sizes, 0.25)
+    density = {n: s / sizes[n] for n, s in mixed["sensitivity"].items()}
+    assert max(density, key=density.get) in kept
+    left = [density[n] for n in density if n not in kept]
+    assert sum(density[n] for n in kept) / len(kept) > sum(left) / len(left)
 
     # In the checkpoint: the kept layers in an 8-bit group, the rest at 4 bits.
     groups = json.loads((built.path / "config.json").read_text())[
