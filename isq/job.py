@@ -405,9 +405,13 @@ def die_with_parent() -> None:
 
 
 def run_worker(python: Path, spec: Path, progress: Progress) -> None:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent),
-               TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([str(python), "-m", "isq.worker", str(spec)], env=env,
+    # The worker runs as a file in isolated mode (-I: no PYTHONPATH, no script directory on
+    # sys.path): it needs nothing of the project, whose packages are importable only where
+    # it is installed (the serving interpreter), never in the toolkit's venv, and the
+    # serving side's PYTHONPATH would shadow the toolkit's packages there.
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    worker = Path(__file__).resolve().with_name("worker.py")
+    proc = subprocess.Popen([str(python), "-I", str(worker), str(spec)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=die_with_parent)
     tail: list[str] = []

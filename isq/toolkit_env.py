@@ -90,7 +90,7 @@ def pip_environment(environ: dict[str, str] | os._Environ) -> dict[str, str]:
 def serving_paths(pythonpath: str | None, site_packages: list[str]) -> list[str]:
     """The serving interpreter's import path beyond the stdlib, in its own order: the
     PYTHONPATH entries first (they shadow site-packages there too), then site-packages;
-    directories that exist, each once. The worker's PYTHONPATH is the project root only,
+    directories that exist, each once. The worker runs isolated (no PYTHONPATH),
     so a serving environment that lives on PYTHONPATH (an unpacked site tree, as on the
     lent GPU machines) reaches the toolkit only through this list."""
     entries = [p for p in (pythonpath or "").split(os.pathsep) if p] + list(site_packages)

@@ -1,7 +1,7 @@
-"""The quantization job's body, run by the toolkit environment's interpreter
-(`python -m isq.worker SPEC.json`, see isq/toolkit_env.py). It imports only torch,
-transformers and llmcompressor, never the serving stack, because those live in
-different environments.
+"""The quantization job's body, run by the toolkit environment's interpreter as a file
+(`python -I isq/worker.py SPEC.json`: `run_worker` in isq/job.py, see isq/toolkit_env.py).
+It imports only torch, transformers and llmcompressor, never the serving stack, because
+those live in different environments.
 
 SPEC names the base checkpoint, the output directory, the method and its parameters,
 and files of pre-tokenized calibration windows and of each evaluation set's windows. The

@@ -286,7 +286,7 @@ def test_toolkit_env_points_at_the_serving_env_running_the_job(tmp_path, monkeyp
 
 def test_toolkit_env_lists_the_serving_pythonpath_before_its_site_packages(tmp_path):
     """A serving env unpacked onto PYTHONPATH (the GPU machines' /tmp/site) must reach the
-    worker, whose PYTHONPATH is the project root only; in the serving interpreter's own
+    worker, which runs without PYTHONPATH (isolated); in the serving interpreter's own
     order, each existing directory once, missing ones and empty entries dropped."""
     from isq.toolkit_env import serving_paths
 
