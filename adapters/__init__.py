@@ -4,5 +4,5 @@
 `base_model.py` holds what they must agree with, `slots.py` is one replica's resident
 set and its eviction order, `synthetic.py` makes small real adapters for tests and
 benchmarks, and `xlora/` the X-LoRA mixtures. Which replica holds which adapter is
-planned by `router/placement.py`, driven by `deployments/controller.py`.
+planned by `adapters/placement.py`, driven by `deployments/controller.py`.
 """

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from adapters.base_model import BaseModelInfo
+from ruvllm.adapters.base_model import BaseModelInfo
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _LORA_KEY = re.compile(r"layers\.(\d+)\.(?:.+\.)?([^.]+)\.lora_([AB])(?:\.[^.]+)?\.weight$")

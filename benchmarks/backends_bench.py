@@ -84,14 +84,14 @@ def _rss_tree_mib(pid: int) -> float:
 
 
 def make_target_engine(target: str, max_seqs: int) -> Any:
-    from deployments.mistralrs_engine import MistralRsEngine
-    from deployments.mistralrs_model import MistralRsModel
+    from ruvllm.deployments.mistralrs_engine import MistralRsEngine
+    from ruvllm.deployments.mistralrs_model import MistralRsModel
     from ruvllm.config import EngineConfig
     from ruvllm.model_store import BUILTIN_MODELS, prepare_builtin
 
     base = prepare_builtin("smollm2-135m-instruct")
     if target == "vllm-f32":
-        from deployments.vllm_engine import VLLMEngine
+        from ruvllm.deployments.vllm_engine import VLLMEngine
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         return VLLMEngine(base, "m", EngineConfig(block_size=32, max_num_seqs=max_seqs))
@@ -176,7 +176,7 @@ def run_bare_mistralrs(concurrency: int, requests: int) -> dict[str, Any]:
 
     from mistralrs import ChatCompletionRequest, Runner
 
-    from deployments.mistralrs_model import MistralRsModel
+    from ruvllm.deployments.mistralrs_model import MistralRsModel
     from ruvllm.model_store import prepare_builtin
 
     base = prepare_builtin("smollm2-135m-instruct")

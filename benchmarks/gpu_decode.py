@@ -74,8 +74,8 @@ def run_row(name: str, spec: dict, script: Path) -> dict:
 
 
 def xlora_rows(tokens: int) -> dict[str, dict]:
-    from adapters.xlora.checkpoint import export_for_vllm
-    from adapters.xlora.fixture import build_fixture
+    from ruvllm.adapters.xlora.checkpoint import export_for_vllm
+    from ruvllm.adapters.xlora.fixture import build_fixture
     from ruvllm.model_store import prepare_builtin
 
     base = prepare_builtin("smollm2-135m-instruct")

@@ -4,7 +4,7 @@
     python -m benchmarks.isq_bench --only rtn-w8a16,gptq-w4a16-g64
     python -m benchmarks.isq_bench --only rtn-w4a16-g64 --repeat 3 --skip-speed
 
-For each scheme the job runs exactly as a deployment runs it (isq.job.quantize: the
+For each scheme the job runs exactly as a deployment runs it (ruvllm.isq.job.quantize: the
 toolkit venv, 128 x 256-token calibration windows from the corpus's train splits,
 held-out perplexity on 32 x 512 tokens of its eval splits, and on as many of generic
 out-of-distribution text, reported not gated) and the report records job
@@ -91,7 +91,7 @@ def ood_increase(report: dict) -> float | None:
 
 
 def cached_dir(base: Path, isq, cache: Path) -> Path:
-    from isq.job import cache_key, memoised_calibration_windows, result_dir, weights_digest
+    from ruvllm.isq.job import cache_key, memoised_calibration_windows, result_dir, weights_digest
 
     weights = weights_digest(base)
     calibration = (memoised_calibration_windows(base, isq.calibration, weights, cache,
@@ -127,8 +127,8 @@ def run_jobs(base: Path, names: list[str], cache: Path, fresh: bool = False,
              eval_windows: int | None = None) -> dict[str, dict]:
     import shutil
 
-    from isq.job import quantize
-    from isq.serving import serving_problem
+    from ruvllm.isq.job import quantize
+    from ruvllm.isq.serving import serving_problem
     from ruvllm.config import IsqConfig
 
     results = {}
@@ -445,7 +445,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "isq")
     args = parser.parse_args()
 
-    from isq.toolkit_env import TOOLKIT_REQUIREMENTS
+    from ruvllm.isq.toolkit_env import TOOLKIT_REQUIREMENTS
     from ruvllm.config import CalibrationConfig, EvaluationConfig, resolve_cache_dir
     from ruvllm.corpus import OUT_OF_DISTRIBUTION
     from ruvllm.model_store import prepare_builtin

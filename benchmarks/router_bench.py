@@ -92,7 +92,7 @@ def zipf_choices(n_items: int, n: int, s: float, seed: int) -> list[int]:
 
 
 def section_adapters(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from adapters.synthetic import make_lora_adapters
+    from ruvllm.adapters.synthetic import make_lora_adapters
     from ruvllm.model_store import prepare_builtin
 
     names = [f"lora{i:02d}" for i in range(args.adapters)]
@@ -273,8 +273,8 @@ def section_decision(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from ray.serve.request_router import PendingRequest
     from ray.serve._private.common import RequestMetadata
 
-    from router.hints import RoutingHints
-    from router.placement_router import PlacementAwareRouter
+    from ruvllm.router.hints import RoutingHints
+    from ruvllm.router.placement_router import PlacementAwareRouter
 
     class FakeReplica:
         def __init__(self, rid: ReplicaID, stats: dict) -> None:

@@ -34,7 +34,7 @@ def perplexities(base: Path, xlora: Path, windows: int, seq_len: int) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapters.xlora.fixture import load_peft_xlora
+    from ruvllm.adapters.xlora.fixture import load_peft_xlora
     from ruvllm.corpus import DOMAINS, corpus, mixed_windows, token_windows
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
@@ -93,7 +93,7 @@ if __name__ == "__main__":
 
 def speed(base: Path, xlora: Path, tokens: int, out: Path,
           only: set[str] | None = None) -> dict:
-    from adapters.xlora.checkpoint import export_for_vllm
+    from ruvllm.adapters.xlora.checkpoint import export_for_vllm
 
     import tempfile
 
@@ -134,8 +134,8 @@ def classifier_time(base: Path, xlora: Path) -> dict:
     import torch
     from safetensors import safe_open
 
-    from adapters.xlora.checkpoint import export_for_vllm
-    from adapters.xlora.vllm_model import XLoraClassifier
+    from ruvllm.adapters.xlora.checkpoint import export_for_vllm
+    from ruvllm.adapters.xlora.vllm_model import XLoraClassifier
 
     model_dir = export_for_vllm(xlora, base, xlora.parent / "exported", {})
     config = json.loads((model_dir / "config.json").read_text())
@@ -236,7 +236,7 @@ def main() -> int:
         parser.error(f"unknown sections {sorted(unknown)}")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from adapters.xlora.fixture import build_fixture
+    from ruvllm.adapters.xlora.fixture import build_fixture
     from ruvllm.model_store import prepare_builtin
 
     base = prepare_builtin(MODEL)

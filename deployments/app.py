@@ -1,6 +1,6 @@
 """The application builder that `serve run cluster.yaml` imports.
 
-`import_path: deployments.app:build_app` with the ruvllm config as `args`. The config is
+`import_path: ruvllm.deployments.app:build_app` with the ruvllm config as `args`. The config is
 validated here, once; a bad field fails the build with its path in the message.
 """
 
@@ -14,18 +14,18 @@ from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
 from ray.serve.config import RequestRouterConfig
 from ray.serve.schema import LoggingConfig
 
-from adapters.registry import AdapterError
-from deployments.controller import PlacementController, make_registry
-from deployments.ingress import ingress_deployment
-from deployments.replica import LLMReplica, QuantizedServing
+from ruvllm.adapters.registry import AdapterError
+from ruvllm.deployments.controller import PlacementController, make_registry
+from ruvllm.deployments.ingress import ingress_deployment
+from ruvllm.deployments.replica import LLMReplica, QuantizedServing
 from ruvllm.config import AppConfig, ConfigError, QuantizedModel, ReplicaConfig, XLoraMixture
 from ruvllm.model_store import resolve_model
 
 logger = logging.getLogger("ray.serve")
 
 ROUTER_CLASSES = {
-    "placement_aware": "router.placement_router:PlacementAwareRouter",
-    "round_robin": "router.placement_router:RoundRobinRouter",
+    "placement_aware": "ruvllm.router.placement_router:PlacementAwareRouter",
+    "round_robin": "ruvllm.router.placement_router:RoundRobinRouter",
     "power_of_two": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
 }
 
@@ -92,7 +92,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     except (FileNotFoundError, KeyError) as e:
         raise ConfigError(f"model.source: {e}") from None
     if config.engine.backend == "vllm":
-        from deployments.vllm_engine import check_engine_args
+        from ruvllm.deployments.vllm_engine import check_engine_args
 
         check_engine_args(model_path, config.model.name, config.engine)
     try:
@@ -156,8 +156,8 @@ def _quantize(variant: QuantizedModel, model_path: Any, config: AppConfig) -> An
     """Run the variant's ISQ job as a Ray task and wait for it, so its replicas start on
     the quantized checkpoint; a cached result returns at once. Any failure (quality
     gate, toolkit, timeout) fails the build with the variant's field path."""
-    from isq.job import IsqQualityError, quantize_on_ray
-    from isq.serving import serving_problem
+    from ruvllm.isq.job import IsqQualityError, quantize_on_ray
+    from ruvllm.isq.serving import serving_problem
 
     where = f"quantized.{variant.name}.isq"
     on_gpu = variant.replicas.num_gpus > 0
@@ -179,7 +179,7 @@ def _quantize(variant: QuantizedModel, model_path: Any, config: AppConfig) -> An
 
 
 def _check_mixture(mixture: XLoraMixture, config: AppConfig) -> None:
-    from adapters.xlora.checkpoint import read_checkpoint
+    from ruvllm.adapters.xlora.checkpoint import read_checkpoint
 
     if mixture.checkpoint == "builtin:fixture":
         return  # built (and checked) by the replica on first start

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from deployments.client_error import ClientError
+from ruvllm.deployments.client_error import ClientError
 from ruvllm.config import AppConfig, Sha256Hex, check_api_keys
 
 logger = logging.getLogger("ray.serve")

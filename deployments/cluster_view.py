@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from ray.serve.handle import DeploymentHandle
 
-from adapters.registry import AdapterSpec
+from ruvllm.adapters.registry import AdapterSpec
 
 logger = logging.getLogger("ray.serve")
 

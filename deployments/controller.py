@@ -15,11 +15,11 @@ import threading
 import time
 from typing import Any
 
-from adapters.base_model import BaseModelInfo
-from adapters.registry import AdapterError, AdapterRegistry, AdapterSpec
-from adapters.registry_store import RegisteredAdapter, RegistryState, RegistryStore
-from deployments.readiness import ReadyAnnouncement
-from router.placement import PlacementPlan, PlacementPlanner, ReplicaReport
+from ruvllm.adapters.base_model import BaseModelInfo
+from ruvllm.adapters.registry import AdapterError, AdapterRegistry, AdapterSpec
+from ruvllm.adapters.registry_store import RegisteredAdapter, RegistryState, RegistryStore
+from ruvllm.deployments.readiness import ReadyAnnouncement
+from ruvllm.adapters.placement import PlacementPlan, PlacementPlanner, ReplicaReport
 from ruvllm.builtin_models import BUILTIN_MODELS
 from ruvllm.config import AppConfig
 from ruvllm.model_store import resolve_model

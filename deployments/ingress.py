@@ -26,17 +26,17 @@ from ray.exceptions import TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters.registry import AdapterError, AdapterSpec
-from deployments import readiness, request_limits, vllm_compat
-from deployments.auth import AdminGuard, ApiKeys, admin_token, bearer, digest
-from deployments.client_error import ClientError
-from deployments.cluster_view import ClusterView
-from deployments.footprint import Footprint, request_footprint
-from deployments.prompt import PromptInfo, PromptInspector, PromptTooLong
-from deployments.protocol import ReplyHead, error_body
-from router.admission import Admission, AdmissionController, Rejected, TooLarge
-from router.hints import RoutingHints
-from router.metrics import AdmissionMetrics
+from ruvllm.adapters.registry import AdapterError, AdapterSpec
+from ruvllm.deployments import readiness, request_limits, vllm_compat
+from ruvllm.deployments.auth import AdminGuard, ApiKeys, admin_token, bearer, digest
+from ruvllm.deployments.client_error import ClientError
+from ruvllm.deployments.cluster_view import ClusterView
+from ruvllm.deployments.footprint import Footprint, request_footprint
+from ruvllm.deployments.prompt import PromptInfo, PromptInspector, PromptTooLong
+from ruvllm.deployments.protocol import ReplyHead, error_body
+from ruvllm.admission.controller import Admission, AdmissionController, Rejected, TooLarge
+from ruvllm.router.hints import RoutingHints
+from ruvllm.router.metrics import AdmissionMetrics
 from ruvllm.config import AppConfig
 from ruvllm.model_store import resolve_model
 

@@ -37,9 +37,9 @@ from typing import Any, AsyncIterator, Callable
 
 from pydantic import ValidationError
 
-from deployments import vllm_compat
-from deployments.mistralrs_model import MistralRsModel
-from deployments.protocol import EngineStats, ReplyHead, error_body
+from ruvllm.deployments import vllm_compat
+from ruvllm.deployments.mistralrs_model import MistralRsModel
+from ruvllm.deployments.protocol import EngineStats, ReplyHead, error_body
 from ruvllm.config import EngineConfig
 
 logger = logging.getLogger("ruvllm.engine")

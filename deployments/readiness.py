@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from router.placement import ReplicaReport
+from ruvllm.adapters.placement import ReplicaReport
 from ruvllm.config import AppConfig, ReplicaConfig
 
 READY_PREFIX = "ruvllm is ready:"

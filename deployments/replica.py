@@ -13,12 +13,12 @@ from typing import Any, AsyncIterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from adapters.slots import AdapterSlots
-from deployments.coalesce import coalesce_ready
-from deployments.protocol import Engine, ReplyHead, error_body
-from router.hints import RoutingHints
-from router.metrics import AdapterMetrics
-from router.placement import ReplicaReport
+from ruvllm.adapters.slots import AdapterSlots
+from ruvllm.deployments.coalesce import coalesce_ready
+from ruvllm.deployments.protocol import Engine, ReplyHead, error_body
+from ruvllm.router.hints import RoutingHints
+from ruvllm.router.metrics import AdapterMetrics
+from ruvllm.adapters.placement import ReplicaReport
 from ruvllm.config import AppConfig, EngineConfig, XLoraMixture
 from ruvllm.model_store import resolve_model
 
@@ -65,7 +65,7 @@ def make_engine(config: AppConfig, mixture: XLoraMixture | None = None,
     backend = quantized.backend if quantized is not None else config.backend_of(mixture)
     if backend == "mistralrs":
         return _mistralrs_engine(config, quantized, threads)
-    from deployments.vllm_engine import VLLMEngine
+    from ruvllm.deployments.vllm_engine import VLLMEngine
 
     if quantized is not None:
         # Adapters stay on the base deployment: this variant serves its own name only.
@@ -74,7 +74,7 @@ def make_engine(config: AppConfig, mixture: XLoraMixture | None = None,
     if mixture is None:
         model_path = resolve_model(config.model.source, config.resolved_cache_dir)
         return VLLMEngine(model_path, config.model.name, config.engine)
-    from adapters.xlora.checkpoint import mixture_model_dir
+    from ruvllm.adapters.xlora.checkpoint import mixture_model_dir
 
     # The experts live in the model itself; vLLM's own LoRA stays off. Non-granular
     # mode leaves the scaling pass's cache unfilled for generated tokens, so a prefix
@@ -91,8 +91,8 @@ def make_engine(config: AppConfig, mixture: XLoraMixture | None = None,
 
 def _mistralrs_engine(config: AppConfig, quantized: QuantizedServing | None,
                      threads: int | None) -> Engine:
-    from deployments.mistralrs_engine import MistralRsEngine
-    from deployments.mistralrs_model import MistralRsModel, readable_checkpoint
+    from ruvllm.deployments.mistralrs_engine import MistralRsEngine
+    from ruvllm.deployments.mistralrs_model import MistralRsModel, readable_checkpoint
 
     base = resolve_model(config.model.source, config.resolved_cache_dir)
     engine = config.engine_for(None).model_copy(update={"backend": "mistralrs",
@@ -117,7 +117,7 @@ def _expert_names(mixture: XLoraMixture, config: AppConfig) -> list[str] | None:
     fixture's fixture.json), else by their peft names."""
     import json
 
-    from adapters.xlora.checkpoint import mixture_checkpoint_dir
+    from ruvllm.adapters.xlora.checkpoint import mixture_checkpoint_dir
 
     meta = mixture_checkpoint_dir(mixture, config) / "fixture.json"
     if not meta.is_file():
@@ -243,8 +243,8 @@ class LLMReplica:
 
     async def _scalings_explainer(self) -> Any:
         if getattr(self, "_explainer", None) is None:
-            from adapters.xlora.checkpoint import mixture_model_dir
-            from adapters.xlora.explain import ScalingsExplainer
+            from ruvllm.adapters.xlora.checkpoint import mixture_model_dir
+            from ruvllm.adapters.xlora.explain import ScalingsExplainer
 
             model_dir = mixture_model_dir(self._mixture, self._config)
             self._explainer = await asyncio.to_thread(ScalingsExplainer, model_dir,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from deployments.client_error import ClientError
+from ruvllm.deployments.client_error import ClientError
 
 MAX_JSON_DEPTH = 64  # OpenAI bodies nest < 10 levels; tool schemas a few more
 MAX_STOP_SEQUENCES = 16

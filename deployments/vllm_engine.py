@@ -3,7 +3,7 @@
 Requests are served by vLLM's `OpenAIServingChat` / `OpenAIServingCompletion`, built by
 vLLM's `init_app_state` from the same argument namespace its API server uses, so chat
 templates, sampling-parameter validation, usage accounting and SSE framing are exactly
-vLLM's. This class only adapts them to the replica protocol (`deployments.protocol`)
+vLLM's. This class only adapts them to the replica protocol (`ruvllm.deployments.protocol`)
 and keeps the engine's scheduler stats for the router.
 """
 
@@ -20,8 +20,8 @@ from typing import Any, AsyncIterator
 from pydantic import ValidationError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from deployments import vllm_compat
-from deployments.protocol import EngineStats, ReplyHead, error_body
+from ruvllm.deployments import vllm_compat
+from ruvllm.deployments.protocol import EngineStats, ReplyHead, error_body
 from ruvllm.config import ConfigError, EngineConfig
 
 logger = logging.getLogger("ruvllm.engine")

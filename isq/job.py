@@ -31,9 +31,9 @@ from typing import Any, Callable
 
 from ruvllm.atomic_dir import build_once, write_text_atomic
 from ruvllm.config import CalibrationConfig, EvaluationConfig, IsqConfig
-from isq import checkpoint_bytes
+from ruvllm.isq import checkpoint_bytes
 from ruvllm.corpus import HOLDOUT_EVERY
-from isq.toolkit_env import TOOLKIT_REQUIREMENTS, toolkit_python
+from ruvllm.isq.toolkit_env import TOOLKIT_REQUIREMENTS, toolkit_python
 
 REPORT = "isq-report.json"
 RECIPE_REVISIONS = {"gptq": 2}

@@ -26,7 +26,7 @@ def serving_problem(isq: IsqConfig, on_gpu: bool) -> str | None:
     """None when vLLM here can serve the scheme; otherwise what to do instead."""
     if on_gpu:
         return None
-    from deployments.vllm_engine import is_cpu_platform
+    from ruvllm.deployments.vllm_engine import is_cpu_platform
 
     if not is_cpu_platform():
         return None

@@ -161,7 +161,7 @@ def keep_sensitive(model, spec: dict, calibration: list[list[int]], metrics: dic
     """Measure each Linear layer's sensitivity on the first calibration windows and pick
     the layers mixed precision keeps at higher precision (isq/sensitivity.py); records
     the measurement and the choice in `metrics`."""
-    from isq.sensitivity import choose_kept, decoder_linears, fisher_sensitivity
+    from ruvllm.isq.sensitivity import choose_kept, decoder_linears, fisher_sensitivity
 
     mp = spec["mixed_precision"]
     windows = calibration[:mp["sensitivity_windows"]]

@@ -29,10 +29,10 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from router.affinity import AffinityTable
-from router.hints import RoutingHints, hints_of
-from router.ledger import InflightLedger
-from router.metrics import RouterMetrics
+from ruvllm.router.affinity import AffinityTable
+from ruvllm.router.hints import RoutingHints, hints_of
+from ruvllm.router.ledger import InflightLedger
+from ruvllm.router.metrics import RouterMetrics
 
 # How long the router trusts its own note that a replica got an adapter, before the
 # replica's own report (every stats period) takes over.

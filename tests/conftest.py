@@ -80,7 +80,7 @@ def e2e_app_args(adapter_root: Path, xlora_checkpoint: Path) -> dict[str, Any]:
 
 def status_of(call) -> int | None:
     """The status of the ClientError `call()` raises, or None if it raises none."""
-    from deployments.client_error import ClientError
+    from ruvllm.deployments.client_error import ClientError
 
     try:
         call()
@@ -110,7 +110,7 @@ def base_model_path() -> Path:
 @pytest.fixture(scope="session")
 def adapter_root(tmp_path_factory, base_model_path) -> Path:
     """Five small real peft LoRA adapters (random non-zero weights, rank 8) on the base."""
-    from adapters.synthetic import make_lora_adapters
+    from ruvllm.adapters.synthetic import make_lora_adapters
 
     root = tmp_path_factory.mktemp("adapters")
     make_lora_adapters(base_model_path, root, ADAPTERS, rank=8,
@@ -121,7 +121,7 @@ def adapter_root(tmp_path_factory, base_model_path) -> Path:
 @pytest.fixture(scope="session")
 def xlora_checkpoint(base_model_path) -> Path:
     """The three-expert X-LoRA fixture (trained once with peft, then cached)."""
-    from adapters.xlora.fixture import build_fixture
+    from ruvllm.adapters.xlora.fixture import build_fixture
 
     return build_fixture(base_model_path)
 
@@ -164,7 +164,7 @@ class ServeApp:
                       if not {XLORA_NAME, ISQ_NAME, MISTRALRS_NAME} & set(r["resident"]))
 
     def engine_stats(self, replica_id: str, deployment: str = "LLMReplica") -> dict[str, Any]:
-        from router.hints import RoutingHints
+        from ruvllm.router.hints import RoutingHints
 
         response = self.replica_handle(deployment).engine_stats.remote(
             hints=RoutingHints(replica_id=replica_id))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.base_model import BaseModelInfo
-from adapters.registry import AdapterError, AdapterRegistry
+from ruvllm.adapters.base_model import BaseModelInfo
+from ruvllm.adapters.registry import AdapterError, AdapterRegistry
 
 BASE_NAME = "smollm2-135m-instruct"
 

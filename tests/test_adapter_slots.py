@@ -1,4 +1,4 @@
-from adapters.slots import AdapterSlots
+from ruvllm.adapters.slots import AdapterSlots
 
 
 class Clock:
@@ -64,9 +64,9 @@ def test_a_request_during_its_adapters_eviction_reloads_it_instead_of_failing():
     import asyncio
     import types
 
-    from deployments.protocol import ReplyHead
-    from deployments.replica import LLMReplica
-    from router.hints import RoutingHints
+    from ruvllm.deployments.protocol import ReplyHead
+    from ruvllm.deployments.replica import LLMReplica
+    from ruvllm.router.hints import RoutingHints
 
     class FakeEngine:
         def __init__(self) -> None:
@@ -98,7 +98,7 @@ def test_a_request_during_its_adapters_eviction_reloads_it_instead_of_failing():
             at_start = adapter in engine.loaded
             await asyncio.sleep(0.06)
             seen[adapter] = at_start and adapter in engine.loaded
-            yield ReplyHead(200)  # a stream's head, then its chunks (deployments.protocol)
+            yield ReplyHead(200)  # a stream's head, then its chunks (ruvllm.deployments.protocol)
             yield "done"
         return method
 

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from router.admission import OVERFLOW_TENANT, AdmissionController, Rejected, TooLarge
+from ruvllm.admission.controller import OVERFLOW_TENANT, AdmissionController, Rejected, TooLarge
 from ruvllm.config import AdmissionConfig, TenantLimits
 
 

@@ -6,10 +6,10 @@ import hashlib
 
 import pytest
 
-from deployments import auth
-from deployments.auth import ADMIN_TOKEN_HEADER, AdminGuard, ApiKeys
+from ruvllm.deployments import auth
+from ruvllm.deployments.auth import ADMIN_TOKEN_HEADER, AdminGuard, ApiKeys
 from conftest import status_of
-from deployments.client_error import ClientError
+from ruvllm.deployments.client_error import ClientError
 from ruvllm.config import AppConfig, ConfigError
 
 TOKEN = "a-long-enough-admin-token"
@@ -118,7 +118,7 @@ def test_short_admin_token_is_refused():
 
 def ingress_with(keys: ApiKeys):
     """The ingress's own tenant logic, without Serve around it."""
-    from deployments.ingress import OpenAIIngress
+    from ruvllm.deployments.ingress import OpenAIIngress
 
     ingress = object.__new__(OpenAIIngress)
     ingress._api_keys = keys

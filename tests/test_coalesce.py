@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from deployments.coalesce import coalesce_ready
+from ruvllm.deployments.coalesce import coalesce_ready
 
 
 async def _burst(n: int):

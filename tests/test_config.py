@@ -48,7 +48,7 @@ def test_defaults_are_valid():
 
 
 def test_engine_args_rejected_by_vllm_fail_the_build_not_the_replica():
-    from deployments.app import build_app
+    from ruvllm.deployments.app import build_app
 
     args = cluster_app_args()
     args["engine"]["block_size"] = 16  # vLLM-CPU attention needs a multiple of 32
@@ -65,7 +65,7 @@ def test_engine_args_rejected_by_vllm_fail_the_build_not_the_replica():
 
 
 def test_ruvllm_validate_cli(tmp_path: Path):
-    ok = subprocess.run([sys.executable, "-m", "ruvllm_cli", "validate", str(ROOT / "cluster.yaml")],
+    ok = subprocess.run([sys.executable, "-m", "ruvllm.cli", "validate", str(ROOT / "cluster.yaml")],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "OK" in ok.stdout
@@ -74,7 +74,7 @@ def test_ruvllm_validate_cli(tmp_path: Path):
     bad["applications"][0]["args"]["replicas"]["num_cpus"] = -1
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
-    out = subprocess.run([sys.executable, "-m", "ruvllm_cli", "validate", str(path)],
+    out = subprocess.run([sys.executable, "-m", "ruvllm.cli", "validate", str(path)],
                          capture_output=True, text=True)
     assert out.returncode == 1
     assert "replicas.num_cpus" in out.stderr

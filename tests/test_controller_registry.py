@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from adapters.registry import AdapterError
-from adapters.registry_store import RegistryStore
-from deployments.cluster_view import ClusterView
-from deployments.controller import PlacementController
+from ruvllm.adapters.registry import AdapterError
+from ruvllm.adapters.registry_store import RegistryStore
+from ruvllm.deployments.cluster_view import ClusterView
+from ruvllm.deployments.controller import PlacementController
 from ruvllm.config import AppConfig
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deployments.footprint import request_footprint
+from ruvllm.deployments.footprint import request_footprint
 
 
 def test_n_and_batched_prompts_multiply_the_charge():

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from adapters.base_model import BaseModelInfo
-from adapters.registry import (NAME_PATTERN, AdapterError, AdapterRegistry, check_name,
+from ruvllm.adapters.base_model import BaseModelInfo
+from ruvllm.adapters.registry import (NAME_PATTERN, AdapterError, AdapterRegistry, check_name,
                                resolve_inside_roots)
 
 BASE_NAME = "smollm2-135m-instruct"

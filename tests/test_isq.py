@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from isq import checkpoint_bytes
-from isq.job import IsqQualityError, cache_key, check_quality, gate_verdict, result_dir
+from ruvllm.isq import checkpoint_bytes
+from ruvllm.isq.job import IsqQualityError, cache_key, check_quality, gate_verdict, result_dir
 from ruvllm import corpus
 from ruvllm.config import AppConfig, ConfigError, IsqConfig
 
@@ -229,7 +229,7 @@ def test_out_of_distribution_text_shares_no_line_with_the_corpus():
 
 
 def test_weight_only_schemes_need_a_kernel_this_cpu_may_lack():
-    from isq.serving import WNA16_OP, serving_problem
+    from ruvllm.isq.serving import WNA16_OP, serving_problem
 
     assert serving_problem(IsqConfig(method="gptq"), on_gpu=True) is None
     problem = serving_problem(IsqConfig(method="gptq"), on_gpu=False)
@@ -240,7 +240,7 @@ def test_weight_only_schemes_need_a_kernel_this_cpu_may_lack():
 
 
 def test_calibration_windows_are_memoised_per_weights_tokenizer_and_settings(tmp_path, monkeypatch):
-    import isq.job as job
+    import ruvllm.isq.job as job
     from ruvllm.config import CalibrationConfig
 
     calls = []
@@ -273,7 +273,7 @@ def test_toolkit_env_points_at_the_serving_env_running_the_job(tmp_path, monkeyp
     each job repoints its .pth, or the toolkit would import a deleted environment's torch."""
     import site
 
-    from isq.toolkit_env import _point_at_serving_env
+    from ruvllm.isq.toolkit_env import _point_at_serving_env
 
     site_dir = tmp_path / "lib" / "python3.11" / "site-packages"
     site_dir.mkdir(parents=True)
@@ -288,7 +288,7 @@ def test_toolkit_env_lists_the_serving_pythonpath_before_its_site_packages(tmp_p
     """A serving env unpacked onto PYTHONPATH (the GPU machines' /tmp/site) must reach the
     worker, which runs without PYTHONPATH (isolated); in the serving interpreter's own
     order, each existing directory once, missing ones and empty entries dropped."""
-    from isq.toolkit_env import serving_paths
+    from ruvllm.isq.toolkit_env import serving_paths
 
     site_tree, project, site_packages = (tmp_path / n for n in ("site", "proj", "sp"))
     for d in (site_tree, project, site_packages):
@@ -306,7 +306,7 @@ def test_toolkit_env_pth_holds_pythonpath_entries_after_the_venvs_own(tmp_path, 
     listed again."""
     import site
 
-    from isq.toolkit_env import _point_at_serving_env
+    from ruvllm.isq.toolkit_env import _point_at_serving_env
 
     site_dir = tmp_path / "venv" / "lib" / "python3.12" / "site-packages"
     site_dir.mkdir(parents=True)
@@ -321,7 +321,7 @@ def test_toolkit_env_pth_holds_pythonpath_entries_after_the_venvs_own(tmp_path, 
 def test_toolkit_pip_runs_without_pythonpath_but_with_the_callers_pip_settings():
     """PIP_NO_INDEX / PIP_FIND_LINKS (an offline wheelhouse) reach pip untouched; the
     PYTHONPATH that would shadow the venv's packages while pip resolves does not."""
-    from isq.toolkit_env import pip_environment
+    from ruvllm.isq.toolkit_env import pip_environment
 
     env = pip_environment({"PYTHONPATH": "/tmp/site", "PIP_NO_INDEX": "1",
                            "PIP_FIND_LINKS": "/wheels", "PATH": "/bin"})
@@ -333,13 +333,13 @@ def test_toolkit_venv_borrows_the_serving_pip_and_needs_no_ensurepip(tmp_path):
     with pip in the serving env the venv is made without one and borrows it via the .pth."""
     import subprocess
 
-    from isq.toolkit_env import venv_command
+    from ruvllm.isq.toolkit_env import venv_command
 
     assert "--without-pip" in venv_command(tmp_path / "v", borrow_pip=True)
     assert "--without-pip" not in venv_command(tmp_path / "v", borrow_pip=False)
     venv = tmp_path / "v"
     subprocess.run(venv_command(venv, borrow_pip=True), check=True)
-    from isq.toolkit_env import _point_at_serving_env
+    from ruvllm.isq.toolkit_env import _point_at_serving_env
 
     _point_at_serving_env(venv)
     out = subprocess.run([str(venv / "bin" / "python"), "-c",
@@ -361,7 +361,7 @@ def test_toolkit_worker_dies_with_the_job_that_started_it(tmp_path):
     pid_file = tmp_path / "child.pid"
     parent = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time\n"
-        "from isq.job import die_with_parent\n"
+        "from ruvllm.isq.job import die_with_parent\n"
         "child = subprocess.Popen(['sleep', '60'], preexec_fn=die_with_parent)\n"
         f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
         "time.sleep(60)\n")], cwd=ROOT)
@@ -400,7 +400,7 @@ def test_mixed_precision_is_in_the_key_and_needs_calibration(tmp_path):
 
 
 def test_kept_layers_are_the_most_sensitive_per_weight_within_the_budget():
-    from isq.sensitivity import choose_kept
+    from ruvllm.isq.sensitivity import choose_kept
 
     sizes = {"big": 60, "small": 10, "mid": 30, "dull": 10}
     sens = {"big": 120.0, "small": 50.0, "mid": 45.0, "dull": 1.0}  # per weight: 2, 5, 1.5, .1
@@ -416,7 +416,7 @@ def test_kept_layers_are_the_most_sensitive_per_weight_within_the_budget():
 def test_rtn_error_is_zero_on_the_grid_and_bounded_by_half_a_step():
     import torch
 
-    from isq.sensitivity import rtn_error
+    from ruvllm.isq.sensitivity import rtn_error
 
     torch.manual_seed(0)
     w = torch.randn(8, 128)

@@ -154,7 +154,7 @@ def test_every_pod_runs_unprivileged(profile):
             assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
             assert sc["capabilities"] == {"drop": ["ALL"]}
             assert sc.get("runAsUser", 1000) != 0
-            # Ray and vLLM write under /tmp and $HOME (see ruvllm/k8s.py): explicit, not a default.
+            # Ray and vLLM write under /tmp and $HOME (see core/k8s.py): explicit, not a default.
             assert sc["readOnlyRootFilesystem"] is False
 
 
@@ -272,7 +272,7 @@ def test_network_policy_admits_serve_from_anywhere_and_the_rest_only_from_its_ow
 
 def test_gpu_deployments_run_serve_in_high_throughput_mode_and_cpu_ones_do_not():
     """Ray reads these flags at start: the GPU manifests and `make serve` on a GPU config
-    set them (ruvllm/serve_mode.py says why), the CPU profile keeps Serve's default."""
+    set them (core/serve_mode.py says why), the CPU profile keeps Serve's default."""
     from ruvllm.serve_mode import THROUGHPUT_FLAGS
 
     def env_of(profile: str) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The router's in-flight token ledger (pure logic)."""
 
-from router.ledger import InflightLedger
+from ruvllm.router.ledger import InflightLedger
 
 
 class Clock:

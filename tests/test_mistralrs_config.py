@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from deployments.mistralrs_model import readable_checkpoint
+from ruvllm.deployments.mistralrs_model import readable_checkpoint
 from ruvllm.config import AppConfig, ConfigError
 
 
@@ -84,9 +84,9 @@ def test_checkpoint_without_top_level_rope_theta_gets_a_derived_dir(tmp_path):
 
 
 def test_each_deployment_gets_the_engine_its_backend_names(base_model_path):
-    from deployments.mistralrs_engine import MistralRsEngine
-    from deployments.replica import QuantizedServing, make_engine
-    from deployments.vllm_engine import VLLMEngine
+    from ruvllm.deployments.mistralrs_engine import MistralRsEngine
+    from ruvllm.deployments.replica import QuantizedServing, make_engine
+    from ruvllm.deployments.vllm_engine import VLLMEngine
 
     config = AppConfig.from_args({"engine": {"enable_lora": True}})
     assert isinstance(make_engine(config), VLLMEngine)

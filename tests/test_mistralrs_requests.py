@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from deployments import vllm_compat
-from deployments.mistralrs_engine import RequestError, SseFramer, openai_reply, plan_request
+from ruvllm.deployments import vllm_compat
+from ruvllm.deployments.mistralrs_engine import RequestError, SseFramer, openai_reply, plan_request
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 

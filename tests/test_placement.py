@@ -1,7 +1,7 @@
 """The placement planner: replicate hot adapters, place new copies on the least-loaded
 replica with a free slot, never plan over a wanted adapter (pure logic)."""
 
-from router.placement import PlacementPlanner, ReplicaReport
+from ruvllm.adapters.placement import PlacementPlanner, ReplicaReport
 
 
 class Clock:

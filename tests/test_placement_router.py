@@ -15,8 +15,8 @@ from ray.serve._private.common import (
 )
 from ray.serve.request_router import PendingRequest
 
-from router.hints import RoutingHints
-from router.placement_router import PlacementAwareRouter, RoundRobinRouter
+from ruvllm.router.hints import RoutingHints
+from ruvllm.router.placement_router import PlacementAwareRouter, RoundRobinRouter
 
 DEPLOYMENT = DeploymentID(name="LLMReplica", app_name="test")
 

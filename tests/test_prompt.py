@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from deployments.prompt import PromptInspector, PromptTooLong
+from ruvllm.deployments.prompt import PromptInspector, PromptTooLong
 
 
 @pytest.fixture(scope="module")

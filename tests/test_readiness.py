@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from conftest import cluster_app_args
-from deployments.readiness import READY_PREFIX, ReadyAnnouncement, health
-from router.placement import ReplicaReport
+from ruvllm.deployments.readiness import READY_PREFIX, ReadyAnnouncement, health
+from ruvllm.adapters.placement import ReplicaReport
 from ruvllm.config import AppConfig
 
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from deployments import request_limits as rl
+from ruvllm.deployments import request_limits as rl
 from conftest import status_of
-from deployments.client_error import ClientError
+from ruvllm.deployments.client_error import ClientError
 
 
 def test_deeply_nested_json_is_a_400_not_a_500():

@@ -9,15 +9,15 @@ import dataclasses
 
 import pytest
 
-from adapters.slots import AdapterSlots
+from ruvllm.adapters.slots import AdapterSlots
 from benchmarks.sim import clock
 from benchmarks.sim.calibration import H200_8B
 from benchmarks.sim.engine import Sequence, SimEngine, chain_keys
 from benchmarks.sim.simulation import SimConfig, Simulation
 from benchmarks.sim.trace import TraceRequest, WorkloadSpec, generate, read, stable_hash, write
-from router.admission import AdmissionController
-from router.placement import PlacementPlanner
-from router.placement_router import PlacementAwareRouter
+from ruvllm.admission.controller import AdmissionController
+from ruvllm.adapters.placement import PlacementPlanner
+from ruvllm.router.placement_router import PlacementAwareRouter
 from ruvllm.config import AdmissionConfig
 
 

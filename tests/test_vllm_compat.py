@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from deployments import vllm_compat
+from ruvllm.deployments import vllm_compat
 
 
 @pytest.mark.parametrize("accessor", [

@@ -8,8 +8,8 @@ import shutil
 import pytest
 from safetensors import safe_open
 
-from adapters.registry import AdapterError
-from adapters.xlora.checkpoint import export_for_vllm, read_checkpoint
+from ruvllm.adapters.registry import AdapterError
+from ruvllm.adapters.xlora.checkpoint import export_for_vllm, read_checkpoint
 
 
 def test_fixture_experts_learned_their_domains(xlora_checkpoint):

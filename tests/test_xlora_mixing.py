@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft.tuners.xlora.layer import XLoraLayer
 
-from adapters.xlora.vllm_model import ExpertGroup, XLoraMixer
+from ruvllm.adapters.xlora.vllm_model import ExpertGroup, XLoraMixer
 
 E, R, IN, OUT, T, MODULES = 3, 4, 16, 12, 7, 5
 

@@ -12,7 +12,7 @@ from conftest import ROOT
 def test_vllm_xlora_matches_peft(tmp_path, xlora_checkpoint, base_model_path):
     out = tmp_path / "parity.json"
     run = subprocess.run(
-        [sys.executable, "-m", "adapters.xlora.parity", "--xlora", str(xlora_checkpoint),
+        [sys.executable, "-m", "ruvllm.adapters.xlora.parity", "--xlora", str(xlora_checkpoint),
          "--base", str(base_model_path), "--prompts", "5", "--tokens", "32", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-4000:]

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters.registry import AdapterError
-from adapters.xlora.vllm_model import MODULE_ORDER
+from ruvllm.adapters.registry import AdapterError
+from ruvllm.adapters.xlora.vllm_model import MODULE_ORDER
 from ruvllm.atomic_dir import build_once
 
 ARCHITECTURE = "XLoraLlamaForCausalLM"
@@ -176,7 +176,7 @@ def mixture_checkpoint_dir(mixture: Any, config: Any) -> Path:
     from ruvllm.model_store import resolve_model
 
     if mixture.checkpoint == "builtin:fixture":
-        from adapters.xlora.fixture import build_fixture
+        from ruvllm.adapters.xlora.fixture import build_fixture
 
         cache = config.resolved_cache_dir
         return build_fixture(resolve_model(config.model.source, cache), cache_dir=cache)

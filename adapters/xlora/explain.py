@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from adapters.xlora.vllm_model import XLoraClassifier, XLoraMixer
+from ruvllm.adapters.xlora.vllm_model import XLoraClassifier, XLoraMixer
 
 
 class ScalingsExplainer:

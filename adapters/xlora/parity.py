@@ -1,6 +1,6 @@
 """Parity of the vLLM X-LoRA model with peft's XLoraModel on the same checkpoint.
 
-    python -m adapters.xlora.parity --xlora DIR --base DIR [--prompts 5 --tokens 32]
+    python -m ruvllm.adapters.xlora.parity --xlora DIR --base DIR [--prompts 5 --tokens 32]
 
 Greedy-decodes each prompt with vLLM (float32 on CPU by default; `--dtype bfloat16` on a
 GPU, prefix caching on) and, token by token, with peft in the same dtype and device (which needs `use_cache=False`, so it recomputes the scaling pass over
@@ -72,7 +72,7 @@ def peft_side(xlora_dir: Path, base_dir: Path, prompt_ids: list[list[int]], toke
     import torch
     from transformers import AutoModelForCausalLM
 
-    from adapters.xlora.fixture import load_peft_xlora
+    from ruvllm.adapters.xlora.fixture import load_peft_xlora
 
     device = "cuda" if _on_gpu() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=getattr(torch, dtype))
@@ -106,7 +106,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from adapters.xlora.checkpoint import export_for_vllm
+    from ruvllm.adapters.xlora.checkpoint import export_for_vllm
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.base))
     prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:args.prompts]]

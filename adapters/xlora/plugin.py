@@ -8,4 +8,4 @@ def register() -> None:
     if "XLoraLlamaForCausalLM" not in ModelRegistry.get_supported_archs():
         # A "module:Class" string: vLLM imports it only when a model needs it.
         ModelRegistry.register_model("XLoraLlamaForCausalLM",
-                                     "adapters.xlora.vllm_model:XLoraLlamaForCausalLM")
+                                     "ruvllm.adapters.xlora.vllm_model:XLoraLlamaForCausalLM")

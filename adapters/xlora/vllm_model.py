@@ -44,7 +44,7 @@ def _xlora(config: Any) -> dict[str, Any]:
     spec = getattr(config, "xlora", None)
     if not isinstance(spec, dict):
         raise ValueError("config.json has no 'xlora' section; export the checkpoint with "
-                         "adapters.xlora.checkpoint.export_for_vllm")
+                         "ruvllm.adapters.xlora.checkpoint.export_for_vllm")
     return spec
 
 
@@ -247,7 +247,7 @@ def _module_dims(config: Any, sa: Any) -> dict[str, tuple[int, int]]:
 
 
 class XLoraLlamaForCausalLM(LlamaForCausalLM):
-    """vLLM model for a checkpoint exported by `adapters.xlora.checkpoint`."""
+    """vLLM model for a checkpoint exported by `ruvllm.adapters.xlora.checkpoint`."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=XLoraDecoderLayer)

@@ -51,7 +51,7 @@ python3 -m pip check 2>&1 | grep -iE "torch|nvidia|triton|datasets|fsspec|pyarro
 timeout 100 python3 -u - 2>&1 <<'PY' | tee $OUT/isq-toolkit-env.log
 import json, os, subprocess, time
 from ruvllm.config import resolve_cache_dir
-from isq import toolkit_env as te
+from ruvllm.isq import toolkit_env as te
 t, cache = time.monotonic(), resolve_cache_dir(None)
 try:
     py = te.toolkit_python(cache)

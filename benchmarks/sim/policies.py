@@ -32,8 +32,8 @@ from typing import Any, Callable
 from ray.serve._private.common import RequestMetadata
 from ray.serve.request_router import PendingRequest
 
-from router.hints import HINTS_KWARG, RoutingHints
-from router.placement_router import PlacementAwareRouter
+from ruvllm.router.hints import HINTS_KWARG, RoutingHints
+from ruvllm.router.placement_router import PlacementAwareRouter
 from benchmarks.sim.replica import DEPLOYMENT, SimReplica
 
 

@@ -2,7 +2,7 @@
 vLLM and Ray's multiplexing keep adapters) around a simulated engine, with the routing
 stats Serve hands routers and the reports the placement controller plans from.
 
-`ensure_adapter` follows `deployments.replica.LLMReplica._ensure_adapter` line for line
+`ensure_adapter` follows `ruvllm.deployments.replica.LLMReplica._ensure_adapter` line for line
 (that method is tied to a Serve deployment and a real engine; the policy it applies —
 which adapter to evict — lives in AdapterSlots, which runs here unchanged).
 """
@@ -14,10 +14,10 @@ from typing import Any
 
 from ray.serve._private.common import DeploymentID, ReplicaID
 
-from adapters.slots import AdapterSlots
+from ruvllm.adapters.slots import AdapterSlots
 from benchmarks.sim.calibration import EngineProfile
 from benchmarks.sim.engine import Sequence, SimEngine
-from router.placement import ReplicaReport
+from ruvllm.adapters.placement import ReplicaReport
 
 DEPLOYMENT = DeploymentID(name="LLMReplica", app_name="sim")
 

@@ -22,9 +22,9 @@ from benchmarks.sim.engine import Sequence, chain_keys
 from benchmarks.sim.policies import POLICIES, Policy, PrefixOnly
 from benchmarks.sim.replica import SimReplica
 from benchmarks.sim.trace import TraceRequest, sessions_of, stable_hash
-from router.admission import AdmissionController, Rejected
-from router.hints import RoutingHints
-from router.placement import PlacementPlanner
+from ruvllm.admission.controller import AdmissionController, Rejected
+from ruvllm.router.hints import RoutingHints
+from ruvllm.adapters.placement import PlacementPlanner
 from ruvllm.config import AdmissionConfig, PlacementConfig, RouterConfig
 
 SERVE_BACKOFF_S = 0.025  # Serve retries when every ranked replica is at max_ongoing

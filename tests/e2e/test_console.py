@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deployments.readiness import READY_PREFIX
+from ruvllm.deployments.readiness import READY_PREFIX
 
 pytestmark = pytest.mark.e2e
 

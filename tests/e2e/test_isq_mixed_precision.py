@@ -19,9 +19,9 @@ BASE = "smollm2-135m-instruct"
 
 def test_mixed_precision_keeps_the_most_sensitive_layers_at_8_bits_and_repeats(
         base_model_path):
-    from isq import checkpoint_bytes
-    from isq.sensitivity import choose_kept
-    from isq.job import (cache_key, memoised_calibration_windows, quantize, result_dir,
+    from ruvllm.isq import checkpoint_bytes
+    from ruvllm.isq.sensitivity import choose_kept
+    from ruvllm.isq.job import (cache_key, memoised_calibration_windows, quantize, result_dir,
                          weights_digest)
     from ruvllm.config import IsqConfig, resolve_cache_dir
 

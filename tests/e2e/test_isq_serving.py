@@ -60,7 +60,7 @@ def test_job_runs_as_a_ray_task_and_its_result_is_reused(serve_app, base_model_p
     import ray
     from ray.util.state import list_tasks
 
-    from isq.job import cache_key, quantize_on_ray, result_dir, weights_digest
+    from ruvllm.isq.job import cache_key, quantize_on_ray, result_dir, weights_digest
     from ruvllm.config import IsqConfig
 
     cache = serve_app.config.resolved_cache_dir
@@ -136,7 +136,7 @@ def test_failing_quality_gate_stops_the_deployment(serve_app):
 
 def test_session_variant_was_built_by_the_app_builder(serve_app):
     """The session app's variant came from the cache key its config names."""
-    from isq.job import calibration_windows, cache_key, result_dir, weights_digest
+    from ruvllm.isq.job import calibration_windows, cache_key, result_dir, weights_digest
     from ruvllm.config import IsqConfig
     from ruvllm.model_store import prepare_builtin
 

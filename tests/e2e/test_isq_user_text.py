@@ -39,8 +39,8 @@ def write_support_tickets(path: Path, count: int = 80) -> Path:
 
 def test_job_calibrated_on_a_users_file_is_gated_on_its_held_out_part(base_model_path,
                                                                         tmp_path):
-    from isq.job import IsqQualityError, cache_key, quantize, result_dir, weights_digest
-    from isq.job import memoised_calibration_windows
+    from ruvllm.isq.job import IsqQualityError, cache_key, quantize, result_dir, weights_digest
+    from ruvllm.isq.job import memoised_calibration_windows
     from ruvllm.config import IsqConfig, resolve_cache_dir
 
     cache = resolve_cache_dir(None)

@@ -18,7 +18,7 @@ def test_rest_deployed_app_is_running_and_answers(serve_app):
     assert r.status_code == 200, r.text
     app = r.json()["applications"][serve_app.app_name]
     assert app["status"] == "RUNNING"
-    assert app["deployed_app_config"]["import_path"] == "deployments.app:build_app"
+    assert app["deployed_app_config"]["import_path"] == "ruvllm.deployments.app:build_app"
     deployments = app["deployments"]
     assert {"OpenAIIngress", "LLMReplica", "PlacementController"} <= set(deployments)
     assert all(d["status"] == "HEALTHY" for d in deployments.values()), deployments

@@ -21,8 +21,8 @@ def _cpu_s() -> float:
 
 @pytest.fixture(scope="module")
 def engine(base_model_path):
-    from deployments.mistralrs_engine import MistralRsEngine
-    from deployments.mistralrs_model import MistralRsModel
+    from ruvllm.deployments.mistralrs_engine import MistralRsEngine
+    from ruvllm.deployments.mistralrs_model import MistralRsModel
     from ruvllm.config import EngineConfig
 
     config = EngineConfig(backend="mistralrs", max_num_seqs=4)

@@ -111,7 +111,7 @@ def test_xlora_model_matches_peft_in_bfloat16_on_the_gpu(tmp_path, xlora_checkpo
     on the log-probabilities of the same tokens."""
     out = tmp_path / "parity.json"
     run = subprocess.run(
-        [sys.executable, "-m", "adapters.xlora.parity", "--xlora", str(xlora_checkpoint),
+        [sys.executable, "-m", "ruvllm.adapters.xlora.parity", "--xlora", str(xlora_checkpoint),
          "--base", str(base_model_path), "--prompts", "5", "--tokens", "32",
          "--dtype", "bfloat16", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=1200)

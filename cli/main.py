@@ -19,7 +19,7 @@ def _prepare_model(args: argparse.Namespace) -> int:
 
 
 def _xlora_fixture(args: argparse.Namespace) -> int:
-    from adapters.xlora.fixture import build_fixture
+    from ruvllm.adapters.xlora.fixture import build_fixture
     from ruvllm.model_store import prepare_builtin
 
     print(build_fixture(prepare_builtin(args.base, args.cache_dir), cache_dir=args.cache_dir))
@@ -75,7 +75,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _isq(args: argparse.Namespace) -> int:
-    from isq.job import IsqQualityError, quantize, quantize_on_ray
+    from ruvllm.isq.job import IsqQualityError, quantize, quantize_on_ray
     from ruvllm.model_store import resolve_model
 
     configs = _load_configs(args.config)

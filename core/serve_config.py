@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from ruvllm.config import AppConfig, ConfigError
 
-APP_IMPORT_PATH = "deployments.app:build_app"
+APP_IMPORT_PATH = "ruvllm.deployments.app:build_app"
 
 
 def load_serve_config(path: Path | str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""The `ruvllm` command (`ruvllm_cli.main:main`): operator tasks around a deployment.
+"""The `ruvllm` command (`ruvllm.cli.main:main`): operator tasks around a deployment.
 
 It is the top floor: it drives the model store, the quantization jobs, the X-LoRA fixture
 and the manifest rendering, so it lives above all of them rather than inside the ground
-floor (`ruvllm/`) that they import.
+floor (`core/`) that they import.
 """
