@@ -67,6 +67,8 @@ class _Tenant:
     queue: deque[_Waiter] = field(default_factory=deque)
     granted_tokens: float = 0.0  # virtual time: tokens admitted / weight
     running: int = 0
+    running_tokens: int = 0
+    running_seqs: int = 0
     bucket: float = 0.0  # token-rate budget
     bucket_at: float = 0.0
 
@@ -110,6 +112,17 @@ class AdmissionController:
         self._last_release_at = clock()
 
     # -- capacity ------------------------------------------------------------------------
+
+    def tenant_demand(self) -> dict[str, tuple[int, int]]:
+        """(KV tokens, sequences) each tenant has admitted or waiting here: this ingress's
+        demand, from which the controller splits capacity between ingresses
+        (router/capacity_shares.py)."""
+        out = {}
+        for name, t in self._tenants.items():
+            if t.running or t.queue:
+                out[name] = (t.running_tokens + sum(w.tokens for w in t.queue),
+                             t.running_seqs + sum(w.seqs for w in t.queue))
+        return out
 
     @property
     def capacity(self) -> tuple[int, int]:
@@ -236,6 +249,8 @@ class AdmissionController:
         if t.limits.tokens_per_minute is not None:
             t.bucket -= tokens
         t.running += 1
+        t.running_tokens += tokens
+        t.running_seqs += seqs
         t.granted_tokens += tokens / t.limits.weight
         self.inflight_tokens += tokens
         self.inflight_requests += 1
@@ -246,6 +261,8 @@ class AdmissionController:
     def _release(self, admission: Admission) -> None:
         t = self._tenants[admission.tenant]
         t.running -= 1
+        t.running_tokens -= admission.tokens
+        t.running_seqs -= admission.seqs
         self.inflight_tokens -= admission.tokens
         self.inflight_requests -= 1
         self.inflight_seqs -= admission.seqs

@@ -19,7 +19,9 @@ with 4 slots of rank 16, max_num_seqs 256):
   stack-2  the same with two replicas, one per GPU (benchmark d: needs two GPUs; run it
            with `--targets stack,stack-2 --concurrency 128`); stack-2-tput likewise;
   stack-i4, stack-tput-i4  one engine replica behind four ingress replicas (admission
-           then runs per ingress: each has its own queue and tenant shares).
+           then runs per ingress: each has its own queue and tenant shares);
+  stack-2-tput-i4  two replicas on two GPUs behind four ingress replicas (benchmark d
+           without one ingress's CPU as the ceiling).
 
 Load: vLLM's own `vllm bench serve` client, random 512-token prompts, 256 output tokens
 (ignore_eos), chat endpoint, at each concurrency. Writes report.json / report.md /
@@ -259,7 +261,10 @@ def main() -> int:
                                                         logs / "stack-tput-i4.log",
                                                         env_vars=THROUGHPUT_FLAGS, ingresses=4),
                 "stack-i4": lambda: start_stack_on(args.model_dir, 8700, logs / "stack-i4.log",
-                                                   ingresses=4)}
+                                                   ingresses=4),
+                "stack-2-tput-i4": lambda: start_stack_on(args.model_dir, 8800,
+                                                          logs / "stack-2-tput-i4.log", 2,
+                                                          env_vars=THROUGHPUT_FLAGS, ingresses=4)}
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu_name(),
             "vllm": vllm.__version__, "ray": ray.__version__, "input_len": args.input_len,
             "output_len": args.output_len, "peer": args.peer, "gpus": gpu_count(),
@@ -268,7 +273,9 @@ def main() -> int:
     results: dict[str, dict] = {}
     for name in args.targets.split(","):
         try:
-            with running(name, starters[name], args.startup_timeout, SERVED) as (url, ready):
+            ready_log = None if name == "bare" else logs / f"{name}.log"
+            with running(name, starters[name], args.startup_timeout, SERVED,
+                         ready_log) as (url, ready):
                 log(f"{name}: serving after {ready:.0f} s")
                 results[name] = {"startup_s": ready, "rows": sweep(
                     url, args.model_dir, concurrencies, args, args.out, name)}

@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator
 import httpx
 import yaml
 
+from ruvllm.deployments.readiness import READY_PREFIX
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
 
@@ -65,6 +67,21 @@ def wait_until_serving(base_url: str, model: str, proc: subprocess.Popen, timeou
         time.sleep(1)
 
 
+def wait_for_ready_line(logfile: Path, proc: subprocess.Popen, timeout_s: float,
+                        what: str) -> float:
+    """Until the stack prints its ready line (every engine replica the config asks for
+    has reported). One served request is not enough with several replicas: the first
+    2-GPU run measured c=128 while the second engine was still capturing CUDA graphs."""
+    started = time.monotonic()
+    while READY_PREFIX not in logfile.read_text(errors="replace"):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"{what} printed no ready line within {timeout_s:.0f} s")
+        time.sleep(1)
+    return time.monotonic() - started
+
+
 def stop(proc: subprocess.Popen, grace_s: float = 60) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -107,14 +124,18 @@ def start_stack(port: int, logfile: Path, overrides: Callable[[dict], None],
 
 @contextlib.contextmanager
 def running(name: str, start: Callable[[], tuple[subprocess.Popen, str]], startup_timeout_s: float,
-            served_model: str | None = None) -> Iterator[tuple[str, float]]:
-    """A benchmark target, started and ready (and, given `served_model`, having served a
-    request), yielding its URL and start-up seconds; stopped on the way out. "bare" targets
-    are plain processes, the others `serve run` stacks."""
+            served_model: str | None = None,
+            ready_log: Path | None = None) -> Iterator[tuple[str, float]]:
+    """A benchmark target, started and ready (given `ready_log`, the stack's log, once it
+    printed its ready line; given `served_model`, having served a request), yielding its
+    URL and start-up seconds; stopped on the way out. "bare" targets are plain processes,
+    the others `serve run` stacks."""
     log(f"{name}: starting")
     proc, url = start()
     try:
         ready = wait_until_ready(f"{url}/v1/models", proc, startup_timeout_s, name)
+        if ready_log is not None:
+            ready += wait_for_ready_line(ready_log, proc, startup_timeout_s, name)
         if served_model is not None:
             ready += wait_until_serving(url, served_model, proc, startup_timeout_s, name)
         yield url, ready

@@ -175,7 +175,8 @@ def main() -> int:
     }
     results: dict[str, dict] = {}
     for name in args.targets.split(","):
-        with running(name, starters[name], args.startup_timeout) as (url, ready):
+        ready_log = None if name == "bare" else logs / f"{name}.log"
+        with running(name, starters[name], args.startup_timeout, ready_log=ready_log) as (url, ready):
             log(f"{name}: ready in {ready:.0f} s; driving load")
             summary = summarize(run_load(url, model_path, args, args.out, name))
             summary["startup_s"] = ready

@@ -290,6 +290,14 @@ class RouterConfig(_Strict):
     cold_adapter_penalty_tokens: int = Field(
         1024, ge=0, description="Load-equivalent cost of loading an adapter on a replica."
     )
+    affinity_headroom: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="A replica holding the request's adapter (or its session's or prefix's "
+        "replica) wins whatever the imbalance while its queued tokens and requests stay "
+        "below this fraction of its KV capacity and max_num_seqs (0: imbalance bounds only).",
+    )
     affinity_table_size: int = Field(100_000, gt=0)
 
 
@@ -329,6 +337,11 @@ class PlacementConfig(_Strict):
         gt=0,
         description="An adapter gets one more resident copy for each this many requests "
         "per second it receives (up to every replica).",
+    )
+    preload_idle_adapters: bool = Field(
+        True,
+        description="Fill adapter slots that demand leaves free with one copy of each "
+        "registered adapter held nowhere, so its first request finds it resident.",
     )
 
 

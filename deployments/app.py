@@ -41,6 +41,7 @@ def _router_config(config: AppConfig) -> RequestRouterConfig:
             "max_imbalance_tokens": r.max_imbalance_tokens,
             "prefix_imbalance_per_token": r.prefix_imbalance_per_token,
             "cold_adapter_penalty_tokens": r.cold_adapter_penalty_tokens,
+            "affinity_headroom": r.affinity_headroom,
             "affinity_table_size": r.affinity_table_size,
         }
     return RequestRouterConfig(
@@ -49,6 +50,18 @@ def _router_config(config: AppConfig) -> RequestRouterConfig:
         request_routing_stats_timeout_s=max(5.0, 5 * r.stats_period_s),
         request_router_kwargs=kwargs,
     )
+
+
+# Past its deadline the ingress has answered (504, or an error event) and aborted the
+# engine request; the margin lets that answer go out before Serve stops the actor.
+SHUTDOWN_GRACE_MARGIN_S = 10.0
+
+
+def shutdown_grace_s(config: AppConfig) -> float:
+    """How long Serve lets a replica (engine or ingress) being scaled down or replaced
+    finish its requests before killing it. Serve's default, 30 s (this file's value
+    before), cut streams that `ingress.request_timeout_s` (600 s) allows to run on."""
+    return config.ingress.request_timeout_s + SHUTDOWN_GRACE_MARGIN_S
 
 
 def _replica_options(config: AppConfig, r: ReplicaConfig | None = None,
@@ -65,7 +78,7 @@ def _replica_options(config: AppConfig, r: ReplicaConfig | None = None,
         "request_router_config": _router_config(config),
         # Engines take a minute to compile; don't let Serve give up on them.
         "health_check_timeout_s": 60,
-        "graceful_shutdown_timeout_s": 30,
+        "graceful_shutdown_timeout_s": shutdown_grace_s(config),
         # A replica that cannot start its engine will not start on retry 20 either;
         # fail the deployment quickly with the engine's error instead.
         "max_constructor_retry_count": 3,
@@ -105,6 +118,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     controller = serve.deployment(PlacementController).options(
         name="PlacementController", num_replicas=1, max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": 0},
+        # Serve notices a dead replica at its next health check (default every 10 s):
+        # the controller is one cheap actor, so check it often and replace it sooner.
+        health_check_period_s=2,
         # Every engine replica reports and every ingress syncs once a second: Serve's
         # access log line per call was a console line per second per replica on an idle
         # app (1,743 in 17 minutes). Its own log lines (adapters, ready) still print.
@@ -124,13 +140,19 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         dedicated[variant.name] = (serve.deployment(LLMReplica).options(
             **_replica_options(config, variant.replicas, f"ISQ-{variant.name}"),
         ).bind(config, controller, None, serving), serving.gguf_file or serving.model_dir)
-    ingress = ingress_deployment().options(
-        name="OpenAIIngress",
-        num_replicas=config.ingress.num_replicas,
-        max_ongoing_requests=config.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.ingress.num_cpus},
-    )
+    ingress = ingress_deployment().options(**_ingress_options(config))
     return ingress.bind(replica, controller, config, dedicated)
+
+
+def _ingress_options(config: AppConfig) -> dict[str, Any]:
+    return {
+        "name": "OpenAIIngress",
+        "num_replicas": config.ingress.num_replicas,
+        "max_ongoing_requests": config.ingress.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": config.ingress.num_cpus},
+        # It relays the streams: scaling it down must not cut them either.
+        "graceful_shutdown_timeout_s": shutdown_grace_s(config),
+    }
 
 
 def _quantized_serving(variant: QuantizedModel, model_path: Any,

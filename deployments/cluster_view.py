@@ -6,20 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import Counter
 from typing import Any, Callable
 
 from ray.serve.handle import DeploymentHandle
 
 from ruvllm.adapters.registry import AdapterSpec
-
-logger = logging.getLogger("ray.serve")
+from ruvllm.deployments.periodic import repeat_every
 
 
 class ClusterView:
     def __init__(self, controller: DeploymentHandle, period_s: float,
-                 on_capacity: Callable[[str | None, int, int], None]) -> None:
+                 on_capacity: Callable[[str | None, int, int], None],
+                 tenant_demand: Callable[[], dict[str, tuple[int, int]]] | None = None) -> None:
+        """`tenant_demand`: this ingress's admitted and waiting (KV tokens, sequences) per
+        tenant, sent
+        with each sync; the controller answers with `capacity_share`, this ingress's
+        fraction of the engines' capacity (None until then, or without `tenant_demand`)."""
         self._controller = controller
+        self._tenant_demand = tenant_demand
+        self.ingress_id = uuid.uuid4().hex
+        self.capacity_share: float | None = None
         self._period_s = period_s
         self._on_capacity = on_capacity
         self._demand: Counter[str] = Counter()
@@ -30,7 +38,8 @@ class ClusterView:
         self._sync_lock = asyncio.Lock()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = asyncio.get_running_loop().create_task(
+            repeat_every(self._period_s, self.sync, "cluster view sync"))
 
     def stop(self) -> None:
         if self._task is not None:
@@ -49,24 +58,23 @@ class ClusterView:
         async with self._sync_lock:
             demand, self._demand = self._demand, Counter()
             try:
-                state: dict[str, Any] = await self._controller.sync.remote(dict(demand), self._version)
+                if self._tenant_demand is None:
+                    state: dict[str, Any] = await self._controller.sync.remote(
+                        dict(demand), self._version)
+                else:
+                    state = await self._controller.sync.remote(
+                        dict(demand), self._version, self.ingress_id, self._tenant_demand())
             except Exception:
                 self._demand.update(demand)  # report it next time
                 raise
             if "adapters" in state:
                 self.adapters = state["adapters"]
                 self._version = state["version"]
+            if state.get("warming_up"):
+                return  # a restarted controller's partial count: keep the last one
             self.replicas = state["replicas"]
+            self.capacity_share = state.get("capacity_share")
             self._on_capacity(None, state["kv_tokens"], state["max_seqs"])
             for model, (kv, seqs) in state.get("dedicated_capacity", {}).items():
                 self._on_capacity(model, kv, seqs)
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.sync()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                logger.warning("cluster view sync failed: %r", e)
-            await asyncio.sleep(self._period_s)

@@ -19,6 +19,7 @@ from ruvllm.adapters.base_model import BaseModelInfo
 from ruvllm.adapters.registry import AdapterError, AdapterRegistry, AdapterSpec
 from ruvllm.adapters.registry_store import RegisteredAdapter, RegistryState, RegistryStore
 from ruvllm.deployments.readiness import ReadyAnnouncement
+from ruvllm.router.capacity_shares import CapacityShares
 from ruvllm.adapters.placement import PlacementPlan, PlacementPlanner, ReplicaReport
 from ruvllm.builtin_models import BUILTIN_MODELS
 from ruvllm.config import AppConfig
@@ -110,8 +111,16 @@ class PlacementController:
             hot_requests_per_s=config.placement.hot_requests_per_s,
             demand_window_s=config.placement.demand_window_s,
             replica_timeout_s=5 * config.placement.report_period_s + 5,
+            preload_idle=config.placement.preload_idle_adapters,
         )
+        admission = config.admission
+        self._shares = CapacityShares(
+            lambda tenant: admission.tenants.get(tenant, admission.default_tenant).weight,
+            timeout_s=5 * config.placement.report_period_s + 5)
         self._ready = ReadyAnnouncement.for_config(config)
+        # Until every live replica has had time to report, the planner's capacity is a
+        # partial count (zero right after a restart); see `sync`.
+        self._reports_complete_at = time.monotonic() + 2 * config.placement.report_period_s + 1
 
     # -- engine replicas ------------------------------------------------------------------
 
@@ -121,8 +130,11 @@ class PlacementController:
 
     # -- ingresses ------------------------------------------------------------------------
 
-    def sync(self, demand: dict[str, int], known_version: int) -> dict[str, Any]:
-        """Record an ingress's demand; return capacity and, if changed, the registry."""
+    def sync(self, demand: dict[str, int], known_version: int, ingress_id: str | None = None,
+             tenant_demand: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+        """Record an ingress's demand; return capacity, the ingress's share of it (from
+        the tenants each ingress is serving, router/capacity_shares.py) and, if changed,
+        the registry."""
         self._planner.record_demand(demand)
         kv_tokens, max_seqs = self._planner.capacity()
         state: dict[str, Any] = {
@@ -132,7 +144,14 @@ class PlacementController:
             "dedicated_capacity": {pool: list(c) for pool, c in
                                    self._planner.capacities().items() if pool is not None},
             "replicas": len(self._planner.replicas()),
+            # A restarted controller has heard from no replica yet: an ingress that took
+            # this count would admit nothing and fail its health check until the next
+            # sync, so it keeps the capacity it knew (the engines did not go anywhere).
+            "warming_up": time.monotonic() < self._reports_complete_at,
         }
+        if ingress_id is not None:
+            self._shares.update(ingress_id, tenant_demand or {})
+            state["capacity_share"] = self._shares.share(ingress_id, kv_tokens, max_seqs)
         with self._registry_lock:
             state["version"] = self._registry.version
             if known_version != self._registry.version:

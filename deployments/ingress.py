@@ -34,6 +34,7 @@ from ruvllm.deployments.cluster_view import ClusterView
 from ruvllm.deployments.footprint import Footprint, request_footprint
 from ruvllm.deployments.prompt import PromptInfo, PromptInspector, PromptTooLong
 from ruvllm.deployments.protocol import ReplyHead, error_body
+from ruvllm.deployments.server_timing import RequestTimer
 from ruvllm.admission.controller import Admission, AdmissionController, Rejected, TooLarge
 from ruvllm.router.hints import RoutingHints
 from ruvllm.router.metrics import AdmissionMetrics
@@ -133,10 +134,28 @@ class OpenAIIngress:
         def on_capacity(model: str | None, kv: int, seqs: int) -> None:
             self._capacity[model] = kv
             pool = self._admission if model is None else self._dedicated_admission.get(model)
-            if pool is not None:
+            if pool is None:
+                return
+            # The controller's share follows the tenants this ingress serves, so fair
+            # queuing here adds up to weighted shares cluster-wide; an equal split until
+            # it has answered.
+            share = self._cluster.capacity_share
+            if share is None:
                 pool.set_capacity(kv // ingress_share, max(1, seqs // ingress_share) if seqs else 0)
+            else:
+                pool.set_capacity(int(kv * share), max(1, int(seqs * share)) if seqs else 0)
 
-        self._cluster = ClusterView(controller, config.placement.report_period_s, on_capacity)
+        def tenant_demand() -> dict[str, tuple[int, int]]:
+            # One share for all of this ingress's pools, from their demand summed.
+            out: dict[str, tuple[int, int]] = {}
+            for pool in self._admission_pools:
+                for tenant, (tokens, seqs) in pool.tenant_demand().items():
+                    had = out.get(tenant, (0, 0))
+                    out[tenant] = (had[0] + tokens, had[1] + seqs)
+            return out
+
+        self._cluster = ClusterView(controller, config.placement.report_period_s, on_capacity,
+                                    tenant_demand)
         self._cluster.start()
 
     def __del__(self) -> None:
@@ -168,6 +187,7 @@ class OpenAIIngress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        timer = RequestTimer()
         tenant = self._authenticate(request)
         body = await self._read_request(request)
         parsed = self._validate(self._chat_cls, body)
@@ -185,10 +205,11 @@ class OpenAIIngress:
         max_tokens = next((v for v in (parsed.max_completion_tokens, parsed.max_tokens)
                            if v is not None), None)
         return await self._forward("chat", request, body, parsed, adapter, prompt, max_tokens,
-                                   tenant, "max_completion_tokens")
+                                   tenant, "max_completion_tokens", timer)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
+        timer = RequestTimer()
         tenant = self._authenticate(request)
         body = await self._read_request(request)
         parsed = self._validate(self._completion_cls, body)
@@ -205,7 +226,7 @@ class OpenAIIngress:
             prompt = PromptInfo(self._context_len, (), prompt.lengths + (self._context_len,) * count)
         # CompletionRequest defaults an omitted max_tokens to 16 (OpenAI's default).
         return await self._forward("completion", request, body, parsed, adapter, prompt,
-                                   parsed.max_tokens, tenant, "max_tokens")
+                                   parsed.max_tokens, tenant, "max_tokens", timer)
 
     async def _read_request(self, request: Request) -> dict[str, Any]:
         body = await _read_json(request, self._max_body_bytes)
@@ -286,7 +307,7 @@ class OpenAIIngress:
 
     async def _forward(self, method: str, request: Request, body: dict[str, Any], parsed: Any,
                        adapter: AdapterSpec | None, prompt: PromptInfo, max_tokens: int | None,
-                       tenant: str | None, max_tokens_field: str):
+                       tenant: str | None, max_tokens_field: str, timer: RequestTimer):
         # Serve's proxy takes the client's X-Request-ID (or makes one) and echoes it in
         # the response; use the same id for the engine request so logs line up.
         request_id = _serve_request_id() or uuid.uuid4().hex
@@ -304,12 +325,15 @@ class OpenAIIngress:
             prefix_keys=prompt.prefix_keys,
             tenant=tenant or self._tenant(request, parsed),
         )
+        timer.mark_prepared()
         admission = await self._admit(hints)
+        timer.mark_admitted()
         if adapter is not None:
             self._cluster.count_request(adapter.name)
         engine = self._dedicated.get(parsed.model, self._engine)
         try:
-            response = await self._dispatch(engine, method, body, request_id, hints, admission)
+            response = await self._dispatch(engine, method, body, request_id, hints, admission,
+                                            timer)
         except BaseException:
             admission.release()
             raise
@@ -333,7 +357,8 @@ class OpenAIIngress:
         return admission
 
     async def _dispatch(self, engine: DeploymentHandle, method: str, body: dict[str, Any],
-                        request_id: str, hints: RoutingHints, admission: Admission):
+                        request_id: str, hints: RoutingHints, admission: Admission,
+                        timer: RequestTimer):
         reply = getattr(engine.options(stream=True), method).remote(
             body, request_id, hints=hints)
         watchdog = Watchdog(self._timeout_s, reply.cancel)
@@ -351,7 +376,7 @@ class OpenAIIngress:
             logger.warning("request %s failed before a reply: %r", request_id, e)
             return _error(503, "no engine replica could serve the request; retry",
                           headers={"retry-after": "1"})
-        headers = {REPLICA_HEADER: head.replica_id}
+        headers = {REPLICA_HEADER: head.replica_id, "server-timing": timer.header(head.prepare_s)}
         if not head.is_stream:
             watchdog.disarm()
             admission.release()

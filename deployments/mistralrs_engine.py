@@ -273,6 +273,11 @@ class MistralRsEngine:
     async def unload_adapter(self, name: str) -> None:
         raise RuntimeError("backend mistralrs serves no LoRA adapters in ruvllm")
 
+    @property
+    def is_dead(self) -> bool:
+        # mistral.rs runs inside the replica's process: if it dies, the replica does.
+        return False
+
     async def check_health(self) -> None:
         if self._runner is None:
             raise RuntimeError("mistral.rs runner is not started")

@@ -17,6 +17,7 @@ class ReplyHead:
     status: int = 200
     body: dict[str, Any] | None = None
     replica_id: str = ""  # filled in by the replica deployment
+    prepare_s: float = 0.0  # the replica's time before this head (deployments/server_timing.py)
 
     @property
     def is_stream(self) -> bool:
@@ -67,6 +68,12 @@ class Engine(Protocol):
     async def unload_adapter(self, name: str) -> None: ...
 
     async def check_health(self) -> None: ...
+
+    @property
+    def is_dead(self) -> bool:
+        """The engine can serve nothing more (its own process died) and the replica
+        should be replaced."""
+        ...
 
     def shutdown(self) -> None: ...
 

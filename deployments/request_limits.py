@@ -19,6 +19,7 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 512  # per stop sequence
 MAX_USER_CHARS = 256
 MAX_HEADER_ID_CHARS = 256  # x-session-id, the tenant header
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -29,22 +30,28 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise ClientError(400, f"request body is not valid JSON: {e}") from None
     except RecursionError:
         raise ClientError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError:  # Python's own bound: an integer of more than 4300 digits
+        raise ClientError(400, "request body has an integer out of the 64-bit range") from None
     if not isinstance(body, dict):
         raise ClientError(400, "request body must be a JSON object")
-    if _depth_exceeds(body, MAX_JSON_DEPTH):
-        raise ClientError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+    _check_structure(body)
     return body
 
 
-def _depth_exceeds(value: Any, limit: int) -> bool:
-    stack = [(value, 1)]
+def _check_structure(value: Any) -> None:
+    """Nesting within MAX_JSON_DEPTH, and every integer within 64 bits: vLLM passes some
+    fields (top_k, stream_interval) to code that fails on a larger one with a 500."""
+    stack: list[tuple[Any, int, str]] = [(value, 1, "")]
     while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    return False
+        node, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ClientError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+        for key, child in (node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1, f"{path}.{key}" if path else str(key)))
+            elif type(child) is int and not INT64_MIN <= child <= INT64_MAX:
+                where = f"{path}.{key}" if path else str(key)
+                raise ClientError(400, f"{where}: integer out of the 64-bit range", where)
 
 
 def check_fields(body: dict[str, Any]) -> None:

@@ -102,6 +102,9 @@ class _StatsRecorder(StatLoggerBase):
         pass
 
 
+ENGINE_DIED = "the engine serving this request died; retry"
+
+
 class VLLMEngine:
     def __init__(self, model_path: Path, served_name: str, config: EngineConfig) -> None:
         self._model_path = model_path
@@ -163,6 +166,12 @@ class VLLMEngine:
             st.prefix_cache_hits += pc.hits
         st.updated_at = time.time()
 
+    @property
+    def is_dead(self) -> bool:
+        """The engine-core process is gone (vLLM's monitor thread noticed): nothing this
+        front end serves from now on can succeed, and vLLM cannot restart it in place."""
+        return self._engine is not None and bool(self._engine.errored)
+
     def stats(self) -> EngineStats:
         self._stats.unfinished = (vllm_compat.num_unfinished_requests(self._engine)
                                   if self._engine else 0)
@@ -194,6 +203,9 @@ class VLLMEngine:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # vLLM raises its validation errors; it maps them to 4xx
+            if self.is_dead:  # not the request's fault: a 503 the client may retry
+                yield ReplyHead(503, error_body(503, ENGINE_DIED))
+                return
             result = serving.create_error_response(e)
         if isinstance(result, vllm_compat.error_response_cls()):
             yield ReplyHead(result.error.code, result.model_dump())

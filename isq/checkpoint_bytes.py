@@ -1,4 +1,5 @@
-"""Checkpoint sizes from safetensors headers (no tensors are read).
+"""Checkpoint sizes from safetensors headers (no tensors are read: safetensors'
+`safe_open` reads the header and maps the file, and slices report dtype and shape).
 
 The report compares a quantized checkpoint with the base at bfloat16, the precision a
 GPU serves it in, whatever dtype the base directory happens to store: the whole
@@ -8,9 +9,9 @@ stay in bfloat16 and dominate a small model's bytes).
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
+
+from safetensors import safe_open
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                 "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
@@ -21,12 +22,10 @@ _LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def tensors(directory: Path) -> dict[str, tuple[str, list[int]]]:
     out = {}
     for f in sorted(Path(directory).glob("*.safetensors")):
-        with f.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                out[name] = (meta["dtype"], meta["shape"])
+        with safe_open(f, framework="numpy") as checkpoint:
+            for name in checkpoint.keys():
+                tensor = checkpoint.get_slice(name)
+                out[name] = (tensor.get_dtype(), tensor.get_shape())
     return out
 
 

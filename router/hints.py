@@ -22,8 +22,6 @@ class RoutingHints:
     # (length, hash) of the prompt's first 1, 2, 4, ... KV blocks, shortest first
     prefix_keys: tuple[tuple[int, int], ...] = ()
     tenant: str | None = None
-    # Operator calls (stats, adapter loads) that must reach one specific replica.
-    replica_id: str | None = None
 
     @property
     def predicted_tokens(self) -> int:

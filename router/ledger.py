@@ -29,12 +29,14 @@ class InflightLedger:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self._per_replica: dict[Hashable, int] = defaultdict(int)
+        self._requests: dict[Hashable, int] = defaultdict(int)
         self._last_purge = clock()
 
     def assign(self, request_id: str, replica: Hashable, tokens: int) -> None:
         self.release(request_id)
         self._entries[request_id] = _Entry(replica, tokens, self._clock())
         self._per_replica[replica] += tokens
+        self._requests[replica] += 1
 
     def release(self, request_id: str) -> None:
         entry = self._entries.pop(request_id, None)
@@ -42,6 +44,9 @@ class InflightLedger:
             self._per_replica[entry.replica] -= entry.tokens
             if self._per_replica[entry.replica] <= 0:
                 del self._per_replica[entry.replica]
+            self._requests[entry.replica] -= 1
+            if self._requests[entry.replica] <= 0:
+                del self._requests[entry.replica]
 
     def tokens(self, replica: Hashable) -> int:
         return self._per_replica.get(replica, 0)
@@ -51,7 +56,11 @@ class InflightLedger:
         return self._per_replica
 
     def requests(self, replica: Hashable) -> int:
-        return sum(1 for e in self._entries.values() if e.replica == replica)
+        return self._requests.get(replica, 0)
+
+    def requests_by_replica(self) -> Mapping[Hashable, int]:
+        """Every replica's request count at once (read only), for a router's hot loop."""
+        return self._requests
 
     def drop_replica(self, replica: Hashable) -> None:
         for request_id in [k for k, e in self._entries.items() if e.replica == replica]:

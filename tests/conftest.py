@@ -94,7 +94,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     session ends, and its vLLM-CPU processes keep both cores busy polling: the X-LoRA
     parity test took 620 s when it came after the app and 210 s before it, and the whole
     fresh-clone CI run went from 36 to 24 minutes."""
-    items.sort(key=lambda item: "ray_head" in getattr(item, "fixturenames", ()))
+    # Fault injection (tests/e2e/test_faults.py, marker `faults`) kills parts of the
+    # shared app: it runs last, and restores what it killed before it ends.
+    items.sort(key=lambda item: ("ray_head" in getattr(item, "fixturenames", ()),
+                                 item.get_closest_marker("faults") is not None))
 
 
 ADAPTERS = ("alpha", "beta", "gamma", "delta", "epsilon")
@@ -145,11 +148,6 @@ class ServeApp:
     def openai_url(self) -> str:
         return f"{self.base_url}/v1"
 
-    def replica_handle(self, deployment: str = "LLMReplica"):
-        from ray import serve
-
-        return serve.get_deployment_handle(deployment, app_name=self.app_name)
-
     def admin_headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -163,12 +161,26 @@ class ServeApp:
         return sorted(r["replica_id"] for r in described["replicas"]
                       if not {XLORA_NAME, ISQ_NAME, MISTRALRS_NAME} & set(r["resident"]))
 
-    def engine_stats(self, replica_id: str, deployment: str = "LLMReplica") -> dict[str, Any]:
-        from ruvllm.router.hints import RoutingHints
+    def engine_stats(self, replica_id: str) -> dict[str, Any]:
+        """What an engine replica (of any deployment) says of its engine and adapters, as an
+        operator reads it: its report to the placement controller, through the admin API
+        (`GET /v1/adapters`), waiting for a report made after this call began (replicas
+        report every `placement.report_period_s`)."""
+        import httpx
 
-        response = self.replica_handle(deployment).engine_stats.remote(
-            hints=RoutingHints(replica_id=replica_id))
-        return response.result(timeout_s=30)
+        asked, deadline = time.time(), time.monotonic() + 30
+        while True:
+            described = httpx.get(f"{self.openai_url}/adapters", headers=self.admin_headers(),
+                                  timeout=30).json()
+            report = next((r for r in described["replicas"] if r["replica_id"] == replica_id
+                           and r["reported_at"] > asked), None)
+            if report is not None:
+                return {**report["engine"], "replica_id": replica_id,
+                        "adapters": report["resident"], "adapter_slots": report["slots"],
+                        **{k: report[k] for k in ("loads", "plan_loads", "evictions", "hits",
+                                                  "dedicated")}}
+            assert time.monotonic() < deadline, f"no report from {replica_id}: {described}"
+            time.sleep(0.2)
 
 
 class RayHead:

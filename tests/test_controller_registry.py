@@ -223,3 +223,71 @@ def test_a_state_file_that_cannot_be_written_does_not_stop_the_controller(
     refused = controller.register_adapter("delta", "delta")
     assert isinstance(refused, AdapterError) and refused.status == 503
     assert any("could not save" in line for line in errors)
+
+
+def test_ingresses_get_capacity_shares_by_the_tenants_they_serve(config):
+    """The controller splits the engines between ingress views by their tenants' demand
+    (weighted, router/capacity_shares.py), through the same sync that carries adapters."""
+    from ruvllm.adapters.placement import ReplicaReport
+    import time
+
+    weighted = config.model_copy(update={"admission": config.admission.model_copy(update={
+        "tenants": {"gold": {"weight": 3.0}, "free": {"weight": 1.0}}})})
+    dumped = weighted.model_dump()
+    dumped["placement"]["report_period_s"] = 0.05
+    weighted = AppConfig.model_validate(dumped)
+    controller = PlacementController(weighted)
+    time.sleep(1.2)  # past a new controller's warm-up (2 report periods + 1 s)
+    controller.report(ReplicaReport("r0", [], 4, 0.0, kv_capacity_tokens=8000, max_num_seqs=8))
+    handle = LocalHandle(controller)
+    seen: dict[str, list] = {"gold": [], "free": []}
+    views = {t: ClusterView(handle, period_s=1.0,
+                            on_capacity=lambda model, kv, seqs, t=t: seen[t].append(kv),
+                            tenant_demand=lambda t=t: {t: (100_000, 100)})
+             for t in seen}
+
+    async def scenario():
+        for _ in range(2):  # the first ingress to sync is alone until the second has
+            for view in views.values():
+                await view.sync()
+
+    asyncio.run(scenario())
+    assert views["gold"].capacity_share == pytest.approx(0.75)
+    assert views["free"].capacity_share == pytest.approx(0.25)
+    assert seen["gold"][-1] == 8000 and views["gold"].ingress_id != views["free"].ingress_id
+
+def test_a_restarted_controller_does_not_zero_the_ingress_capacity(tmp_path, root):
+    """Right after Serve restarts the controller no replica has reported to it yet: an
+    ingress that took its count (0) would admit nothing and fail /health until its next
+    sync (before: it did). It keeps the last count until the replicas had time to report."""
+    import time
+
+    from ruvllm.adapters.placement import ReplicaReport
+
+    config = AppConfig.from_args({
+        "engine": {"enable_lora": True, "max_lora_rank": 8},
+        "placement": {"report_period_s": 0.05},
+        "adapters": {"allowed_roots": [str(root)], "declared": {"alpha": "alpha"},
+                     "state_file": str(tmp_path / "registry.json")}})
+    report = ReplicaReport(replica_id="r1", resident=[], slots=2, queued_tokens=0,
+                           kv_capacity_tokens=4096, max_num_seqs=16)
+    seen: list[int] = []
+    handle = LocalHandle(PlacementController(config))
+    view = ClusterView(handle, period_s=1.0, on_capacity=lambda model, kv, seqs: seen.append(kv))
+    time.sleep(1.2)  # past the first controller's own warm-up (2 periods + 1 s)
+    handle.controller.report(report)
+    asyncio.run(view.sync())
+    assert seen == [4096]
+
+    handle.controller = PlacementController(config)  # Serve restarted the controller
+    asyncio.run(view.sync())
+    assert seen == [4096] and sorted(view.adapters) == ["alpha"]
+    time.sleep(1.2)
+    handle.controller.report(report)
+    asyncio.run(view.sync())
+    assert seen == [4096, 4096]
+    # Past its warm-up a controller that heard from no engine means it: 0 is taken.
+    handle.controller = PlacementController(config)
+    time.sleep(1.2)
+    asyncio.run(view.sync())
+    assert seen == [4096, 4096, 0]

@@ -22,7 +22,7 @@ PATHS = {f"a{i}": f"/adapters/a{i}" for i in range(6)}
 def test_hot_adapter_gets_a_copy_on_the_other_replica():
     clock = Clock()
     planner = PlacementPlanner(hot_requests_per_s=1.0, demand_window_s=10, replica_timeout_s=30,
-                               clock=clock)
+                               clock=clock, preload_idle=False)
     planner.report(report("r1", ["a0"]), PATHS)
     planner.report(report("r2", []), PATHS)
     planner.record_demand({"a0": 5})  # 0.5 req/s: one copy is enough
@@ -44,7 +44,7 @@ def test_demand_expires_with_the_window():
 
 def test_new_copy_goes_to_the_least_loaded_replica_with_a_free_slot():
     clock = Clock()
-    planner = PlacementPlanner(1.0, 10, 30, clock=clock)
+    planner = PlacementPlanner(1.0, 10, 30, clock=clock, preload_idle=False)
     planner.report(report("busy", [], load=5000), PATHS)
     planner.report(report("idle", [], load=10), PATHS)
     planner.report(report("full", ["a2", "a3"], slots=2, load=0), PATHS)
@@ -82,7 +82,7 @@ def test_capacity_is_pooled_by_what_the_replicas_serve():
 
 def test_first_copy_needs_a_free_slot_but_a_hot_copy_may_displace_an_idle_adapter():
     clock = Clock()
-    planner = PlacementPlanner(1.0, 10, 30, clock=clock)
+    planner = PlacementPlanner(1.0, 10, 30, clock=clock, preload_idle=False)
     planner.report(report("r1", ["a0"], slots=2), PATHS)
     # r2 is full of adapters nobody asked for in the window.
     planner.report(report("r2", ["a4", "a5"], slots=2), PATHS)
@@ -92,3 +92,21 @@ def test_first_copy_needs_a_free_slot_but_a_hot_copy_may_displace_an_idle_adapte
     planner.record_demand({"a0": 30})  # hot: a second copy may take r2's idle slot
     assert ("a0", "/adapters/a0") in planner.report(report("r2", ["a4", "a5"], slots=2),
                                                     PATHS).load
+
+
+def test_free_slots_take_one_copy_of_each_adapter_nobody_holds_and_evict_nothing():
+    clock = Clock()
+    planner = PlacementPlanner(1.0, 10, 30, clock=clock)
+    planner.report(report("r1", ["a0", "a1"], slots=2), PATHS)  # full
+    planner.report(report("r2", ["a2"], slots=3), PATHS)
+    planner.report(report("r3", [], slots=2), PATHS)
+    mix = report("x1", [], slots=4)
+    mix.dedicated = "mix"  # serves its own model: no base adapters
+    planner.report(mix, PATHS)
+    plans = {rid: planner.report(r, PATHS).load for rid, r in (
+        ("r1", report("r1", ["a0", "a1"], slots=2)), ("r2", report("r2", ["a2"], slots=3)),
+        ("r3", report("r3", [], slots=2)), ("x1", mix))}
+    assert plans["r1"] == [] and plans["x1"] == []
+    placed = [a for rid in ("r2", "r3") for a, _ in plans[rid]]
+    assert sorted(placed) == ["a3", "a4", "a5"]  # each once, in the 4 free slots
+    assert len(plans["r2"]) <= 2 and len(plans["r3"]) <= 2

@@ -106,18 +106,6 @@ def test_engine_reported_load_counts_for_traffic_from_other_routers():
     asyncio.run(scenario())
 
 
-def test_pinned_request_goes_only_to_its_replica():
-    async def scenario():
-        router = make_router()
-        a, b = replica("a"), replica("b")
-        ranks = await router.choose_replicas([a, b], pending("p", RoutingHints(replica_id="b")))
-        assert ranks == [[b]]
-        ranks = await router.choose_replicas([a, b], pending("p2", RoutingHints(replica_id="zz")))
-        assert ranks == [[]]
-
-    asyncio.run(scenario())
-
-
 def test_cancelled_request_is_never_charged():
     async def scenario():
         router = make_router()
@@ -216,5 +204,59 @@ def test_round_robin_alternates():
         firsts = [(await router.choose_replicas([a, b], pending(f"q{i}", None)))[0][0]
                   for i in range(4)]
         assert firsts[0] is not firsts[1] and firsts[0] is firsts[2]
+
+    asyncio.run(scenario())
+
+
+def test_a_holder_with_headroom_wins_whatever_the_imbalance():
+    """Queued tokens below `affinity_headroom` of the replica's capacity: the request
+    starts there at once, so the holder beats an idle replica that would load it."""
+    async def scenario():
+        router = make_router(max_imbalance_tokens=100, cold_adapter_penalty_tokens=100,
+                             affinity_headroom=0.5)
+        cap = {"kv_capacity_tokens": 10_000, "max_num_seqs": 8}
+        holder = replica("holder", adapters=["a1"], adapter_slots_free=1, **cap)
+        other = replica("other", adapters=[], adapter_slots_free=2, **cap)
+        for i in range(3):  # 3 x 1,000 tokens: far past the 100-token bounds
+            got = await route(router, [holder, other], f"r{i}", RoutingHints(500, 500, adapter="a1"))
+            assert got is holder
+        # A fourth and fifth would take it to 5,000 tokens (50%) and beyond: spill.
+        await route(router, [holder, other], "r3", RoutingHints(500, 500, adapter="a1"))
+        got = await route(router, [holder, other], "r4", RoutingHints(500, 500, adapter="a1"))
+        assert got is other
+
+    asyncio.run(scenario())
+
+
+def test_a_session_keeps_its_replica_while_it_has_headroom():
+    async def scenario():
+        router = make_router(max_imbalance_tokens=10, affinity_headroom=0.5)
+        cap = {"kv_capacity_tokens": 10_000, "max_num_seqs": 4}
+        a, b = replica("a", **cap), replica("b", **cap)
+        home = await route(router, [a, b], "s0", RoutingHints(50, 50, session_id="sess"))
+        got = await route(router, [a, b], "s1", RoutingHints(50, 50, session_id="sess"))
+        assert got is home, "100 queued tokens > the 10-token bound, but 1 of 4 sequences"
+        # Two requests in flight = half its max_num_seqs: no headroom, the bound applies.
+        got = await route(router, [a, b], "s2", RoutingHints(50, 50, session_id="sess"))
+        assert got is not home
+
+    asyncio.run(scenario())
+
+
+def test_a_large_cluster_scores_a_sample_but_always_the_adapters_holders():
+    async def scenario():
+        from ruvllm.router.placement_router import RANKED, SCANNED
+        router = make_router()
+        replicas = [replica(f"r{i}", adapters=[], adapter_slots_free=1) for i in range(4 * SCANNED)]
+        holder = replica("holder", adapters=["rare"], adapter_slots_free=0)
+        replicas.insert(len(replicas) // 2, holder)
+        for i in range(20):
+            req = pending(f"q{i}", RoutingHints(10, 10, adapter="rare"))
+            ranks = await router.choose_replicas(replicas, req)
+            assert ranks[0] == [holder]
+            assert len(ranks) == RANKED + 1 and all(len(r) == 1 for r in ranks[:RANKED])
+            flat = [r for rank in ranks for r in rank]
+            assert sorted(id(r) for r in flat) == sorted(id(r) for r in replicas)
+            req.future.cancel()
 
     asyncio.run(scenario())

@@ -24,6 +24,28 @@ def test_deeply_nested_json_is_a_400_not_a_500():
     assert status_of(lambda: rl.parse_json_object(b"{nope")) == 400
 
 
+@pytest.mark.parametrize("raw,param", [
+    # Found by the HTTP fuzzer (tests/e2e/test_http_fuzz.py): vLLM answered these 500.
+    (b'{"model": "m", "top_k": 99999999999999999999}', "top_k"),
+    (b'{"model": "m", "stream_interval": 629020080682760315825851488796672}',
+     "stream_interval"),
+    (b'{"model": "m", "logit_bias": {"1": -9223372036854775809}}', "logit_bias.1"),
+    (b'{"model": "m", "messages": [{"x": [1, 18446744073709551616]}]}', "messages.0.x.1"),
+])
+def test_integers_beyond_64_bits_are_a_400(raw, param):
+    with pytest.raises(ClientError) as e:
+        rl.parse_json_object(raw)
+    assert e.value.status == 400 and e.value.param == param
+
+
+def test_an_integer_too_long_for_python_is_a_400_not_a_500():
+    """More than 4300 digits: json.loads raises a plain ValueError (was a 500)."""
+    raw = b'{"model": "m", "max_tokens": ' + b"9" * 5000 + b"}"
+    assert status_of(lambda: rl.parse_json_object(raw)) == 400
+    edge = {"seed": 2**63 - 1, "x": -2**63, "ok": True, "f": 1e300}
+    assert rl.parse_json_object(json.dumps(edge).encode()) == edge
+
+
 @pytest.mark.parametrize("body,param", [
     ({"stop": ["x"] * (rl.MAX_STOP_SEQUENCES + 1)}, "stop"),
     ({"stop": "x" * (rl.MAX_STOP_CHARS + 1)}, "stop"),

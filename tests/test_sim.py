@@ -136,3 +136,21 @@ def test_admission_rejections_are_recorded_not_raised():
     assert result["requests"] == 400
     assert 0 < result["rejection_rate"] < 1
     assert set(result["rejected_by_reason"]) <= {"queue_full", "deadline"}
+
+
+def test_controller_capacity_shares_keep_tenants_fair_when_each_has_its_own_ingress():
+    """Each tenant's requests reach one ingress: an equal static split gives every tenant
+    a quarter; the controller's CapacityShares give each its weight (4/2/1/1)."""
+    from benchmarks.sim.report import WEIGHTS, overload_trace, share_error
+    from ruvllm.config import TenantLimits
+
+    trace = overload_trace(replicas=1, seconds=20.0)
+    admission = AdmissionConfig(tenants={t: TenantLimits(weight=w) for t, w in WEIGHTS.items()})
+    errors = {}
+    for split in ("static", "weighted"):
+        cfg = SimConfig(policy="placement_aware", replicas=1, ingresses=4, profile=H200_8B,
+                        admission=admission, ingress_spread="tenant", capacity_split=split,
+                        warmup_s=5.0)
+        errors[split], _ = share_error(clock.run(Simulation(cfg, trace).run()))
+    assert errors["static"] > 0.15
+    assert errors["weighted"] < 0.05

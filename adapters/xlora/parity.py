@@ -34,14 +34,14 @@ def _on_gpu() -> bool:
 
 
 def vllm_side(model_dir: Path, prompt_ids: list[list[int]], tokens: int,
-              dtype: str = "float32") -> list[dict]:
+              dtype: str = "float32", cuda_graphs: bool = False) -> list[dict]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     # CPU attention needs blocks of 32; on a GPU, a small share of its memory is plenty.
     device_args = {"gpu_memory_utilization": 0.3} if _on_gpu() else {"block_size": 32}
-    llm = LLM(model=str(model_dir), dtype=dtype, enforce_eager=True,
+    llm = LLM(model=str(model_dir), dtype=dtype, enforce_eager=not cuda_graphs,
               enable_prefix_caching=True, max_model_len=512, seed=0, **device_args)
     params = SamplingParams(temperature=0.0, max_tokens=tokens, logprobs=1, ignore_eos=True)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params)
@@ -102,6 +102,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="vLLM side with torch.compile and CUDA graphs (replicas run eager)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -111,7 +113,7 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(args.base))
     prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:args.prompts]]
     model_dir = export_for_vllm(args.xlora, args.base, args.xlora.parent / "exported")
-    ours = vllm_side(model_dir, prompt_ids, args.tokens, args.dtype)
+    ours = vllm_side(model_dir, prompt_ids, args.tokens, args.dtype, args.cuda_graphs)
     ref = peft_side(args.xlora, args.base, prompt_ids, args.tokens, [o["tokens"] for o in ours],
                     args.dtype)
     report = []
@@ -124,6 +126,7 @@ def main() -> int:
                        "prefix_cached_prompt_tokens": o["prefix_cached_prompt_tokens"],
                        "max_abs_logprob_diff": max(diffs), "text": tokenizer.decode(o["tokens"])})
     text = json.dumps({"dtype": args.dtype, "device": "cuda" if _on_gpu() else "cpu",
+                       "cuda_graphs": args.cuda_graphs,
                        "prompts": report,
                        "max_abs_logprob_diff": max(p["max_abs_logprob_diff"] for p in report)},
                       indent=2)

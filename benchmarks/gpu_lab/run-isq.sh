@@ -31,7 +31,7 @@ python3 -m pip install -q --no-deps --no-index --no-compile --no-build-isolation
   && rm -rf /tmp/site-ruvllm && mv /tmp/site-ruvllm.new /tmp/site-ruvllm \
   || echo "[run-isq] WARNING: could not install this tree; /tmp/site-ruvllm keeps setup.sh's"
 case ":$PYTHONPATH:" in *:/tmp/site-ruvllm:*) ;; *) export PYTHONPATH=/tmp/site-ruvllm:$PYTHONPATH;; esac
-grep -q "serving_paths" /tmp/site-ruvllm/isq/toolkit_env.py && echo "[run-isq] project installed: $(ls /tmp/site-ruvllm | tr '\n' ' ')" \
+grep -q "serving_paths" /tmp/site-ruvllm/ruvllm/isq/toolkit_env.py && echo "[run-isq] project installed: $(ls /tmp/site-ruvllm | tr '\n' ' ')" \
   || echo "[run-isq] WARNING: /tmp/site-ruvllm holds an OLD isq (no serving_paths): Ray runs old code"
 python3 -c "from ruvllm.model_store import prepare_builtin; print('[run-isq] model', prepare_builtin('smollm2-135m-instruct'))"
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
@@ -74,10 +74,10 @@ except subprocess.CalledProcessError as e:
     te._point_at_serving_env(te.env_dir(cache))
     py = te.env_dir(cache) / "bin" / "python"
 print(f"[run-isq] toolkit env ready in {time.monotonic() - t:.0f} s: {py}")
-print(subprocess.run([str(py), "-c", "import llmcompressor, compressed_tensors, transformers, torch, datasets; "
+print(subprocess.run([str(py), "-I", "-c", "import llmcompressor, compressed_tensors, transformers, torch, datasets; "
     "print('[run-isq] toolkit sees', llmcompressor.__version__, compressed_tensors.__version__, "
     "transformers.__version__, torch.__version__, datasets.__version__, torch.cuda.is_available(), compressed_tensors.__file__)"],
-    capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "/tmp/site-ruvllm"}))  # as run_worker
+    capture_output=True, text=True))  # isolated (-I: no PYTHONPATH), as run_worker runs the worker
 PY
 set -o pipefail
 timeout 480 python3 -m pytest tests/gpu/test_isq_gpu.py -v -rs -p no:cacheprovider --durations=0 2>&1 | tee $OUT/isq-gpu.log

@@ -8,10 +8,16 @@ if [ ! -f /tmp/site/.ruvllm ]; then
 fi
 [ -f xlora-fixture.tar ] && mkdir -p ~/.cache/ruvllm/xlora && tar xf xlora-fixture.tar -C ~/.cache/ruvllm/xlora
 cd "$OLDPWD"
-# The project itself (its vLLM plugin entry point needs an installed dist-info).
+# The project itself, built from this tree and installed into /tmp/site-ruvllm. It must be
+# installed, not put on PYTHONPATH: its rooms (adapters/, router/, ...) are the packages
+# ruvllm.adapters, ruvllm.router, ... only through pyproject's package-dir mapping, and the
+# vLLM plugin entry point needs an installed dist-info. Running from the tree's root is
+# safe: no folder there is named `ruvllm` (the ground floor is core/), so the installed
+# package is the one Python finds. (Fallback: a wheel built elsewhere from the same tree.)
 rm -rf /tmp/site-ruvllm
 python3 -m pip install -q --no-deps --no-index --no-compile --no-build-isolation --target /tmp/site-ruvllm . \
   || python3 -m pip install -q --no-deps --no-index --no-compile --target /tmp/site-ruvllm /tmp/extra/ruvllm_serve-*.whl
 export PYTHONPATH=/tmp/site-ruvllm:$PYTHONPATH PATH=/tmp/site-ruvllm/bin:$PATH
+python3 -c "import ruvllm.adapters.xlora.plugin as p; print('project', p.__file__)"
 python3 -c "from ruvllm.model_store import prepare_builtin; print('model', prepare_builtin('smollm2-135m-instruct'))"
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv

@@ -91,7 +91,7 @@ class PlacementAware(Policy):
         self.decision_s.append(time.perf_counter() - started)
         self.decision_cpu_s.append(time.thread_time() - cpu)
         self._pending[request_id] = pending
-        return [r[0] for r in ranks]
+        return [r for rank in ranks for r in rank]
 
     def routed(self, request_id, hints, replica):
         # Serve resolves the request's future with the replica it dispatched to.

@@ -24,7 +24,8 @@ from benchmarks.sim import clock
 from benchmarks.sim.calibration import CPU_SMOLLM2, H200_8B, H200_MEASURED, H100_MEASURED
 from benchmarks.sim.policies import POLICIES
 from benchmarks.sim.simulation import SimConfig, Simulation
-from benchmarks.sim.trace import TraceRequest, WorkloadSpec, generate, zipf_weights
+from benchmarks.sim.engine import chain_keys
+from benchmarks.sim.trace import TraceRequest, WorkloadSpec, generate, stable_hash, zipf_weights
 from ruvllm.config import AdmissionConfig, PlacementConfig, RouterConfig, TenantLimits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,15 +116,34 @@ def gpu_run(trace: list[TraceRequest], policy: str, replicas: int, window_s: flo
                     warmup_s=window_s / 2, planner_replan_s=1.0, **cfg)
 
 
-def section_scale(sizes: list[int] | None = None) -> dict[str, Any]:
+def carried(previous: dict[str, Any] | None, *path: str) -> dict[str, Any] | None:
+    """A result from the previous report.json, marked as carried over."""
+    node: Any = previous or {}
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(node, dict):
+        return None
+    return {**node, "carried_from": (previous or {}).get("meta", {}).get("date", "?")}
+
+
+def section_scale(sizes: list[int] | None = None, only: set[str] | None = None,
+                  previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`only`: run just these policies, carrying the others' results over from
+    `previous` (the same seeded traces; for when a change touched only those)."""
     out: dict[str, Any] = {}
     for replicas, (sessions, window_s, policies) in SCALES.items():
         if sizes and replicas not in sizes:
             continue
         trace = scale_trace(sessions, window_s)
         out[str(replicas)] = {"sessions": sessions, "requests": len(trace),
-                              "window_s": window_s, "ingresses": max(1, replicas // 32)}
+                              "window_s": window_s, "ingresses": max(1, replicas // 32),
+                              "prefix_ceiling": prefix_ceiling(trace, window_s / 2)}
         for policy in policies:
+            old = carried(previous, "scale", str(replicas), policy) if only else None
+            if only and policy not in only and old is not None:
+                out[str(replicas)][policy] = old
+                log(f"scale {replicas} {policy}: carried over from {old['carried_from']}")
+                continue
             r = gpu_run(trace, policy, replicas, window_s)
             out[str(replicas)][policy] = r
             log(f"scale {replicas} {policy}: hits {r['adapter_hit_rate']:.1%} loads/1k "
@@ -133,20 +153,52 @@ def section_scale(sizes: list[int] | None = None) -> dict[str, Any]:
     return out
 
 
-def section_sweep() -> dict[str, Any]:
+def prefix_ceiling(trace: list[TraceRequest], warmup_s: float) -> float:
+    """The prefix-cache hit rate of one infinite cache that every replica shares: a prompt
+    hits up to its first segment never computed before (sessions in start order, turns in
+    order; requests counted from their session's start after `warmup_s`). No placement can
+    beat it, which bounds any ratio against another policy's hit rate."""
+    seen: set[int] = set()
+    queries = hits = 0
+    for t in sorted(trace, key=lambda r: (r.t, r.turn)):
+        chain = chain_keys(t.prompt, stable_hash)
+        hit, missed = 0, False
+        for key, tokens in chain:
+            if not missed and key in seen:
+                hit += tokens
+            else:
+                missed = True
+            seen.add(key)
+        if t.output_segment and chain:
+            seen.add(stable_hash(chain[-1][0], t.output_segment))
+        if t.t >= warmup_s:
+            queries += t.prompt_tokens
+            hits += hit
+    return hits / queries if queries else 0.0
+
+
+def section_sweep(only: set[str] | None = None,
+                  previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """8 replicas: how the gap grows with adapters, what slots buy, and the knobs."""
     sessions, window_s, _ = SCALES[8]
     out: dict[str, Any] = {"adapters": {}, "slots": {}, "knobs": {}}
+
+    def run(sweep: str, value: str, trace: list[TraceRequest], policy: str, **cfg: Any):
+        old = carried(previous, "sweep", sweep, value, policy) if only else None
+        if only and policy not in only and old is not None:
+            return old
+        return gpu_run(trace, policy, 8, window_s, **cfg)
+
     for adapters in (100, 300, 1000):
         trace = scale_trace(sessions, window_s, adapters=adapters, seed=1)
         out["adapters"][str(adapters)] = {
-            p: gpu_run(trace, p, 8, window_s) for p in ("placement_aware", "ray_multiplex")}
+            p: run("adapters", str(adapters), trace, p) for p in ("placement_aware", "ray_multiplex")}
         log(f"sweep adapters {adapters} done")
     trace = scale_trace(sessions, window_s, seed=1)
     for slots in (8, 32, 64):
         profile = dataclasses.replace(H200_8B, adapter_slots=slots)
         out["slots"][str(slots)] = {
-            p: gpu_run(trace, p, 8, window_s, profile=profile)
+            p: run("slots", str(slots), trace, p, profile=profile)
             for p in ("placement_aware", "ray_multiplex")}
         log(f"sweep slots {slots} done")
     out["knobs"]["shipped"] = {"placement_aware": gpu_run(
@@ -226,18 +278,25 @@ def main() -> int:
     parser.add_argument("--sections", default="validation,scale,sweep,admission")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--rewrite-report", action="store_true")
+    parser.add_argument("--only-policies", default="",
+                        help="comma-separated: run just these policies in the scale and "
+                             "sweep sections, carrying the others over from report.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     existing = args.out / "report.json"
     results: dict[str, Any] = json.loads(existing.read_text()) if existing.is_file() else {}
     if not args.rewrite_report:
-        sections = {"validation": section_validation, "scale": section_scale,
-                    "sweep": section_sweep, "admission": section_admission}
+        only = set(filter(None, args.only_policies.split(","))) or None
+        previous = dict(results)
+        sections = {"validation": section_validation,
+                    "scale": lambda: section_scale(only=only, previous=previous),
+                    "sweep": lambda: section_sweep(only=only, previous=previous),
+                    "admission": section_admission}
         started = time.perf_counter()
         for name in args.sections.split(","):
             t0 = time.perf_counter()
             if name.startswith("scale:"):  # one row of the scale section
-                rows = section_scale([int(name.split(":")[1])])
+                rows = section_scale([int(name.split(":")[1])], only=only, previous=previous)
                 results.setdefault("scale", {}).update(rows)
             else:
                 results[name] = sections[name]()

@@ -3,7 +3,7 @@ router, as each Serve ingress replica has), engine replicas, and the placement
 controller, replaying one trace under one routing policy.
 
 The project's objects run here as they run in the app: `AdmissionController.admit`
-(capacity split statically between ingresses, as `OpenAIIngress` splits it today),
+(capacity split between ingresses statically, or by the controller's `CapacityShares`),
 the routers' `choose_replicas`, `PlacementPlanner.report` / `record_demand` on the
 controller's period, `AdapterSlots` in each replica. Only the engines, the network and
 Serve's dispatch loop are simulated.
@@ -23,6 +23,7 @@ from benchmarks.sim.policies import POLICIES, Policy, PrefixOnly
 from benchmarks.sim.replica import SimReplica
 from benchmarks.sim.trace import TraceRequest, sessions_of, stable_hash
 from ruvllm.admission.controller import AdmissionController, Rejected
+from ruvllm.router.capacity_shares import CapacityShares
 from ruvllm.router.hints import RoutingHints
 from ruvllm.adapters.placement import PlacementPlanner
 from ruvllm.config import AdmissionConfig, PlacementConfig, RouterConfig
@@ -43,8 +44,9 @@ class SimConfig:
     # "tenant" (each tenant's connections land on a fixed subset, as keep-alive does).
     ingress_spread: str = "random"
     # How the engines' capacity is split between ingresses: "static" (equal shares, as
-    # OpenAIIngress does today) or "weighted" (the prototype fix: shares follow the
-    # weights of the tenants each ingress is serving, re-computed on every sync).
+    # OpenAIIngress does before the controller has answered, or with one ingress) or
+    # "weighted" (the controller's `CapacityShares`: shares follow the tenants each
+    # ingress is serving, re-computed on every sync).
     capacity_split: str = "static"
     ttft_slo_s: float = 2.0
     # Requests arriving before this are served but not counted, and adapter/prefix
@@ -71,13 +73,6 @@ class RequestRecord:
     output_tokens: int = 0
     adapter_hit: bool = True
     replica: str = ""
-
-
-def _tenant_demand(admission: AdmissionController) -> dict[str, int]:
-    """Requests each tenant has waiting or running at one ingress. Read from the
-    controller's private state: a production version needs a public accessor."""
-    return {name: t.running + len(t.queue) for name, t in admission._tenants.items()
-            if t.running or t.queue}
 
 
 class Ingress:
@@ -110,6 +105,7 @@ class Simulation:
                              max_imbalance_tokens=r.max_imbalance_tokens,
                              prefix_imbalance_per_token=r.prefix_imbalance_per_token,
                              cold_adapter_penalty_tokens=r.cold_adapter_penalty_tokens,
+                             affinity_headroom=r.affinity_headroom,
                              affinity_table_size=r.affinity_table_size)
         self.ingresses = [Ingress(i, cfg, loop, policy_cls(random.Random(cfg.seed + 100 + i),
                                                            loop.time, **router_kwargs))
@@ -118,8 +114,12 @@ class Simulation:
         self.planner = PlacementPlanner(
             hot_requests_per_s=p.hot_requests_per_s, demand_window_s=p.demand_window_s,
             replica_timeout_s=5 * p.report_period_s + 5, clock=loop.time,
-            replan_interval_s=cfg.planner_replan_s)
+            replan_interval_s=cfg.planner_replan_s, preload_idle=p.preload_idle_adapters)
         self.plan_on = policy_cls.plan
+        limits = cfg.admission
+        self.shares = CapacityShares(
+            lambda tenant: limits.tenants.get(tenant, limits.default_tenant).weight,
+            timeout_s=5 * p.report_period_s + 5, clock=loop.time)
         adapters = sorted({t.adapter for t in self.trace if t.adapter})
         self.paths = {a: f"/adapters/{a}" for a in adapters}
         d = 1
@@ -151,27 +151,13 @@ class Simulation:
         self.planner.record_demand(dict(demand))
         kv, seqs = self.planner.capacity()
         if self.cfg.capacity_split == "weighted":
-            share = self._weighted_share(ingress)
+            # PlacementController.sync: the ingress's tenant tokens in, its share out.
+            self.shares.update(str(ingress.index), ingress.admission.tenant_demand())
+            share = self.shares.share(str(ingress.index), kv, seqs)
             ingress.admission.set_capacity(int(kv * share), max(1, int(seqs * share)))
             return
         share = len(self.ingresses)
         ingress.admission.set_capacity(kv // share, max(1, seqs // share) if seqs else 0)
-
-    def _weighted_share(self, ingress: Ingress) -> float:
-        """This ingress's share of the engines: the weight of the tenants it serves, each
-        tenant's weight split between ingresses by where its requests wait or run.
-        Weighted fair queuing inside each ingress then adds up to weighted shares
-        cluster-wide. An idle ingress keeps a small share so its first request starts."""
-        per_ingress = [_tenant_demand(i.admission) for i in self.ingresses]
-        totals: Counter[str] = Counter()
-        for d in per_ingress:
-            totals.update(d)
-        limits = self.cfg.admission
-        weight = {t: (limits.tenants.get(t) or limits.default_tenant).weight for t in totals}
-        shares = [sum(weight[t] * n / totals[t] for t, n in d.items()) for d in per_ingress]
-        floor = 0.02 / len(self.ingresses)
-        total = sum(shares) or 1.0
-        return max(floor, shares[ingress.index] / total) / (1 + floor * len(self.ingresses))
 
     def counters(self) -> dict[str, float]:
         out: dict[str, float] = Counter()

@@ -44,8 +44,8 @@ def test_quantized_variant_answers_over_http(serve_app):
     assert r.json()["model"] == ISQ_NAME
     assert "Tokyo" in r.json()["choices"][0]["message"]["content"]
     replica = r.headers["x-ruvllm-replica"]
-    stats = serve_app.engine_stats(replica, f"ISQ-{ISQ_NAME}")
-    assert stats["adapters"] == []  # its own deployment, not a base replica
+    stats = serve_app.engine_stats(replica)
+    assert stats["dedicated"] == ISQ_NAME  # its own deployment, not a base replica
 
     with httpx.stream("POST", f"{serve_app.openai_url}/completions", timeout=120, json={
             "model": ISQ_NAME, "prompt": "The capital of France is", "max_tokens": 8,

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from conftest import BACKENDS
+from ruvllm.deployments import server_timing
 
 pytestmark = pytest.mark.e2e
 
@@ -109,6 +110,24 @@ def test_response_names_the_replica_and_request_id(serve_app, model):
     assert r.headers["x-ruvllm-replica"]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_server_timing_splits_the_time_before_the_reply(serve_app, model, stream):
+    body = {"model": model, "messages": FRANCE, "max_tokens": 4, "stream": stream}
+    started = time.perf_counter()
+    with httpx.stream("POST", f"{serve_app.openai_url}/chat/completions", json=body,
+                      timeout=60) as r:
+        headers_after_ms = (time.perf_counter() - started) * 1000
+        r.read()
+    assert r.status_code == 200
+    phases = server_timing.parse(r.headers["server-timing"])
+    assert list(phases) == ["ingress", "admission", "replica", "hop"]
+    assert all(ms >= 0 for ms in phases.values()), phases
+    # The replica validated and tokenized the request before its head: some time, and
+    # all of what the server accounts for happened before the client had the headers.
+    assert phases["replica"] > 0 and phases["ingress"] > 0, phases
+    assert sum(phases.values()) <= headers_after_ms, (phases, headers_after_ms)
+
+
 def test_health(serve_app, model):
     r = httpx.get(f"{serve_app.base_url}/health", timeout=10)
     assert r.status_code == 200
@@ -117,7 +136,7 @@ def test_health(serve_app, model):
 
 
 def test_disconnected_stream_frees_its_engine_request(serve_app, backend):
-    model, deployment = backend
+    model, _ = backend
     body = {"model": model, "stream": True, "max_tokens": 1500, "ignore_eos": True,
             "messages": [{"role": "user", "content": "Tell me a very long story."}]}
     with httpx.Client(timeout=60) as client:
@@ -127,12 +146,12 @@ def test_disconnected_stream_frees_its_engine_request(serve_app, backend):
             lines = r.iter_lines()
             received = [next(lines) for _ in range(6)]
             assert any(line.startswith("data:") for line in received)
-            busy = serve_app.engine_stats(replica_id, deployment)
+            busy = serve_app.engine_stats(replica_id)
             assert busy["unfinished"] >= 1, busy
         # Leaving the block closes the connection mid-stream.
     deadline = time.monotonic() + 30
     while True:
-        stats = serve_app.engine_stats(replica_id, deployment)
+        stats = serve_app.engine_stats(replica_id)
         if stats["unfinished"] == 0:
             break
         assert time.monotonic() < deadline, f"engine request not freed: {stats}"

@@ -14,7 +14,6 @@ from conftest import XLORA_NAME
 pytestmark = pytest.mark.e2e
 
 BASE = "smollm2-135m-instruct"
-DEPLOYMENT = f"XLoRA-{XLORA_NAME}"
 
 
 def test_mixture_is_a_model_with_the_base_as_parent(openai_client):
@@ -37,7 +36,7 @@ def test_streaming_request_to_the_mixture_with_prefix_cache_hits(serve_app):
                     pieces.append(json.loads(line[6:])["choices"][0]["text"])
         assert "".join(pieces).strip()
     (replica,) = replicas
-    stats = serve_app.engine_stats(replica, DEPLOYMENT)
+    stats = serve_app.engine_stats(replica)
     # The second request's prompt blocks came from the prefix cache (both KV caches).
     assert stats["prefix_cache_hits"] > 0, stats
 

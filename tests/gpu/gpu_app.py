@@ -71,5 +71,7 @@ def one_gpu_app(ray_head, adapter_root, xlora_checkpoint) -> Iterator[ServeApp]:
 
 @pytest.fixture(scope="session")
 def two_gpu_app(ray_head) -> Iterator[ServeApp]:
-    """cluster-gpu.yaml with two replicas: Ray must put them on two cards."""
-    yield from start_app(ray_head, {"replicas": {"num_replicas": 2}})
+    """cluster-gpu.yaml with two replicas: Ray must put them on two cards. (The admin
+    token opens GET /v1/adapters, where ServeApp.engine_stats reads each replica's GPUs.)"""
+    yield from start_app(ray_head, {"replicas": {"num_replicas": 2},
+                                    "adapters": {"admin_token": ADMIN_TOKEN}})

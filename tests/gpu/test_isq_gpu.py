@@ -24,7 +24,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from conftest import ServeApp
+from conftest import ADMIN_TOKEN, ServeApp
 from gpu_app import BASE, needs_gpus, start_app
 
 pytestmark = needs_gpus(1)
@@ -74,7 +74,8 @@ def isq_gpu_app(ray_head) -> Iterator[ServeApp]:
                    # app's setup took 232 s), leaving the call's minutes to the job. The
                    # kernel choice is the same; decode speed is benchmarks/gpu_decode's.
                    "enforce_eager": True},
-        "adapters": {"allowed_roots": [], "declared": {}},
+        # The admin token opens GET /v1/adapters, where engine_stats reads the replica.
+        "adapters": {"allowed_roots": [], "declared": {}, "admin_token": ADMIN_TOKEN},
         "replicas": {"num_replicas": 1, "num_cpus": 1, "num_gpus": 0.4},
         "quantized": [VARIANT],
     }):
@@ -173,7 +174,7 @@ def test_the_w4a16_checkpoint_is_served_on_the_gpu_with_marlin(isq_gpu_app):
         if expected in answers[name]:
             right.append(name)
         replica = r.headers.get("x-ruvllm-replica")
-    stats = isq_gpu_app.engine_stats(replica, f"ISQ-{QUANTIZED}")
+    stats = isq_gpu_app.engine_stats(replica)
     kernels = _kernels_logged()
     _record(answers=answers, right=right, engine_stats={k: stats.get(k) for k in (
         "dtype", "block_size", "gpu_ids", "num_kv_blocks", "quantization")},

@@ -1,0 +1,192 @@
+"""Where the stack's extra time to first token goes, against bare vLLM in the same run.
+
+    python -m benchmarks.ttft_breakdown [--requests 30] [--config cluster.yaml]
+
+One client, one request at a time (concurrency 1), streaming chat, each prompt unique
+from its first token (no prefix-cache hits), ~128 prompt tokens, 16 output tokens. For
+each target it records the time to the response headers and to the first content
+chunk; for the stack also the `Server-Timing` phases (deployments/server_timing.py).
+The stack runs with one engine replica bound like bare vLLM (as `serve_vs_vllm`'s
+stack-1), so both have the same engine.
+
+What the difference splits into:
+  before the headers  ingress (parse, template, token count) + admission + hop (routing,
+                      Ray to the replica and back) + HTTP proxy; the replica's own
+                      preprocessing is bare vLLM's too, so it cancels out;
+  after the headers   prefill (the same engine) + the first chunk's way back through Ray,
+                      the ingress and the proxy.
+Writes report.json / report.md / report.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.harness import MODEL, ROOT, log, running, start_stack
+from ruvllm.deployments.server_timing import parse
+
+WORDS = ("river stone lantern orbit meadow copper signal harbor velvet thunder quartz "
+         "falcon ember glacier willow saffron cobalt prism canyon breeze").split()
+PHASES = ("ingress", "admission", "replica", "hop")
+
+
+def prompt(i: int) -> str:
+    # A different first word per request: no two prompts share a prefix-cache block.
+    words = [f"{i}-{WORDS[i % len(WORDS)]}"] + [WORDS[(i * 7 + k) % len(WORDS)] for k in range(110)]
+    return "Summarise these words in one sentence: " + " ".join(words)
+
+
+def _has_content(chunk: str) -> bool:
+    choices = json.loads(chunk).get("choices") or [{}]
+    return bool((choices[0].get("delta") or {}).get("content"))
+
+
+def one_request(client: httpx.Client, url: str, i: int) -> dict:
+    body = {"model": MODEL, "stream": True, "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": prompt(i)}]}
+    started = time.perf_counter()
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        headers_ms = (time.perf_counter() - started) * 1000
+        ttft_ms = None
+        for line in r.iter_lines():
+            if ttft_ms is None and line.startswith("data: {") and _has_content(line[6:]):
+                ttft_ms = (time.perf_counter() - started) * 1000
+        r.raise_for_status()
+    row = {"headers_ms": headers_ms, "ttft_ms": ttft_ms}
+    if "server-timing" in r.headers:
+        row["server_timing"] = parse(r.headers["server-timing"])
+    return row
+
+
+def measure(url: str, requests: int, offset: int) -> list[dict]:
+    with httpx.Client(timeout=120) as client:
+        for i in range(3):  # warm-up: first-request costs are not the path's
+            one_request(client, url, offset + 1000 + i)
+        return [one_request(client, url, offset + i) for i in range(requests)]
+
+
+def p50(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows if r[key] is not None)
+
+
+def summarize(rows: list[dict]) -> dict:
+    s = {"headers_ms": p50(rows, "headers_ms"), "ttft_ms": p50(rows, "ttft_ms")}
+    s["after_headers_ms"] = s["ttft_ms"] - s["headers_ms"]
+    timed = [r["server_timing"] for r in rows if "server_timing" in r]
+    if timed:
+        s["server_timing_ms"] = {p: statistics.median(t.get(p, 0.0) for t in timed) for p in PHASES}
+    return s
+
+
+def write_report(out: Path, result: dict) -> None:
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    bare, stack = result["targets"]["bare"], result["targets"]["stack"]
+    st = stack.get("server_timing_ms", {})
+    d_head = stack["headers_ms"] - bare["headers_ms"]
+    d_after = stack["after_headers_ms"] - bare["after_headers_ms"]
+    counted = st.get("ingress", 0) + st.get("admission", 0) + st.get("hop", 0)
+    lines = [
+        "# Time to first token: the stack against bare vLLM, broken down", "",
+        f"Measured {result['date']} on {result['machine']}, one run, concurrency 1, "
+        f"{result['requests']} streaming chat requests per target (~128 prompt tokens, unique "
+        "prefixes, 16 output tokens), medians. The stack: one engine replica bound like bare vLLM.", "",
+        "| | bare vLLM | stack | stack − bare |", "|---|---|---|---|",
+        f"| time to headers (ms) | {bare['headers_ms']:.1f} | {stack['headers_ms']:.1f} | {d_head:+.1f} |",
+        f"| headers → first token (ms) | {bare['after_headers_ms']:.1f} | {stack['after_headers_ms']:.1f} | {d_after:+.1f} |",
+        f"| **TTFT (ms)** | {bare['ttft_ms']:.1f} | {stack['ttft_ms']:.1f} | "
+        f"**{stack['ttft_ms'] - bare['ttft_ms']:+.1f}** |", "",
+        "The stack's time before its headers, from its `Server-Timing` header (medians, ms):", "",
+        "| ingress | admission | replica | hop | ingress + admission + hop | rest of the headers difference |",
+        "|---|---|---|---|---|---|",
+        f"| {st.get('ingress', 0):.2f} | {st.get('admission', 0):.2f} | {st.get('replica', 0):.2f} | "
+        f"{st.get('hop', 0):.2f} | {counted:.2f} | {d_head - counted:+.2f} |", "",
+        "`replica` is the replica's own validation, chat template and tokenization before its "
+        "reply head, which bare vLLM does as well; `hop` is routing plus Ray's transport to the "
+        "replica and back; the rest of the headers difference is the HTTP proxy and what the "
+        "header cannot see. After the headers both run the same prefill; the stack's extra there "
+        "is the first chunk's way back (Ray stream item, ingress, proxy).", "",
+    ] + [f"- {n}" for n in result.get("notes", [])] + ["", "![breakdown](report.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    plot(out, result)
+
+
+def plot(out: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bare, stack = result["targets"]["bare"], result["targets"]["stack"]
+    st = stack.get("server_timing_ms", {})
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    parts = {"bare": [("to headers", bare["headers_ms"]), ("to first token", bare["after_headers_ms"])],
+             "stack": [(p, st.get(p, 0.0)) for p in PHASES]
+             + [("proxy & rest", stack["headers_ms"] - sum(st.get(p, 0.0) for p in PHASES)),
+                ("to first token", stack["after_headers_ms"])]}
+    colors = {"to headers": "#999999", "to first token": "#4c72b0", "ingress": "#dd8452",
+              "admission": "#55a868", "replica": "#8172b3", "hop": "#c44e52", "proxy & rest": "#937860"}
+    for y, (name, segs) in enumerate(parts.items()):
+        left = 0.0
+        for label, width in segs:
+            ax.barh(y, width, left=left, color=colors[label], label=label if y or label != "to first token" else None)
+            left += width
+    ax.set_yticks(range(len(parts)), list(parts))
+    ax.set_xlabel("ms (medians, concurrency 1)")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
+    ax.set_title("Time to first token, broken down")
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ttft_breakdown")
+    parser.add_argument("--startup-timeout", type=float, default=900)
+    parser.add_argument("--rewrite-report", action="store_true",
+                        help="re-render report.md/.png from report.json (e.g. after editing notes)")
+    args = parser.parse_args()
+    if args.rewrite_report:
+        write_report(args.out, json.loads((args.out / "report.json").read_text()))
+        return 0
+
+    import platform
+
+    from benchmarks.serve_vs_vllm import start_bare_vllm
+    from ruvllm.model_store import prepare_builtin
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    logs = args.out / "logs"
+    logs.mkdir(exist_ok=True)
+    model_path = prepare_builtin(MODEL)
+
+    def one_replica(a: dict) -> None:
+        a["replicas"]["num_replicas"] = 1
+        a["engine"]["cpu_threads_bind"] = "auto"  # vLLM's default, as bare vLLM runs
+
+    starters = {"bare": lambda: start_bare_vllm(model_path, 8100, logs / "bare.log"),
+                "stack": lambda: start_stack(8300, logs / "stack.log", one_replica)}
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
+              "requests": args.requests, "targets": {}}
+    for offset, name in enumerate(starters):
+        ready_log = None if name == "bare" else logs / f"{name}.log"
+        with running(name, starters[name], args.startup_timeout, ready_log=ready_log) as (url, _):
+            rows = measure(url, args.requests, offset * 100_000)
+            result["targets"][name] = {**summarize(rows), "rows": rows}
+            log(f"{name}: TTFT p50 {result['targets'][name]['ttft_ms']:.1f} ms")
+    write_report(args.out, result)
+    print((args.out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""The benchmark harness measures a stack only once every engine replica is up."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from benchmarks.harness import wait_for_ready_line
+from ruvllm.deployments.readiness import READY_PREFIX
+
+
+def _sleeper(seconds: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+
+
+def test_waits_for_the_ready_line_not_the_first_replica(tmp_path):
+    log = tmp_path / "stack.log"
+    log.write_text("(LLMReplica pid=1) engine 1 of 2 ready\n")
+    proc = _sleeper(30)
+
+    def second_engine_reports() -> None:
+        time.sleep(1.5)
+        with log.open("a") as f:
+            f.write(f"(PlacementController pid=2) {READY_PREFIX} 'm' on 2 engine replica(s)\n")
+
+    threading.Thread(target=second_engine_reports).start()
+    try:
+        assert wait_for_ready_line(log, proc, 20, "stack") >= 1.0
+    finally:
+        proc.kill()
+
+
+def test_a_stack_that_exits_before_its_ready_line_is_an_error(tmp_path):
+    log = tmp_path / "stack.log"
+    log.write_text("")
+    proc = _sleeper(0)
+    proc.wait()
+    with pytest.raises(RuntimeError, match="exited"):
+        wait_for_ready_line(log, proc, 20, "stack")
