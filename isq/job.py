@@ -237,7 +237,8 @@ def cache_key(weights_sha256: str, isq: IsqConfig, calibration: list[list[int]] 
 def result_dir(cache_dir: Path, model_name: str, isq: IsqConfig, key: str) -> Path:
     group = f"-g{isq.resolved_group_size}" if isq.resolved_group_size else ""
     scheme = f"w{isq.bits}a{isq.activation_bits}"
-    return cache_dir / "isq" / f"{model_name}-{isq.method}-{scheme}{group}-{key[:16]}"
+    mixed = f"-mixed{isq.mixed_precision.bits}" if isq.mixed_precision else ""
+    return cache_dir / "isq" / f"{model_name}-{isq.method}-{scheme}{group}{mixed}-{key[:16]}"
 
 
 # -- the job -----------------------------------------------------------------------------
@@ -275,6 +276,10 @@ def quantize(base_dir: Path, model_name: str, isq: IsqConfig, cache_dir: Path,
                             if calibration and isq.holds_out_calibration else None},
             "evaluation": evaluation_report(sets, digest, metrics),
             "quantize_seconds": metrics["quantize_seconds"],
+            # The settings, and what the sensitivity measurement kept at higher precision.
+            "mixed_precision": ({**isq.mixed_precision.model_dump(),
+                                 **metrics["mixed_precision"]}
+                                if isq.mixed_precision else None),
             "threads": metrics.get("threads"),
             "device": metrics.get("device"),  # where the job quantized: cpu or the GPU's name
             "job_seconds": time.monotonic() - started,

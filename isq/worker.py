@@ -24,20 +24,32 @@ def log(msg: str) -> None:
     print(f"[isq {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def weight_scheme(bits: int, group_size: int | None, symmetric: bool):
+def weight_scheme(bits: int, group_size: int | None, symmetric: bool,
+                  kept: list[str] = (), kept_bits: int = 8):
+    """One scheme for every Linear layer, and `kept_bits` for the layers named in `kept`
+    (compressed-tensors gives an exact module name precedence over the class "Linear")."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    weights = QuantizationArgs(
-        num_bits=bits, type="int", symmetric=symmetric,
-        strategy="group" if group_size else "channel", group_size=group_size)
-    return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    def args(b: int) -> QuantizationArgs:
+        return QuantizationArgs(
+            num_bits=b, type="int", symmetric=symmetric,
+            strategy="group" if group_size else "channel", group_size=group_size)
+
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=args(bits))}
+    if kept and kept_bits < 16:
+        groups["group_1"] = QuantizationScheme(targets=list(kept), weights=args(kept_bits))
+    return groups
 
 
-def recipe(spec: dict):
+def recipe(spec: dict, kept: list[str] = ()):
+    """llmcompressor modifiers for the spec; `kept` layers (mixed precision) are quantized
+    to spec["mixed_precision"]["bits"] instead, or left out (bfloat16) at 16."""
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     method, bits, group = spec["method"], spec["bits"], spec["group_size"]
-    ignore = ["lm_head"]
+    kept_bits = (spec.get("mixed_precision") or {}).get("bits", 8)
+    ignore = ["lm_head"] + (list(kept) if kept_bits == 16 else [])
+    mixed = {"kept": list(kept), "kept_bits": kept_bits}
     if spec.get("activation_bits") == 8 and method == "rtn":
         # int8 per-channel weights, dynamic per-token int8 activations.
         return QuantizationModifier(scheme="W8A8", targets=["Linear"], ignore=ignore)
@@ -45,16 +57,17 @@ def recipe(spec: dict):
         return GPTQModifier(scheme="W8A8", targets=["Linear"], ignore=ignore,
                             actorder=spec.get("actorder"))
     if method == "rtn":
-        return QuantizationModifier(config_groups=weight_scheme(bits, group, True), ignore=ignore)
+        return QuantizationModifier(config_groups=weight_scheme(bits, group, True, **mixed),
+                                    ignore=ignore)
     if method == "gptq":
-        return GPTQModifier(config_groups=weight_scheme(bits, group, True), ignore=ignore,
-                            actorder=spec.get("actorder"))
+        return GPTQModifier(config_groups=weight_scheme(bits, group, True, **mixed),
+                            ignore=ignore, actorder=spec.get("actorder"))
     if method == "awq":
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
         # AWQ's published recipe: asymmetric weights, scales searched per layer group.
         return [AWQModifier(duo_scaling=True),
-                QuantizationModifier(config_groups=weight_scheme(bits, group, False),
+                QuantizationModifier(config_groups=weight_scheme(bits, group, False, **mixed),
                                      ignore=ignore)]
     if method == "smoothquant":
         from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
@@ -144,7 +157,33 @@ def evaluate(model, eval_sets: list[dict], what: str) -> dict[str, float]:
     return out
 
 
-def quantize_into(model, spec: dict, out: Path) -> float:
+def keep_sensitive(model, spec: dict, calibration: list[list[int]], metrics: dict) -> list[str]:
+    """Measure each Linear layer's sensitivity on the first calibration windows and pick
+    the layers mixed precision keeps at higher precision (isq/sensitivity.py); records
+    the measurement and the choice in `metrics`."""
+    from ruvllm.isq.sensitivity import choose_kept, decoder_linears, fisher_sensitivity
+
+    mp = spec["mixed_precision"]
+    windows = calibration[:mp["sensitivity_windows"]]
+    t = time.monotonic()
+    symmetric = spec["method"] != "awq"
+    sens = fisher_sensitivity(model, windows, spec["bits"], spec["group_size"], symmetric)
+    sizes = {n: m.weight.numel() for n, m in decoder_linears(model).items()}
+    kept = choose_kept(sens, sizes, mp["fraction"])
+    seconds = time.monotonic() - t
+    log(f"sensitivity on {len(windows)} windows in {seconds:.0f} s; keeping {len(kept)} of "
+        f"{len(sizes)} Linear layers ({sum(sizes[n] for n in kept) / sum(sizes.values()):.3f} "
+        f"of their weights) at {mp['bits']} bits")
+    metrics["mixed_precision"] = {
+        "proxy": "Fisher-weighted RTN error sum(grad^2 * (W - RTN(W))^2), "
+                 f"{len(windows)} calibration windows",
+        "seconds": seconds, "kept": kept,
+        "kept_weight_fraction": sum(sizes[n] for n in kept) / sum(sizes.values()),
+        "sensitivity": {n: sens[n] for n in sorted(sens, key=sens.get, reverse=True)}}
+    return kept
+
+
+def quantize_into(model, spec: dict, out: Path, metrics: dict) -> float:
     """Quantize `model` in place with the spec's recipe and save it to `out`; seconds."""
     import torch
     from datasets import Dataset
@@ -166,7 +205,8 @@ def quantize_into(model, spec: dict, out: Path) -> float:
     else:
         log(f"quantizing {spec['method']} W{spec['bits']} (no calibration data needed)")
     t = time.monotonic()
-    oneshot(model=model, recipe=recipe(spec), **kwargs)
+    kept = keep_sensitive(model, spec, calibration, metrics) if spec.get("mixed_precision") else []
+    oneshot(model=model, recipe=recipe(spec, kept), **kwargs)
     seconds = time.monotonic() - t
     log(f"quantized in {seconds:.0f} s; saving")
     model.to(getattr(torch, spec.get("save_dtype", "bfloat16")))
@@ -206,7 +246,7 @@ def main(spec_path: str) -> None:
         metrics["quantize_seconds"] = None
     else:
         quantized_dir = Path(spec["out_dir"])
-        metrics["quantize_seconds"] = quantize_into(model, spec, quantized_dir)
+        metrics["quantize_seconds"] = quantize_into(model, spec, quantized_dir, metrics)
     del model
 
     t = time.monotonic()

@@ -33,6 +33,12 @@ def app_with(isq: dict) -> AppConfig:
     ({"method": "gptq", "max_perplexity_increase": 0}, "quantized.0.isq.max_perplexity_increase",
      "greater than 0"),
     ({"method": "int3"}, "quantized.0.isq.method", "awq"),
+    ({"method": "gptq", "bits": 8, "mixed_precision": {}}, "quantized.0.isq", "mixed_precision"),
+    ({"method": "smoothquant", "mixed_precision": {}}, "quantized.0.isq", "mixed_precision"),
+    ({"method": "gptq", "mixed_precision": {"fraction": 1}},
+     "quantized.0.isq.mixed_precision.fraction", "less than 1"),
+    ({"method": "gptq", "mixed_precision": {"bits": 4}},
+     "quantized.0.isq.mixed_precision.bits", "8"),
 ])
 def test_invalid_combinations_name_the_field(isq, field, words):
     with pytest.raises(ConfigError) as e:
@@ -377,3 +383,46 @@ def test_toolkit_worker_dies_with_the_job_that_started_it(tmp_path):
         time.sleep(0.05)
     else:
         raise AssertionError(f"child {child} outlived its SIGKILLed parent")
+
+
+def test_mixed_precision_is_in_the_key_and_needs_calibration(tmp_path):
+    plain = IsqConfig(method="rtn", group_size=64)
+    mixed = IsqConfig(method="rtn", group_size=64, mixed_precision={"fraction": 0.3})
+    assert "mixed_precision" not in plain.job_params()  # existing checkpoints keep their keys
+    assert mixed.needs_calibration and not plain.needs_calibration
+    assert mixed.job_params()["mixed_precision"] == {"bits": 8, "fraction": 0.3,
+                                                     "sensitivity_windows": 16}
+    calib = [[1, 2, 3]]
+    assert cache_key("w" * 64, mixed, calib) != cache_key("w" * 64, IsqConfig(
+        method="rtn", group_size=64, mixed_precision={"fraction": 0.2}), calib)
+    assert result_dir(tmp_path, "m", mixed, "k" * 64).name == "m-rtn-w4a16-g64-mixed8-kkkkkkkkkkkkkkkk"
+    assert mixed.describe() == "rtn W4A16 g64 (0.3 of weights at 8 bits)"
+
+
+def test_kept_layers_are_the_most_sensitive_per_weight_within_the_budget():
+    from ruvllm.isq.sensitivity import choose_kept
+
+    sizes = {"big": 60, "small": 10, "mid": 30, "dull": 10}
+    sens = {"big": 120.0, "small": 50.0, "mid": 45.0, "dull": 1.0}  # per weight: 2, 5, 1.5, .1
+    assert choose_kept(sens, sizes, 0.1) == ["small"]
+    # "big" does not fit beside "small" in 45% of 110 weights; the next that fits does.
+    assert choose_kept(sens, sizes, 0.45) == ["mid", "small"]
+    assert choose_kept(sens, sizes, 0.65) == ["big", "small"]
+    assert choose_kept(sens, sizes, 0.01) == []
+    # Ties break by name, so a measurement always gives the same choice.
+    assert choose_kept({"b": 1.0, "a": 1.0}, {"b": 1, "a": 1}, 0.5) == ["a"]
+
+
+def test_rtn_error_is_zero_on_the_grid_and_bounded_by_half_a_step():
+    import torch
+
+    from ruvllm.isq.sensitivity import rtn_error
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 128)
+    err = rtn_error(w, 4, 64)
+    step = w.reshape(8, 2, 64).abs().amax(-1, keepdim=True) / 7
+    assert (err.reshape(8, 2, 64).abs() <= step / 2 + 1e-6).all()
+    on_grid = torch.round(w.reshape(8, 2, 64) / step).clamp(-8, 7) * step
+    assert rtn_error(on_grid.reshape(8, 128), 4, 64).abs().max() < 1e-5
+    assert rtn_error(w, 8, 64).abs().max() < err.abs().max() / 8
