@@ -161,7 +161,16 @@ def keep_sensitive(model, spec: dict, calibration: list[list[int]], metrics: dic
     """Measure each Linear layer's sensitivity on the first calibration windows and pick
     the layers mixed precision keeps at higher precision (isq/sensitivity.py); records
     the measurement and the choice in `metrics`."""
-    from ruvllm.isq.sensitivity import choose_kept, decoder_linears, fisher_sensitivity
+    # The worker runs isolated in the toolkit venv (python -I), where ruvllm is not
+    # importable: load its sibling module by path (it needs torch only).
+    import importlib.util
+
+    found = importlib.util.spec_from_file_location(
+        "isq_sensitivity", Path(__file__).with_name("sensitivity.py"))
+    sensitivity = importlib.util.module_from_spec(found)
+    found.loader.exec_module(sensitivity)
+    choose_kept, decoder_linears, fisher_sensitivity = (
+        sensitivity.choose_kept, sensitivity.decoder_linears, sensitivity.fisher_sensitivity)
 
     mp = spec["mixed_precision"]
     windows = calibration[:mp["sensitivity_windows"]]
