@@ -41,6 +41,8 @@ from pathlib import Path
 
 from benchmarks.harness import ROOT, engine_settings, log, running, start_stack
 from benchmarks.serve_vs_vllm import run_load, summarize
+from benchmarks.server_timing_probe import LoadProbe, describe, sequential
+from benchmarks.ttft_breakdown import PHASES
 from ruvllm.serve_mode import THROUGHPUT_FLAGS
 
 SERVED = "llama8b-random"
@@ -134,19 +136,55 @@ def wait_for_gpu_memory(limit_mib: int = 4096, timeout_s: float = 120) -> None:
     log(f"GPU memory still in use after {timeout_s:.0f} s: {used} MiB")
 
 
-def sweep(url: str, model: Path, concurrencies: list[int], args, out: Path, name: str) -> dict:
+def sweep(url: str, model: Path, concurrencies: list[int], args, out: Path, name: str,
+          probes: dict) -> dict:
+    """The load at each concurrency; for the stack above c=1 a Server-Timing probe runs
+    beside it (benchmarks/server_timing_probe.py), and after the sweep every target gets
+    a sequential probe (its concurrency-1 breakdown)."""
     rows = {}
     for c in concurrencies:
         load = argparse.Namespace(input_len=args.input_len, output_len=args.output_len,
                                   concurrency=c, num_prompts=max(args.min_prompts, 4 * c))
         if c == 1:
             load.num_prompts = args.min_prompts
-        rows[str(c)] = summarize(run_load(url, model, load, out, f"{name}-c{c}", SERVED))
+        probe = LoadProbe(url, SERVED) if args.probe and c > 1 and name != "bare" else None
+        if probe:
+            with probe:
+                result = run_load(url, model, load, out, f"{name}-c{c}", SERVED)
+            probes[f"c{c}"] = probe.summary()
+            log(f"{name} c={c} probe: {describe(probes[f'c{c}'])}")
+        else:
+            result = run_load(url, model, load, out, f"{name}-c{c}", SERVED)
+        rows[str(c)] = summarize(result)
         r = rows[str(c)]
         log(f"{name} c={c}: {r['output_throughput']:.0f} tok/s, TTFT p50 "
             f"{r.get('p50_ttft_ms', 0):.1f} ms, TPOT p50 {r.get('p50_tpot_ms', 0):.2f} ms, "
             f"failed {r.get('failed', 0)}")
+    if args.probe:
+        probes["c1-sequential"] = sequential(url, SERVED)
+        log(f"{name} sequential probe: {describe(probes['c1-sequential'])}")
     return rows
+
+
+def probe_lines(results: dict) -> list[str]:
+    """The probes' table: client times and the stack's Server-Timing phases (medians)."""
+    rows = [(n, k, s) for n, t in results.items() for k, s in t.get("probes", {}).items()
+            if s.get("probes")]
+    if not rows:
+        return []
+    lines = ["## Where the time to first token goes (probe requests, medians in ms)", "",
+             "Short streaming requests (~128 prompt tokens, 16 output) sent one per second "
+             "beside the load (`cN`), or one after another on the idle server "
+             "(`c1-sequential`); the stack's `Server-Timing` header splits its time before "
+             "the reply head (benchmarks/server_timing_probe.py).", "",
+             "| target | during | probes | to headers | TTFT | ingress | admission | replica | hop |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, during, s in rows:
+        st = s.get("server_timing_ms", {})
+        cells = " | ".join(f"{st[p]:.1f}" if p in st else "—" for p in PHASES)
+        lines.append(f"| {name} | {during} | {s['probes']} | {s['headers_ms']:.1f} | "
+                     f"{s['ttft_ms']:.1f} | {cells} |")
+    return lines + [""]
 
 
 def write_report(out: Path, results: dict, meta: dict) -> None:
@@ -189,6 +227,7 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
         "replica at c=128.", ""]
     if meta.get("failed_targets"):
         lines += ["Failed targets: " + "; ".join(f"{n}: {e}" for n, e in meta["failed_targets"].items()), ""]
+    lines += probe_lines(results)
     if meta.get("notes"):
         lines += ["## Notes", ""] + [f"- {note}" for note in meta["notes"]] + [""]
     lines += ["![throughput and TTFT](report.png)", ""]
@@ -229,6 +268,8 @@ def main() -> int:
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/llama8b-random"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_stack_vs_vllm")
     parser.add_argument("--startup-timeout", type=float, default=600)
+    parser.add_argument("--probe", action="store_true",
+                        help="Server-Timing probes beside the load and after it (see above)")
     parser.add_argument("--rewrite-report", action="store_true",
                         help="re-render report.md/.png from report.json (e.g. after editing notes)")
     args = parser.parse_args()
@@ -277,8 +318,9 @@ def main() -> int:
             with running(name, starters[name], args.startup_timeout, SERVED,
                          ready_log) as (url, ready):
                 log(f"{name}: serving after {ready:.0f} s")
-                results[name] = {"startup_s": ready, "rows": sweep(
-                    url, args.model_dir, concurrencies, args, args.out, name)}
+                probes: dict = {}
+                results[name] = {"startup_s": ready, "probes": probes, "rows": sweep(
+                    url, args.model_dir, concurrencies, args, args.out, name, probes)}
         except Exception as e:  # a target that fails is reported; the others still run
             log(f"{name}: failed: {e!r}")
             meta.setdefault("failed_targets", {})[name] = repr(e)[:300]

