@@ -58,15 +58,19 @@ def restore_registry(config: AppConfig, store: RegistryStore) -> AdapterRegistry
     with it every ingress's capacity, down. Each name keeps naming the weights it named
     before: a rewritten adapter is refused (replicas may hold the old weights under that
     name) and stays retired. A declared adapter deleted at run time comes back; the
-    config declares it. The version continues above the saved one, and the result is
-    saved before anyone can read it."""
+    config declares it. A declared name is the config's, whatever weights the saved
+    state remembers under it: the operator who points it at new weights (or rebuilds
+    them) and redeploys gets them, not a 404 (on an H200 a second test session built its
+    adapters anew and every declared one was refused). The version continues above the
+    saved one, and the result is saved before anyone can read it."""
     state = store.load()
     registry = empty_registry(config)
     registry.version = state.version
-    for name, fingerprint in {**state.retired, **{n: a.fingerprint for n, a in
-                                                  state.adapters.items()}}.items():
-        registry.retire(name, fingerprint)
     declared = config.adapters.declared
+    remembered = {**state.retired, **{n: a.fingerprint for n, a in state.adapters.items()}}
+    for name, fingerprint in remembered.items():
+        if name not in declared:
+            registry.retire(name, fingerprint)
     runtime = {n: a.path for n, a in state.adapters.items() if n not in declared}
     for origin, adapters in (("declared", declared), ("runtime-registered", runtime)):
         for name, path in adapters.items():
@@ -74,6 +78,11 @@ def restore_registry(config: AppConfig, store: RegistryStore) -> AdapterRegistry
                 registry.register(name, path)
             except AdapterError as e:
                 logger.error("%s adapter %s left out: %s", origin, name, e.message)
+    changed = [n for n in declared if n in remembered and n in registry.fingerprints()
+               and tuple(remembered[n]) != tuple(registry.fingerprints()[n])]
+    if changed:
+        logger.warning("declared adapters %s name other weights than when last saved; "
+                       "replicas started from now load the new ones", ", ".join(changed))
     registry.version += 1  # above the saved version even when nothing was registered
     try:
         store.save(registry_state(registry))

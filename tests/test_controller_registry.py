@@ -291,3 +291,19 @@ def test_a_restarted_controller_does_not_zero_the_ingress_capacity(tmp_path, roo
     time.sleep(1.2)
     asyncio.run(view.sync())
     assert seen == [4096, 4096, 0]
+
+
+def test_a_declared_adapter_with_new_weights_is_served_after_a_restart(config, root, errors):
+    """The config names the declared adapters: rebuilt weights under a declared name, or
+    the name pointed at another directory, are what a redeployed app serves (before: the
+    saved state retired the name and the adapter was left out, 404)."""
+    first = PlacementController(config)
+    assert adapters(first) == ["alpha", "beta"]
+    shutil.copyfile(root / "epsilon" / "adapter_model.safetensors",
+                    root / "alpha" / "adapter_model.safetensors")
+    moved = config.model_copy(deep=True)
+    moved.adapters.declared["beta"] = "delta"
+    restarted = PlacementController(moved)
+    assert adapters(restarted) == ["alpha", "beta"]
+    assert restarted.describe()["adapters"][1]["path"].endswith("delta")
+    assert not errors
