@@ -73,13 +73,22 @@ def wait_for_ready_line(logfile: Path, proc: subprocess.Popen, timeout_s: float,
     has reported). One served request is not enough with several replicas: the first
     2-GPU run measured c=128 while the second engine was still capturing CUDA graphs."""
     started = time.monotonic()
-    while READY_PREFIX not in logfile.read_text(errors="replace"):
+    while not any(READY_PREFIX in f.read_text(errors="replace") for f in _ready_sources(logfile)):
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
         if time.monotonic() - started > timeout_s:
             raise TimeoutError(f"{what} printed no ready line within {timeout_s:.0f} s")
         time.sleep(1)
     return time.monotonic() - started
+
+
+def _ready_sources(logfile: Path) -> list[Path]:
+    """The stack's console log, and Serve's own log files of the current Ray session:
+    Ray Serve's high-throughput mode turns Serve's logging to stderr off, so there the
+    ready line is only in the controller's file (the first H200 run of stack-tput waited
+    for it on the console until its timeout)."""
+    serve_logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs" / "serve"
+    return [logfile, *sorted(serve_logs.glob("*.log"))]
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 60) -> None:
@@ -131,6 +140,9 @@ def running(name: str, start: Callable[[], tuple[subprocess.Popen, str]], startu
     URL and start-up seconds; stopped on the way out. "bare" targets are plain processes,
     the others `serve run` stacks."""
     log(f"{name}: starting")
+    # `timeout` and schedulers end a benchmark with SIGTERM, which would skip the cleanup
+    # below and leave the stack's engines holding their GPU: make it unwind instead.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     proc, url = start()
     try:
         ready = wait_until_ready(f"{url}/v1/models", proc, startup_timeout_s, name)
@@ -141,6 +153,11 @@ def running(name: str, start: Callable[[], tuple[subprocess.Popen, str]], startu
         yield url, ready
     finally:
         (stop if name == "bare" else stop_stack)(proc)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _vllm_processes() -> set[int]:

@@ -39,3 +39,20 @@ def test_a_stack_that_exits_before_its_ready_line_is_an_error(tmp_path):
     proc.wait()
     with pytest.raises(RuntimeError, match="exited"):
         wait_for_ready_line(log, proc, 20, "stack")
+
+
+def test_finds_the_ready_line_in_serve_log_files_when_the_console_has_none(tmp_path, monkeypatch):
+    """Ray Serve's high-throughput mode logs only to files: the harness reads those too."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    serve_logs = tmp_path / "ray" / "session_latest" / "logs" / "serve"
+    serve_logs.mkdir(parents=True)
+    (serve_logs / "controller_1.log").write_text(f"INFO {READY_PREFIX} 'm' on 1 engine replica(s)\n")
+    console = tmp_path / "stack.log"
+    console.write_text("Throughput optimized Ray Serve enabled\n  • Log to stderr disabled\n")
+    proc = _sleeper(30)
+    try:
+        assert wait_for_ready_line(console, proc, 5, "stack-tput") < 5
+    finally:
+        proc.kill()
