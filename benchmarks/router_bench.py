@@ -281,7 +281,7 @@ def section_decision(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             self.replica_id, self.routing_stats = rid, stats
 
     results = {}
-    for n_replicas in (2, 8, 32):
+    for n_replicas in (2, 8, 32, 256):
         deployment = DeploymentID(name="LLMReplica", app_name="bench")
         router = PlacementAwareRouter(deployment_id=deployment,
                                       handle_source=DeploymentHandleSource.UNKNOWN)

@@ -260,3 +260,30 @@ def test_a_large_cluster_scores_a_sample_but_always_the_adapters_holders():
             req.future.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_large_cluster_learns_a_new_holder_when_serve_delivers_new_stats():
+    """Past `SCANNED` replicas the decision scores a sample and the adapter's known holders;
+    who holds what is indexed when Serve hands over new routing stats (`update_replicas`),
+    so a replica that just loaded an adapter is found without a pass over the cluster per
+    decision."""
+    async def scenario():
+        from ruvllm.router.placement_router import SCANNED
+        router = make_router()
+        replicas = [replica(f"r{i}", adapters=[], adapter_slots_free=0) for i in range(4 * SCANNED)]
+        router.update_replicas(replicas)
+        candidates = router._replicas_list  # what Serve passes to choose_replicas
+        req = pending("before", RoutingHints(10, 10, adapter="rare"))
+        await router.choose_replicas(candidates, req)
+        req.future.cancel()
+        loaded = replicas[SCANNED + 7]
+        loaded.routing_stats = {"adapters": ["rare"], "adapter_slots_free": 0}  # a new report
+        router.update_replicas(replicas)
+        candidates = router._replicas_list
+        for i in range(20):
+            req = pending(f"q{i}", RoutingHints(10, 10, adapter="rare"))
+            ranks = await router.choose_replicas(candidates, req)
+            assert ranks[0] == [loaded]
+            req.future.cancel()
+
+    asyncio.run(scenario())

@@ -68,6 +68,9 @@ class Policy:
     def completed(self, request_id: str, replica: SimReplica) -> None:
         pass
 
+    def replicas_updated(self, replicas: list[SimReplica]) -> None:
+        """Serve's controller broadcast the replicas' latest info (routing stats)."""
+
     def _two(self, pool: list[SimReplica]) -> list[SimReplica]:
         pick = self.rng.sample(pool, 2) if len(pool) >= 2 else list(pool)
         return sorted(pick, key=lambda r: r.ongoing)
@@ -99,6 +102,11 @@ class PlacementAware(Policy):
 
     def completed(self, request_id, replica):
         self.router.on_request_completed(replica.replica_id, request_id)
+
+    def replicas_updated(self, replicas):
+        # What `PlacementAwareRouter.update_replicas` does with new stats; the rest of
+        # that hook (Serve's own bookkeeping, queue-length probes) needs a live Serve.
+        self.router.index_replicas(replicas)
 
 
 class PowerOfTwo(Policy):

@@ -29,6 +29,9 @@ from ruvllm.adapters.placement import PlacementPlanner
 from ruvllm.config import AdmissionConfig, PlacementConfig, RouterConfig
 
 SERVE_BACKOFF_S = 0.025  # Serve retries when every ranked replica is at max_ongoing
+# Serve's controller loop period (ray.serve._private.constants.CONTROL_LOOP_INTERVAL_S):
+# how often new routing stats reach the routers through `update_replicas`.
+SERVE_CONTROL_LOOP_S = 0.1
 
 
 @dataclass
@@ -138,6 +141,10 @@ class Simulation:
             if asyncio.iscoroutine(result):
                 await result
             await asyncio.sleep(period)
+
+    def _broadcast_replicas(self) -> None:
+        for ingress in self.ingresses:
+            ingress.policy.replicas_updated(self.replicas)
 
     async def _replica_report(self, replica: SimReplica) -> None:
         plan = self.planner.report(replica.report(), self.paths)
@@ -274,6 +281,8 @@ class Simulation:
             p.report_period_s, p.report_period_s * (i + 0.25) / len(self.ingresses),
             lambda ingress=ingress: self._ingress_sync(ingress)))
             for i, ingress in enumerate(self.ingresses)]
+        background.append(loop.create_task(self._every(
+            SERVE_CONTROL_LOOP_S, 0.0, self._broadcast_replicas)))
         background.append(loop.create_task(self._snapshot_at_warmup()))
         started = loop.time()
         await asyncio.gather(*(self._session(turns) for turns in sessions_of(self.trace)))
