@@ -220,7 +220,7 @@ def run_stack_mistralrs(concurrency: int, requests: int, port: int) -> dict[str,
         args["engine"] = {"backend": "mistralrs", "max_num_seqs": 64,
                           "max_model_len": args["engine"].get("max_model_len", 2048)}
         args["replicas"] = {**args["replicas"], "num_replicas": 1}
-        # mistral.rs has no dynamic LoRA: a config with adapter roots is refused for it.
+        # The base model alone on both paths (bare has no adapters): LoRA off, no roots.
         args["adapters"] = {**args.get("adapters", {}), "allowed_roots": [], "declared": {}}
 
     logfile = Path(os.environ.get("TMPDIR", "/tmp")) / "backends-bench-stack.log"
