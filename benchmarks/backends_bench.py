@@ -10,6 +10,8 @@ the same chat prompts (~100 tokens) and 64 output tokens each (`ignore_eos`, gre
   mistralrs-f32   mistral.rs, the float32 HF checkpoint
   mistralrs-q8_0  mistral.rs, ISQ Q8_0 at load
   mistralrs-q4k   mistral.rs, ISQ Q4K at load
+  mistralrs-q4_0  mistral.rs, ISQ Q4_0 at load (the 4-bit type with an AVX2 kernel at this
+                  model's width: see the report's notes)
   mistralrs-gguf  mistral.rs, the builtin Q4_1 GGUF as it is
 
 at concurrency 1, 16 and 64: output tokens/s, TTFT p50/p99; plus resident memory of the
@@ -40,7 +42,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "backends"
-TARGETS = ("vllm-f32", "mistralrs-f32", "mistralrs-q8_0", "mistralrs-q4k", "mistralrs-gguf")
+TARGETS = ("vllm-f32", "mistralrs-f32", "mistralrs-q8_0", "mistralrs-q4k", "mistralrs-q4_0",
+           "mistralrs-gguf")
 OUTPUT_TOKENS = 64
 TOPICS = ("rivers", "bridges", "compilers", "volcanoes", "libraries", "trains", "tea", "maps")
 
@@ -100,7 +103,8 @@ def make_target_engine(target: str, max_seqs: int) -> Any:
     if target == "mistralrs-gguf":
         gguf = BUILTIN_MODELS["smollm2-135m-instruct"].locate()
         return MistralRsEngine(MistralRsModel(base, gguf_file=gguf), "m", config, threads)
-    in_situ = {"mistralrs-f32": None, "mistralrs-q8_0": "Q8_0", "mistralrs-q4k": "Q4K"}[target]
+    in_situ = {"mistralrs-f32": None, "mistralrs-q8_0": "Q8_0", "mistralrs-q4k": "Q4K",
+               "mistralrs-q4_0": "Q4_0"}[target]
     return MistralRsEngine(MistralRsModel(base, base, in_situ=in_situ), "m", config, threads)
 
 
@@ -216,7 +220,7 @@ def run_stack_mistralrs(concurrency: int, requests: int, port: int) -> dict[str,
         args["engine"] = {"backend": "mistralrs", "max_num_seqs": 64,
                           "max_model_len": args["engine"].get("max_model_len", 2048)}
         args["replicas"] = {**args["replicas"], "num_replicas": 1}
-        # mistral.rs has no dynamic LoRA: a config with adapter roots is refused for it.
+        # The base model alone on both paths (bare has no adapters): LoRA off, no roots.
         args["adapters"] = {**args.get("adapters", {}), "allowed_roots": [], "declared": {}}
 
     logfile = Path(os.environ.get("TMPDIR", "/tmp")) / "backends-bench-stack.log"

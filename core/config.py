@@ -147,12 +147,6 @@ class EngineConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":
         if self.backend == "mistralrs":
-            if self.enable_lora:
-                raise ValueError(
-                    "enable_lora with backend mistralrs: mistral.rs 0.9.5 loads peft adapters "
-                    "at run time (Which.Lora, Runner.load_lora_adapter), but a request naming "
-                    "one (adapter=) did not get an output different from the base model's "
-                    "(tests/e2e/test_mistralrs_lora.py); use backend vllm for adapters")
             if self.extra_engine_args:
                 raise ValueError("extra_engine_args are vLLM arguments; backend mistralrs "
                                  "takes its own settings under engine.mistralrs")

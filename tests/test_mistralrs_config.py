@@ -21,9 +21,11 @@ def test_backend_defaults_to_vllm_and_old_kind_still_reads():
         AppConfig.from_args({"engine": {"backend": "llama.cpp"}})
 
 
-def test_lora_with_mistralrs_fails_at_config_time_naming_the_limit():
-    with pytest.raises(ConfigError, match="enable_lora with backend mistralrs"):
-        AppConfig.from_args({"engine": {"backend": "mistralrs", "enable_lora": True}})
+def test_lora_with_mistralrs_is_accepted_and_vllm_arguments_are_not():
+    # mistral.rs's dynamic LoRA runtime serves the base deployment's adapters
+    # (tests/e2e/test_mistralrs_lora.py shows peft's outputs per adapter).
+    engine = AppConfig.from_args({"engine": {"backend": "mistralrs", "enable_lora": True}}).engine
+    assert engine.backend == "mistralrs" and engine.enable_lora
     with pytest.raises(ConfigError, match="extra_engine_args"):
         AppConfig.from_args({"engine": {"backend": "mistralrs",
                                         "extra_engine_args": {"swap_space": 1}}})

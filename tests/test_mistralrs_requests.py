@@ -92,8 +92,7 @@ def test_a_request_names_a_loaded_adapter_or_gets_404():
     from ruvllm.deployments.mistralrs_engine import MistralRsEngine
     from ruvllm.config import EngineConfig
 
-    # The engine's wiring, under the config-time refusal (which model_copy skips).
-    config = EngineConfig(backend="mistralrs").model_copy(update={"enable_lora": True})
+    config = EngineConfig(backend="mistralrs", enable_lora=True)
     engine = MistralRsEngine(None, "m", config)
     engine._adapters.add("alpha")
     assert engine._adapter_of("m") is None and engine._adapter_of(None) is None

@@ -2,7 +2,12 @@
 a real Runner with mistral.rs's dynamic LoRA runtime, no Ray. Adapters are loaded and
 unloaded while it runs (what the replica's slots and the admin API drive) and a request
 naming one (`model`) gets that adapter's output: peft's greedy tokens for it, also when
-requests for different adapters and the base share one batch."""
+requests for different adapters and the base share one batch.
+
+The prompt matters: on "What is the capital of France?" the fixture adapters (rank 8 on
+q_proj/v_proj) do not move peft's own greedy answer either ("The capital of France is
+Paris." for the base, alpha and beta alike, measured), so identical outputs there say
+nothing about mistral.rs. On the prompt below peft gives three different continuations."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 ADAPTERS = ("alpha", "beta")
-MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
 TOKENS = 12
 
 
@@ -23,9 +28,8 @@ def engine(base_model_path):
     from ruvllm.deployments.mistralrs_model import MistralRsModel
     from ruvllm.config import EngineConfig
 
-    # The engine's wiring, under the config-time refusal (which model_copy skips).
-    config = EngineConfig(backend="mistralrs", max_num_seqs=4, max_loras=2, max_lora_rank=8
-                          ).model_copy(update={"enable_lora": True})
+    config = EngineConfig(backend="mistralrs", max_num_seqs=4, max_loras=2, max_lora_rank=8,
+                          enable_lora=True)
     engine = MistralRsEngine(MistralRsModel(base_model_path, base_model_path), "m", config,
                              threads=2)
     asyncio.run(engine.start())
@@ -65,9 +69,6 @@ def _peft_greedy(base_model_path, adapter_dir) -> str:
     return tokenizer.decode(ids[start:], skip_special_tokens=True)
 
 
-@pytest.mark.xfail(strict=True, reason="mistral.rs 0.9.5 as wired here: the three outputs "
-                   "(base, alpha, beta) were not distinct (measured 2026-11-30); enable_lora with "
-                   "backend mistralrs is refused at config time until this passes")
 def test_request_naming_an_adapter_gets_its_output(engine, adapter_root, base_model_path):
     for name in ADAPTERS:
         asyncio.run(engine.load_adapter(name, str(adapter_root / name)))
