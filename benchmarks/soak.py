@@ -169,6 +169,9 @@ async def soak(base_url: str, args: argparse.Namespace) -> dict:
                     for k, t in tallies.items()},
         "good_5xx": sum(n for s, n in tallies["good"].statuses.items()
                         if isinstance(s, int) and s >= 500),
+        # Over every client, the valid requests of abusive and disconnecting ones too.
+        "any_5xx": sum(n for t in tallies.values() for s, n in t.statuses.items()
+                       if isinstance(s, int) and s >= 500),
         "rss_mib": dict(series),
         "rss_growth_last_half_pct": {name: growth_last_half(series[name])
                                      for name in ("ingress", "replicas")},
@@ -187,7 +190,8 @@ def write_report(result: dict, out: Path) -> None:
         lines.append(f"| {kind} | {row['requests']} | {row['statuses']} | {row['hung']} | "
                      f"{row['429_without_retry_after']} |")
     growth = result["rss_growth_last_half_pct"]
-    lines += ["", f"5xx on good requests: {result['good_5xx']}.", "",
+    lines += ["", f"5xx on good requests: {result['good_5xx']}; on any request: "
+              f"{result['any_5xx']}.", "",
               f"RSS growth over the last half: ingress {growth['ingress']:+.1f} %, "
               f"replicas (with engine cores) {growth['replicas']:+.1f} %.", "",
               "![RSS over time](report.png)"]
