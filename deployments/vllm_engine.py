@@ -141,7 +141,10 @@ class VLLMEngine:
         self._chat = state.openai_serving_chat
         self._completion = state.openai_serving_completion
         self._models = state.openai_serving_models
-        self._core_pids = vllm_compat.engine_core_pids(self._engine)
+        # Only running children of this process: waitid cannot tell "not my child" from
+        # "reaped", and a pid read wrongly must not make a healthy replica exit.
+        self._core_pids = [pid for pid in vllm_compat.engine_core_pids(self._engine)
+                           if not has_exited(pid)]
 
         vllm_config = self._engine.vllm_config
         self._stats.block_size = vllm_config.cache_config.block_size
