@@ -173,9 +173,8 @@ class VLLMEngine:
     def is_dead(self) -> bool:
         """The engine-core process is gone: nothing this front end serves from now on can
         succeed, and vLLM cannot restart it in place. Asked of the kernel as well as of
-        vLLM's `errored`: with `errored` alone, a request sent 2 s after the core was
-        SIGKILLed still reached this replica and waited 8.6 s for its 503
-        (tests/e2e/test_faults.py; deployments/child_exit.py says why)."""
+        vLLM's `errored`, which depends on a pipe that an inheriting process can hold
+        open (deployments/child_exit.py)."""
         if self._engine is None:
             return False
         return bool(self._engine.errored) or any(has_exited(pid) for pid in self._core_pids)
