@@ -144,6 +144,12 @@ async def sample(until: float, every_s: float, series: dict[str, list]) -> None:
         await asyncio.sleep(every_s)
 
 
+def growth_first_half(values: list[float]) -> float:
+    """Warm-up: the engines touch their KV cache and allocator pools as load arrives."""
+    half = values[:len(values) // 2 + 1]
+    return (half[-1] - half[0]) / half[0] * 100 if half and half[0] else float("nan")
+
+
 def growth_last_half(values: list[float]) -> float:
     half = values[len(values) // 2:]
     return (max(half) - half[0]) / half[0] * 100 if half and half[0] else float("nan")
@@ -169,9 +175,14 @@ async def soak(base_url: str, args: argparse.Namespace) -> dict:
                     for k, t in tallies.items()},
         "good_5xx": sum(n for s, n in tallies["good"].statuses.items()
                         if isinstance(s, int) and s >= 500),
+        # Over every client, the valid requests of abusive and disconnecting ones too.
+        "any_5xx": sum(n for t in tallies.values() for s, n in t.statuses.items()
+                       if isinstance(s, int) and s >= 500),
         "rss_mib": dict(series),
         "rss_growth_last_half_pct": {name: growth_last_half(series[name])
                                      for name in ("ingress", "replicas")},
+        "rss_growth_first_half_pct": {name: growth_first_half(series[name])
+                                      for name in ("ingress", "replicas")},
     }
 
 
@@ -179,17 +190,23 @@ def write_report(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Soak: {sum(result['sessions'].values())} sessions for "
-             f"{result['duration_s']:.0f} s", "",
-             f"Sessions: {result['sessions']}.", "",
+             f"{result['duration_s']:.0f} s", ""]
+    if result.get("setup"):
+        lines += [result["setup"], ""]
+    lines += [f"Sessions: {result['sessions']}.", "",
              "| clients | requests | statuses | hung | 429 without Retry-After |",
              "|---|---|---|---|---|"]
     for kind, row in result["by_kind"].items():
         lines.append(f"| {kind} | {row['requests']} | {row['statuses']} | {row['hung']} | "
                      f"{row['429_without_retry_after']} |")
     growth = result["rss_growth_last_half_pct"]
-    lines += ["", f"5xx on good requests: {result['good_5xx']}.", "",
+    lines += ["", f"5xx on good requests: {result['good_5xx']}; on any request: "
+              f"{result['any_5xx']}.", "",
               f"RSS growth over the last half: ingress {growth['ingress']:+.1f} %, "
-              f"replicas (with engine cores) {growth['replicas']:+.1f} %.", "",
+              f"replicas (with engine cores) {growth['replicas']:+.1f} %"
+              + (" (first half, warm-up: ingress {ingress:+.1f} %, replicas {replicas:+.1f} %)"
+                 .format(**result["rss_growth_first_half_pct"])
+                 if "rss_growth_first_half_pct" in result else "") + ".", "",
               "![RSS over time](report.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     import matplotlib
@@ -231,6 +248,12 @@ def main() -> None:
             log(f"stack ready in {ready_s:.0f} s; soaking {args.sessions} sessions for "
                 f"{args.duration:.0f} s")
             result = asyncio.run(soak(url, args))
+            result["setup"] = (
+                f"Run {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on "
+                f"{psutil.cpu_count()} CPU cores: cluster.yaml's app (2 vLLM-CPU engine "
+                f"replicas of {MODEL}, eager, admission on), one ingress; the load "
+                "generator on the same cores. Statuses are the HTTP status, or an SSE "
+                "error event's code.")
     write_report(result, args.out)
     log(f"good 5xx: {result['good_5xx']}, hung: "
         f"{sum(r['hung'] for r in result['by_kind'].values())}, RSS growth "

@@ -12,6 +12,7 @@ layer as a 4xx body.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import uuid
@@ -359,11 +360,18 @@ class OpenAIIngress:
     async def _dispatch(self, engine: DeploymentHandle, method: str, body: dict[str, Any],
                         request_id: str, hints: RoutingHints, admission: Admission,
                         timer: RequestTimer):
-        reply = getattr(engine.options(stream=True), method).remote(
-            body, request_id, hints=hints)
-        watchdog = Watchdog(self._timeout_s, reply.cancel)
+        call = getattr(engine.options(stream=True), method)
+        reply = call.remote(body, request_id, hints=hints)
+        watchdog = Watchdog(self._timeout_s, lambda: reply.cancel())
         try:
             head: ReplyHead = await reply.__anext__()
+            if head.engine_dead and hints.avoid_replica is None:
+                # Nothing ran there: once more, elsewhere; the hint also tells this
+                # ingress's router to leave that replica out from now on.
+                reply.cancel()
+                hints = dataclasses.replace(hints, avoid_replica=head.replica_id)
+                reply = call.remote(body, request_id, hints=hints)
+                head = await reply.__anext__()
         except asyncio.CancelledError:
             watchdog.disarm()
             reply.cancel()

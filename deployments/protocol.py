@@ -18,6 +18,9 @@ class ReplyHead:
     body: dict[str, Any] | None = None
     replica_id: str = ""  # filled in by the replica deployment
     prepare_s: float = 0.0  # the replica's time before this head (deployments/server_timing.py)
+    # The replica's engine had died before the request started: nothing ran, so the
+    # ingress may send it to another replica.
+    engine_dead: bool = False
 
     @property
     def is_stream(self) -> bool:
@@ -76,6 +79,14 @@ class Engine(Protocol):
         ...
 
     def shutdown(self) -> None: ...
+
+
+ENGINE_DIED = "the engine serving this request died; retry"
+
+
+def engine_died_head() -> ReplyHead:
+    """A replica's answer once its engine has died: a 503 the ingress may retry elsewhere."""
+    return ReplyHead(503, error_body(503, ENGINE_DIED), engine_dead=True)
 
 
 def error_body(

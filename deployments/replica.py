@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from ruvllm.adapters.slots import AdapterSlots
 from ruvllm.deployments.coalesce import coalesce_ready
 from ruvllm.deployments.periodic import repeat_every
-from ruvllm.deployments.protocol import Engine, ReplyHead, error_body
+from ruvllm.deployments.protocol import Engine, ReplyHead, engine_died_head, error_body
 from ruvllm.router.hints import RoutingHints
 from ruvllm.router.metrics import AdapterMetrics
 from ruvllm.adapters.placement import ReplicaReport
@@ -183,6 +183,9 @@ class LLMReplica:
     async def _serve(self, method: Any, body: dict[str, Any], request_id: str,
                      hints: RoutingHints | None) -> AsyncIterator[ReplyHead | str]:
         started = time.perf_counter()
+        if self._engine.is_dead:  # the watcher is about to end this process
+            yield dataclasses.replace(engine_died_head(), replica_id=self._replica_id)
+            return
         if body.get(XLORA_SCALINGS_FIELD) is not None:
             async for item in self._serve_with_scalings(method, body, request_id):
                 yield item

@@ -104,3 +104,11 @@ def num_unfinished_requests(engine: Any) -> int:
     if counter is None:
         counter = engine.output_processor.get_num_unfinished_requests
     return counter()
+
+
+def engine_core_pids(engine: Any) -> list[int]:
+    """The engine-core processes an `AsyncLLM` started (its MPClient's process manager;
+    0.26 and 0.32 alike). Empty when vLLM runs the core in-process or as Ray actors."""
+    resources = getattr(engine.engine_core, "resources", None)
+    processes = getattr(getattr(resources, "engine_manager", None), "processes", None) or ()
+    return [p.pid for p in processes if getattr(p, "pid", None)]

@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from ruvllm.deployments import vllm_compat
-from ruvllm.deployments.protocol import EngineStats, ReplyHead, error_body
+from ruvllm.deployments.child_exit import has_exited
+from ruvllm.deployments.protocol import EngineStats, ReplyHead, engine_died_head, error_body
 from ruvllm.config import ConfigError, EngineConfig
 
 logger = logging.getLogger("ruvllm.engine")
@@ -102,9 +103,6 @@ class _StatsRecorder(StatLoggerBase):
         pass
 
 
-ENGINE_DIED = "the engine serving this request died; retry"
-
-
 class VLLMEngine:
     def __init__(self, model_path: Path, served_name: str, config: EngineConfig) -> None:
         self._model_path = model_path
@@ -114,6 +112,7 @@ class VLLMEngine:
         self._chat: Any = None
         self._completion: Any = None
         self._models: Any = None
+        self._core_pids: list[int] = []
         self._stats = EngineStats()
 
     async def start(self) -> None:
@@ -142,6 +141,10 @@ class VLLMEngine:
         self._chat = state.openai_serving_chat
         self._completion = state.openai_serving_completion
         self._models = state.openai_serving_models
+        # Only running children of this process: waitid cannot tell "not my child" from
+        # "reaped", and a pid read wrongly must not make a healthy replica exit.
+        self._core_pids = [pid for pid in vllm_compat.engine_core_pids(self._engine)
+                           if not has_exited(pid)]
 
         vllm_config = self._engine.vllm_config
         self._stats.block_size = vllm_config.cache_config.block_size
@@ -168,9 +171,13 @@ class VLLMEngine:
 
     @property
     def is_dead(self) -> bool:
-        """The engine-core process is gone (vLLM's monitor thread noticed): nothing this
-        front end serves from now on can succeed, and vLLM cannot restart it in place."""
-        return self._engine is not None and bool(self._engine.errored)
+        """The engine-core process is gone: nothing this front end serves from now on can
+        succeed, and vLLM cannot restart it in place. Asked of the kernel as well as of
+        vLLM's `errored`, which depends on a pipe that an inheriting process can hold
+        open (deployments/child_exit.py)."""
+        if self._engine is None:
+            return False
+        return bool(self._engine.errored) or any(has_exited(pid) for pid in self._core_pids)
 
     def stats(self) -> EngineStats:
         self._stats.unfinished = (vllm_compat.num_unfinished_requests(self._engine)
@@ -204,7 +211,7 @@ class VLLMEngine:
             raise
         except Exception as e:  # vLLM raises its validation errors; it maps them to 4xx
             if self.is_dead:  # not the request's fault: a 503 the client may retry
-                yield ReplyHead(503, error_body(503, ENGINE_DIED))
+                yield engine_died_head()
                 return
             result = serving.create_error_response(e)
         if isinstance(result, vllm_compat.error_response_cls()):

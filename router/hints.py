@@ -22,6 +22,10 @@ class RoutingHints:
     # (length, hash) of the prompt's first 1, 2, 4, ... KV blocks, shortest first
     prefix_keys: tuple[tuple[int, int], ...] = ()
     tenant: str | None = None
+    # Set on a request sent again because the replica it first reached answered that its
+    # engine had died (ReplyHead.engine_dead): that replica's unique_id. The router leaves
+    # it out of this and later choices (router/placement_router.py).
+    avoid_replica: str | None = None
 
     @property
     def predicted_tokens(self) -> int:

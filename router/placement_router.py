@@ -23,6 +23,12 @@ recomputes its whole context. Token imbalance alone spilled adapters onto non-ho
 
 Replicas report resident adapters with their routing stats; between reports the router
 remembers where it just sent each adapter, since vLLM loads it there on first use.
+
+A replica whose engine died answers at once, so it looks idle: the ingress sends such a
+request again with `RoutingHints.avoid_replica`, and from then on the router leaves that
+replica out (unless no other is left) until Serve drops it or `DEAD_ENGINE_EXCLUSION_S`
+passes. The replica exits within a tenth of a second too (deployments/replica.py); this
+covers the requests that reach it before then, and routers that have not seen it die.
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ RANKED = 8
 # Replicas scored per decision at most (plus those holding the adapter and the preferred
 # one); see `_scan_order`.
 SCANNED = 64
+# How long a replica that answered "engine dead" stays out of the choice when Serve has
+# not dropped it before: Serve replaces it within its health-check period, and the replica
+# exits at once; the bound only keeps a wrong report from excluding a replica for good.
+DEAD_ENGINE_EXCLUSION_S = 60.0
 
 
 @dataclass(slots=True)
@@ -122,6 +132,8 @@ class PlacementAwareRouter(RequestRouter):
         self._prefixes: AffinityTable[int, ReplicaID] = AffinityTable(affinity_table_size)
         # adapter -> {replica unique_id: when this router sent it there}
         self._sent_adapters: dict[str, dict[str, float]] = {}
+        # unique_id -> when a request was sent away from it because its engine had died
+        self._dead_engines: dict[str, float] = {}
         self._metrics = RouterMetrics()
 
     # -- what the router knows about a replica ---------------------------------------
@@ -151,6 +163,21 @@ class PlacementAwareRouter(RequestRouter):
         return self._cold_penalty * (2 if full else 1)
 
     # -- the decision ------------------------------------------------------------------
+
+    def live_candidates(self, candidates: List[RunningReplica],
+                        hints: RoutingHints | None) -> List[RunningReplica]:
+        """The candidates less those whose engine died (learnt from `avoid_replica`),
+        or all of them when none would be left."""
+        now = self._clock()
+        dead = self._dead_engines
+        if hints is not None and hints.avoid_replica is not None:
+            dead[hints.avoid_replica] = now
+        if not dead:
+            return candidates
+        for uid in [u for u, at in dead.items() if now - at >= DEAD_ENGINE_EXCLUSION_S]:
+            del dead[uid]
+        live = [r for r in candidates if r.replica_id.unique_id not in dead]
+        return live or candidates
 
     def rank(self, candidates: List[RunningReplica],
              hints: RoutingHints | None) -> tuple[List[RunningReplica], str]:
@@ -343,7 +370,7 @@ class PlacementAwareRouter(RequestRouter):
         started = time.perf_counter()
         hints = hints_of(pending_request)
         self._ledger.purge_expired()
-        ranked, reason = self.rank(candidate_replicas, hints)
+        ranked, reason = self.rank(self.live_candidates(candidate_replicas, hints), hints)
         if pending_request is not None and hints is not None:
             self._record_when_routed(pending_request, hints)
         self._metrics.decision_seconds.observe(time.perf_counter() - started)
@@ -403,6 +430,7 @@ class PlacementAwareRouter(RequestRouter):
         # The ledger, views and sent-adapter notes are keyed by unique_id (see `rank`).
         uid = getattr(replica_id, "unique_id", replica_id)
         self._ledger.drop_replica(uid)
+        self._dead_engines.pop(uid, None)
         view = self._views.pop(uid, None)
         self._indexed = None  # re-indexed from the next list Serve passes
         for adapter in view.adapters if view is not None else ():

@@ -69,6 +69,8 @@ def test_a_request_during_its_adapters_eviction_reloads_it_instead_of_failing():
     from ruvllm.router.hints import RoutingHints
 
     class FakeEngine:
+        is_dead = False  # the Engine protocol's flag: this engine is alive
+
         def __init__(self) -> None:
             self.loaded = {"a"}
 

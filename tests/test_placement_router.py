@@ -287,3 +287,33 @@ def test_a_large_cluster_learns_a_new_holder_when_serve_delivers_new_stats():
             req.future.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_replica_whose_engine_died_is_left_out_until_serve_drops_it():
+    """An engine-dead replica answers at once, so it looks idle (empty ledger, zero KV):
+    once a request comes back with `avoid_replica`, neither it nor any later request goes
+    there, while another replica is left; the note ends with the replica or its bound."""
+    async def scenario():
+        now = [0.0]
+        router = make_router(clock=lambda: now[0])
+        dead, busy = replica("dead"), replica("busy", kv_usage=0.9, kv_capacity_tokens=10_000)
+        plain = RoutingHints(prompt_tokens=10, max_tokens=10)
+        assert (await router.choose_replicas([dead, busy], pending("p0", plain)))[0][0] is dead
+        retry = RoutingHints(prompt_tokens=10, max_tokens=10, avoid_replica="dead")
+        ranks = await router.choose_replicas([dead, busy], pending("p1", retry))
+        assert [r for rank in ranks for r in rank] == [busy]
+        for i in range(5):  # later requests, which carry no hint, keep away too
+            ranks = await router.choose_replicas([dead, busy], pending(f"q{i}", plain))
+            assert [r for rank in ranks for r in rank] == [busy]
+        # With no other replica left, it is still offered (a 503 beats no answer).
+        assert (await router.choose_replicas([dead], pending("only", plain)))[0][0] is dead
+        # The note goes when Serve tells the router the actor died (its id is not reused),
+        router.on_replica_actor_died(dead.replica_id)
+        assert (await router.choose_replicas([dead, busy], pending("p2", plain)))[0][0] is dead
+        # and a wrong note expires.
+        await router.choose_replicas([dead, busy], pending("p3", retry))
+        assert (await router.choose_replicas([dead, busy], pending("p4", plain)))[0][0] is busy
+        now[0] += 61.0
+        assert (await router.choose_replicas([dead, busy], pending("p5", plain)))[0][0] is dead
+
+    asyncio.run(scenario())

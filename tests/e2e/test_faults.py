@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -363,16 +364,31 @@ def test_engine_process_killed_under_load(serve_app, pending_restore):
     core = engine_core(actor.pid)
     # Waited for even if this test fails, so that the app is whole for the next.
     pending_restore.victim, pending_restore.killed_at = victim, time.monotonic()
-    run = asyncio.run(streams_then_fault(serve_app, sessions, victim,
-                                         lambda: os.kill(core.pid, signal.SIGKILL)))
+    exit_s: list[float] = []
+
+    def kill() -> None:
+        os.kill(core.pid, signal.SIGKILL)
+        killed = time.monotonic()
+
+        def timed_exit() -> None:
+            psutil.wait_procs([replica_process], timeout=60)
+            exit_s.append(time.monotonic() - killed)
+
+        threading.Thread(target=timed_exit, daemon=True).start()
+
+    run = asyncio.run(streams_then_fault(serve_app, sessions, victim, kill))
     pending_restore.killed_at = run.killed_at
+    print(f"\nsent 2 s after the engine kill (status, replica, s): "
+          f"{[(o.status, o.replica, round(o.took_s, 2)) for o in run.after_fault]}")
     check_only_the_victims_requests_failed(run, sessions)
     # The replica whose engine died goes away itself, so that Serve replaces it.
     gone, alive = psutil.wait_procs([replica_process], timeout=30)
     assert not alive, "the replica outlived its engine"
+    time.sleep(0.1)
     wait_for_no_inflight(serve_app)
     pending_restore.wait(serve_app)
-    print(f"\nengine process kill: test {time.monotonic() - started:.0f} s")
+    print(f"\nengine process kill: the replica exited {exit_s[0] if exit_s else float('nan'):.2f} s "
+          f"after its engine core; test {time.monotonic() - started:.0f} s")
 
 
 def wait_for_controller(serve_app: ServeApp, dead: str, adapter: str,
