@@ -1,13 +1,16 @@
 """Where the stack's extra time to first token goes, against bare vLLM in the same run.
 
-    python -m benchmarks.ttft_breakdown [--requests 30] [--config cluster.yaml]
+    python -m benchmarks.ttft_breakdown [--requests 30] [--serve-mode default|throughput]
 
 One client, one request at a time (concurrency 1), streaming chat, each prompt unique
 from its first token (no prefix-cache hits), ~128 prompt tokens, 16 output tokens. For
 each target it records the time to the response headers and to the first content
 chunk; for the stack also the `Server-Timing` phases (deployments/server_timing.py).
 The stack runs with one engine replica bound like bare vLLM (as `serve_vs_vllm`'s
-stack-1), so both have the same engine.
+stack-1), so both have the same engine. `--serve-mode throughput` starts the stack in Ray
+Serve's high-throughput mode (core/serve_mode.py: the ingress replica serves HTTP itself
+behind HAProxy, no Python proxy hop, no call back to the proxy for the body, user code
+on each replica's own event loop), with Serve's console log kept on as the CPU default has it.
 
 What the difference splits into:
   before the headers  ingress (parse, template, token count) + admission + hop (routing,
@@ -95,7 +98,8 @@ def write_report(out: Path, result: dict) -> None:
         "# Time to first token: the stack against bare vLLM, broken down", "",
         f"Measured {result['date']} on {result['machine']}, one run, concurrency 1, "
         f"{result['requests']} streaming chat requests per target (~128 prompt tokens, unique "
-        "prefixes, 16 output tokens), medians. The stack: one engine replica bound like bare vLLM.", "",
+        "prefixes, 16 output tokens), medians. The stack: one engine replica bound like bare vLLM, "
+        f"Ray Serve in its {result.get('serve_mode', 'default')} mode.", "",
         "| | bare vLLM | stack | stack − bare |", "|---|---|---|---|",
         f"| time to headers (ms) | {bare['headers_ms']:.1f} | {stack['headers_ms']:.1f} | {d_head:+.1f} |",
         f"| headers → first token (ms) | {bare['after_headers_ms']:.1f} | {stack['after_headers_ms']:.1f} | {d_after:+.1f} |",
@@ -146,11 +150,77 @@ def plot(out: Path, result: dict) -> None:
     fig.savefig(out / "report.png", dpi=120)
 
 
+def write_summary(out: Path, modes: list[str], notes: list[str]) -> None:
+    """report.md/.json/.png under `out` from the runs in out/<mode>/report.json: each run
+    is the stack in one Serve mode against bare vLLM in that same run."""
+    runs = {m: json.loads((out / m / "report.json").read_text()) for m in modes}
+    rows = []
+    for mode, r in runs.items():
+        bare, stack = r["targets"]["bare"], r["targets"]["stack"]
+        st = stack.get("server_timing_ms", {})
+        rows.append({"mode": mode, "date": r["date"], "bare_ttft_ms": bare["ttft_ms"],
+                     "stack_ttft_ms": stack["ttft_ms"],
+                     "delta_ttft_ms": stack["ttft_ms"] - bare["ttft_ms"],
+                     "delta_headers_ms": stack["headers_ms"] - bare["headers_ms"],
+                     "delta_after_headers_ms": stack["after_headers_ms"] - bare["after_headers_ms"],
+                     **{f"{p}_ms": st.get(p, 0.0) for p in PHASES},
+                     "proxy_and_rest_ms": stack["headers_ms"] - bare["headers_ms"]
+                     - sum(st.get(p, 0.0) for p in PHASES if p != "replica")})
+    (out / "report.json").write_text(json.dumps({"runs": rows, "notes": notes}, indent=2))
+    lines = ["# Time to first token: the stack against bare vLLM, broken down", "",
+             "Concurrency 1, streaming chat, ~128 prompt tokens with unique prefixes, 16 output "
+             "tokens, medians of 30 requests per target; each run measures bare vLLM and the "
+             "stack (one engine replica bound like bare) one after the other. Per-run details: "
+             + ", ".join(f"[{m}]({m}/report.md)" for m in modes) + ".", "",
+             "| Serve mode | run | bare TTFT | stack TTFT | **stack − bare** | of it: before headers "
+             "| after headers | ingress | admission | replica | hop | proxy & rest |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['date']} | {r['bare_ttft_ms']:.1f} | {r['stack_ttft_ms']:.1f} | "
+            f"**{r['delta_ttft_ms']:+.1f}** | {r['delta_headers_ms']:+.1f} | "
+            f"{r['delta_after_headers_ms']:+.1f} | {r['ingress_ms']:.1f} | {r['admission_ms']:.1f} | "
+            f"{r['replica_ms']:.1f} | {r['hop_ms']:.1f} | {r['proxy_and_rest_ms']:+.1f} |")
+    lines += ["", "All times in ms. `ingress`, `admission`, `replica`, `hop` are the stack's "
+              "`Server-Timing` phases (deployments/server_timing.py); `replica` is vLLM's own "
+              "preprocessing, which bare vLLM does too, so the headers difference is ingress + "
+              "admission + hop + proxy & rest.", ""] + notes + ["", "![breakdown](report.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    _plot_summary(out, rows)
+
+
+def _plot_summary(out: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = ("ingress", "admission", "hop", "proxy_and_rest", "after_headers")
+    colors = ("#dd8452", "#55a868", "#c44e52", "#937860", "#4c72b0")
+    fig, ax = plt.subplots(figsize=(8, 1.8 + 0.7 * len(rows)))
+    for y, r in enumerate(rows):
+        left = 0.0
+        values = (r["ingress_ms"], r["admission_ms"], r["hop_ms"], r["proxy_and_rest_ms"],
+                  r["delta_after_headers_ms"])
+        for part, color, value in zip(parts, colors, values):
+            ax.barh(y, value, left=left, color=color, label=part if y == 0 else None)
+            left += value
+        ax.text(left, y, f"  {r['delta_ttft_ms']:+.0f} ms", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), [f"{r['mode']} mode" for r in rows])
+    ax.set_xlabel("stack TTFT − bare vLLM TTFT, ms (medians, concurrency 1)")
+    ax.set_xlim(right=ax.get_xlim()[1] * 1.12)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=5)
+    ax.set_title("Where the stack's extra time to first token goes")
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=120)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ttft_breakdown")
     parser.add_argument("--startup-timeout", type=float, default=900)
+    parser.add_argument("--serve-mode", choices=("default", "throughput"), default="default")
     parser.add_argument("--rewrite-report", action="store_true",
                         help="re-render report.md/.png from report.json (e.g. after editing notes)")
     args = parser.parse_args()
@@ -172,11 +242,17 @@ def main() -> int:
         a["replicas"]["num_replicas"] = 1
         a["engine"]["cpu_threads_bind"] = "auto"  # vLLM's default, as bare vLLM runs
 
+    from ruvllm.serve_mode import THROUGHPUT_FLAGS
+
+    # Serve logs to files only in throughput mode; the console line is the CPU default's.
+    flags = ({**THROUGHPUT_FLAGS, "RAY_SERVE_LOG_TO_STDERR": "1"}
+             if args.serve_mode == "throughput" else None)
     starters = {"bare": lambda: start_bare_vllm(model_path, 8100, logs / "bare.log"),
-                "stack": lambda: start_stack(8300, logs / "stack.log", one_replica)}
+                "stack": lambda: start_stack(8300, logs / "stack.log", one_replica,
+                                             env_vars=flags)}
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
-              "requests": args.requests, "targets": {}}
+              "requests": args.requests, "serve_mode": args.serve_mode, "targets": {}}
     for offset, name in enumerate(starters):
         ready_log = None if name == "bare" else logs / f"{name}.log"
         with running(name, starters[name], args.startup_timeout, ready_log=ready_log) as (url, _):
