@@ -40,7 +40,7 @@ def test_stacked_mixing_matches_peft(top_k, softmax_topk, layerwise, global_weig
                    for e in range(E))
 
     spec = {"top_k_lora": top_k, "enable_softmax_topk": softmax_topk,
-            "global_scaling_weight": global_weight, "layerwise_scalings": layerwise}
+            "global_scaling_weight": global_weight, "layerwise_scalings": layerwise, "rank": R}
     ours_scalings = scalings if layerwise else scalings[:, :1]
     w = XLoraMixer(spec, scales).weights(ours_scalings, module)
     a_cat, b_cat = torch.cat(a, dim=0), torch.cat(b, dim=1)
@@ -50,20 +50,21 @@ def test_stacked_mixing_matches_peft(top_k, softmax_topk, layerwise, global_weig
 
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_group_weights_line_up_with_stacked_modules(layerwise):
-    """mixer.group(first, count) is the per-module weights of `count` consecutive modules,
-    each repeated per rank, side by side: the layout of those modules' stacked A output."""
+    """mixer.group(expanded, first, count) is the per-module weights of `count` consecutive
+    modules, each repeated per rank, side by side: the layout of those modules' stacked A
+    output."""
     torch.manual_seed(1)
     spec = {"top_k_lora": 2, "enable_softmax_topk": True, "global_scaling_weight": 0.9,
-            "layerwise_scalings": layerwise}
+            "layerwise_scalings": layerwise, "rank": R}
     mixer = XLoraMixer(spec, torch.tensor([2.0, 0.5, 1.0]))
     scalings = torch.softmax(torch.randn(T, MODULES if layerwise else 1, E), dim=-1)
-    mixer.prepare(scalings, R)
+    expanded = mixer.expand(scalings)
     for first, count in ((0, 3), (3, 1), (2, 2)):
         expected = torch.cat([mixer.weights(scalings, m).repeat_interleave(R, dim=-1)
                               for m in range(first, first + count)], dim=-1)
-        torch.testing.assert_close(mixer.group(first, count), expected)
-    mixer.prepare(None, R)
-    assert mixer.group(0, 3) is None
+        torch.testing.assert_close(mixer.group(expanded, first, count), expected)
+    assert mixer.expand(None) is None
+    assert mixer.group(None, 0, 3) is None
 
 
 def test_expert_group_equals_its_members_side_by_side():

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from conftest import ROOT
 from gpu_app import BASE, GPU_ADAPTERS, XLORA_NAME, needs_gpus, one_gpu_app  # noqa: F401
@@ -103,21 +104,24 @@ def test_xlora_mixture_serves_on_the_gpu(one_gpu_app):
     assert stats["dtype"] == "bfloat16" and stats["gpu_ids"], stats
 
 
+@pytest.mark.parametrize("mode", ["eager", "cuda-graphs"])
 def test_xlora_model_matches_peft_in_bfloat16_on_the_gpu(tmp_path, xlora_checkpoint,
-                                                          base_model_path, one_gpu_app):
+                                                          base_model_path, one_gpu_app, mode):
     """vLLM's X-LoRA model (CUDA attention backend) against peft's XLoraModel, both bf16
-    on the GPU, scored along vLLM's greedy path. bf16 rounds differently in the two
-    implementations' kernels, so greedy paths may part late in a sequence; the bound is
-    on the log-probabilities of the same tokens."""
+    on the GPU, scored along vLLM's greedy path, eager and under torch.compile + CUDA
+    graphs (where the first version parted from peft on every prompt). bf16 rounds
+    differently in the two implementations' kernels, so greedy paths may part late in a
+    sequence; the bound is on the log-probabilities of the same tokens."""
     out = tmp_path / "parity.json"
     run = subprocess.run(
         [sys.executable, "-m", "ruvllm.adapters.xlora.parity", "--xlora", str(xlora_checkpoint),
          "--base", str(base_model_path), "--prompts", "5", "--tokens", "32",
-         "--dtype", "bfloat16", "--out", str(out)],
+         "--dtype", "bfloat16", "--out", str(out)]
+        + (["--cuda-graphs"] if mode == "cuda-graphs" else []),
         cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(out.read_text())
-    _keep(out, "xlora-parity-gpu.json")
+    _keep(out, f"xlora-parity-gpu-{mode}.json")
     assert report["device"] == "cuda" and report["dtype"] == "bfloat16"
     for prompt in report["prompts"]:
         assert prompt["vllm_tokens"][:8] == prompt["peft_tokens"][:8], prompt
