@@ -85,11 +85,12 @@ def make_engine(config: AppConfig, mixture: XLoraMixture | None = None,
 
     # The experts live in the model itself; vLLM's own LoRA stays off. Non-granular
     # mode leaves the scaling pass's cache unfilled for generated tokens, so a prefix
-    # cache hit on them would read garbage: it serves without prefix caching. The
-    # two-pass forward (and non-granular's data-dependent skip) runs eagerly: vLLM's
-    # torch.compile / CUDA-graph capture assume one pass per step. Measured on an H200:
-    # under graphs it decodes as fast as the base but its tokens part from peft's on every
-    # prompt (max |log-prob difference| 11.9; eager: 0.18, same tokens).
+    # cache hit on them would read garbage: it serves without prefix caching. Replicas
+    # run eagerly: on an H200 the first version of the model parted from peft's tokens on
+    # every prompt under CUDA graphs (max |log-prob difference| 11.9; eager: 0.18). The
+    # model now runs both passes in one compiled forward and matches peft under
+    # torch.compile on the CPU; graphs stay off until the GPU parity test
+    # (tests/gpu, mode cuda-graphs) passes. Non-granular's data-dependent skip is eager.
     engine = config.engine.model_copy(update={
         "enable_lora": False,
         "enforce_eager": True,
