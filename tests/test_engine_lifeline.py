@@ -47,6 +47,8 @@ def test_an_engine_like_child_exits_when_its_parent_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     assert parent.stdout.readline().strip() == "lifeline"  # vLLM loaded the entry point
+    time.sleep(1)
+    assert _alive(child), "the lifeline ended a process whose parent is alive"
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 15
