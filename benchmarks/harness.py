@@ -68,12 +68,15 @@ def wait_until_serving(base_url: str, model: str, proc: subprocess.Popen, timeou
 
 
 def wait_for_ready_line(logfile: Path, proc: subprocess.Popen, timeout_s: float,
-                        what: str) -> float:
+                        what: str, since: float | None = None) -> float:
     """Until the stack prints its ready line (every engine replica the config asks for
     has reported). One served request is not enough with several replicas: the first
-    2-GPU run measured c=128 while the second engine was still capturing CUDA graphs."""
+    2-GPU run measured c=128 while the second engine was still capturing CUDA graphs.
+    Given `since` (the stack's start, epoch seconds), Serve's log files written since
+    then count too (see `_ready_sources`); an earlier Ray session's never do."""
     started = time.monotonic()
-    while not any(READY_PREFIX in f.read_text(errors="replace") for f in _ready_sources(logfile)):
+    while not any(READY_PREFIX in f.read_text(errors="replace")
+                  for f in _ready_sources(logfile, since)):
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
         if time.monotonic() - started > timeout_s:
@@ -82,13 +85,15 @@ def wait_for_ready_line(logfile: Path, proc: subprocess.Popen, timeout_s: float,
     return time.monotonic() - started
 
 
-def _ready_sources(logfile: Path) -> list[Path]:
-    """The stack's console log, and Serve's own log files of the current Ray session:
-    Ray Serve's high-throughput mode turns Serve's logging to stderr off, so there the
-    ready line is only in the controller's file (the first H200 run of stack-tput waited
-    for it on the console until its timeout)."""
+def _ready_sources(logfile: Path, since: float | None) -> list[Path]:
+    """The stack's console log, and Serve's own log files of the current Ray session
+    written since the stack started: Ray Serve's high-throughput mode turns Serve's
+    logging to stderr off, so there the ready line is only in the controller's file (the
+    first H200 run of stack-tput waited for it on the console until its timeout)."""
+    if since is None:
+        return [logfile]
     serve_logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs" / "serve"
-    return [logfile, *sorted(serve_logs.glob("*.log"))]
+    return [logfile, *sorted(f for f in serve_logs.glob("*.log") if f.stat().st_mtime >= since)]
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 60) -> None:
@@ -143,11 +148,12 @@ def running(name: str, start: Callable[[], tuple[subprocess.Popen, str]], startu
     # `timeout` and schedulers end a benchmark with SIGTERM, which would skip the cleanup
     # below and leave the stack's engines holding their GPU: make it unwind instead.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    since = time.time()
     proc, url = start()
     try:
         ready = wait_until_ready(f"{url}/v1/models", proc, startup_timeout_s, name)
         if ready_log is not None:
-            ready += wait_for_ready_line(ready_log, proc, startup_timeout_s, name)
+            ready += wait_for_ready_line(ready_log, proc, startup_timeout_s, name, since)
         if served_model is not None:
             ready += wait_until_serving(url, served_model, proc, startup_timeout_s, name)
         yield url, ready

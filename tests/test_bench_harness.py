@@ -1,5 +1,6 @@
 """The benchmark harness measures a stack only once every engine replica is up."""
 
+import os
 import subprocess
 import sys
 import threading
@@ -48,11 +49,17 @@ def test_finds_the_ready_line_in_serve_log_files_when_the_console_has_none(tmp_p
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     serve_logs = tmp_path / "ray" / "session_latest" / "logs" / "serve"
     serve_logs.mkdir(parents=True)
-    (serve_logs / "controller_1.log").write_text(f"INFO {READY_PREFIX} 'm' on 1 engine replica(s)\n")
+    stale = serve_logs / "controller_0.log"  # an earlier session's ready line must not count
+    stale.write_text(f"INFO {READY_PREFIX} 'm' on 1 engine replica(s)\n")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
     console = tmp_path / "stack.log"
     console.write_text("Throughput optimized Ray Serve enabled\n  • Log to stderr disabled\n")
+    since = time.time()
     proc = _sleeper(30)
     try:
-        assert wait_for_ready_line(console, proc, 5, "stack-tput") < 5
+        with pytest.raises(TimeoutError):
+            wait_for_ready_line(console, proc, 2, "stack-tput", since)
+        (serve_logs / "controller_1.log").write_text(f"INFO {READY_PREFIX} 'm' on 1 engine replica(s)\n")
+        assert wait_for_ready_line(console, proc, 5, "stack-tput", since) < 5
     finally:
         proc.kill()
