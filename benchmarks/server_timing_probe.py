@@ -11,12 +11,12 @@ says where. One probe request at a time adds one stream to the load.
 
 from __future__ import annotations
 
-import statistics
 import threading
 
 import httpx
 
 from benchmarks.ttft_breakdown import PHASES, one_request
+from benchmarks.ttft_breakdown import summarize as breakdown_summary
 
 
 class LoadProbe:
@@ -61,17 +61,12 @@ def sequential(url: str, model: str, requests: int = 12, offset: int = 90_000) -
 
 
 def summarize(rows: list[dict], errors: int = 0) -> dict:
-    """Medians (ms) of the client's times and of each Server-Timing phase."""
+    """Medians (ms) of the client's times and of each Server-Timing phase, over the probes
+    that got a first token (ttft_breakdown.summarize, which the c=1 breakdown uses too)."""
     done = [r for r in rows if r.get("ttft_ms") is not None]
     if not done:
         return {"probes": 0, "errors": errors}
-    s = {"probes": len(done), "errors": errors,
-         "headers_ms": statistics.median(r["headers_ms"] for r in done),
-         "ttft_ms": statistics.median(r["ttft_ms"] for r in done)}
-    timed = [r["server_timing"] for r in done if "server_timing" in r]
-    if timed:
-        s["server_timing_ms"] = {p: statistics.median(t.get(p, 0.0) for t in timed) for p in PHASES}
-    return s
+    return {"probes": len(done), "errors": errors, **breakdown_summary(done)}
 
 
 def describe(s: dict) -> str:
