@@ -102,21 +102,27 @@ class XLoraMixer:
         self.expert_scales = expert_scales  # [E]: lora_alpha / r of each expert
 
     def expand(self, scalings: torch.Tensor | None) -> torch.Tensor | None:
-        """[T, modules, E*r]: every module's expert weights at once, each repeated over its
+        """[T, modules, E*r] (shared weights: [T, 3*E*r]): every module's expert weights at once, each repeated over its
         expert's rank (a handful of tensor ops per forward instead of a handful per module,
         210 modules on SmolLM2, which on a CPU decode step cost more than the expert GEMMs).
         None: no adapter this pass."""
         if scalings is None:
             return None
-        return self.weights(scalings).repeat_interleave(self.rank, dim=-1)
+        w = self.weights(scalings).repeat_interleave(self.rank, dim=-1)
+        if not self.layerwise:
+            # One set of weights for every module: laid out once for the widest group, so
+            # each group takes a slice instead of a copy per module and pass.
+            return w[:, 0, :].repeat(1, max(len(m) for m in EXPERT_GROUPS.values()))
+        return w
 
     def group(self, expanded: torch.Tensor | None, first: int, count: int) -> torch.Tensor | None:
         """[T, count*E*r]: the weights of `count` consecutive modules from `first`, laid
         out like the stacked A output of those modules."""
         if expanded is None:
             return None
-        if not self.layerwise:  # one set of weights for every module
-            return expanded[:, 0, :].repeat(1, count)
+        if not self.layerwise:  # `expand` laid the shared weights out side by side
+            width = expanded.shape[1] // max(len(m) for m in EXPERT_GROUPS.values())
+            return expanded[:, :count * width]
         return expanded[:, first:first + count, :].reshape(expanded.shape[0], -1)
 
     def weights(self, scalings: torch.Tensor, module_index: int | None = None) -> torch.Tensor:
