@@ -89,10 +89,10 @@ def xlora_rows(tokens: int) -> dict[str, dict]:
                             "eager": True, **common},
         "X-LoRA non-granular": {"model": str(export_for_vllm(
             xlora, base, exported, {"non_granular": True})), "eager": True, **common},
-        # What eager mode costs X-LoRA: the speed under torch.compile + CUDA graphs. The
-        # outputs are wrong in that mode (parity with peft fails: the mixer's per-step
-        # scalings are Python state the captured graphs do not see), so replicas run eager.
-        "X-LoRA granular (CUDA graphs: wrong outputs)": {"model": str(export_for_vllm(xlora, base, exported, {})),
+        # What eager mode costs X-LoRA: the speed under torch.compile + CUDA graphs. Whether
+        # the outputs hold in that mode is the GPU parity test's verdict
+        # (tests/gpu: test_xlora_model_matches_peft_in_bfloat16_on_the_gpu[cuda-graphs]).
+        "X-LoRA granular (CUDA graphs)": {"model": str(export_for_vllm(xlora, base, exported, {})),
                                           "eager": False, **common},
     }
 
