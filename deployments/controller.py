@@ -18,6 +18,7 @@ from typing import Any
 from ruvllm.adapters.base_model import BaseModelInfo
 from ruvllm.adapters.registry import AdapterError, AdapterRegistry, AdapterSpec
 from ruvllm.adapters.registry_store import RegisteredAdapter, RegistryState, RegistryStore
+from ruvllm.deployments import readiness
 from ruvllm.deployments.readiness import ReadyAnnouncement
 from ruvllm.router.capacity_shares import CapacityShares
 from ruvllm.adapters.placement import PlacementPlan, PlacementPlanner, ReplicaReport
@@ -169,7 +170,7 @@ class PlacementController:
         # capacity from this answer, so requests are admitted from now on.
         ready = self._ready.line(self._planner.replicas())
         if ready:
-            logger.info(ready)
+            readiness.announce(logger, ready)
         return state
 
     # -- admin API (called by the ingress after it checked the token) --------------------

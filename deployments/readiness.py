@@ -9,6 +9,7 @@ same `sync` call, so it prints the ready line then, once.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -54,6 +55,17 @@ class ReadyAnnouncement:
         pools = [f"{self.model!r} on {live.get(None, 0)} engine replica(s)"]
         pools += [f"{pool!r} on {live[pool]}" for pool in sorted(p for p in live if p)]
         return f"{READY_PREFIX} {', '.join(pools)}; OpenAI API at /v1"
+
+
+def announce(logger: logging.Logger, line: str) -> None:
+    """Log the ready line and push it out at once. Serve's high-throughput mode
+    (RAY_SERVE_THROUGHPUT_OPTIMIZED) buffers a replica's log records in a MemoryHandler
+    that writes them only per 1,000 records or on an ERROR, and turns the console copy
+    off: on an H200 the line sat in the controller's buffer, never reaching its file,
+    and a benchmark waiting for it timed out with the app serving."""
+    logger.info(line)
+    for handler in logger.handlers:
+        handler.flush()
 
 
 def health(base_model: str, capacity: dict[str | None, int],

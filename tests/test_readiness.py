@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from conftest import cluster_app_args
-from ruvllm.deployments.readiness import READY_PREFIX, ReadyAnnouncement, health
+from ruvllm.deployments.readiness import READY_PREFIX, ReadyAnnouncement, announce, health
 from ruvllm.adapters.placement import ReplicaReport
 from ruvllm.config import AppConfig
 
@@ -47,3 +47,24 @@ def test_health_is_503_until_a_base_engine_reports_capacity_and_names_each_model
     assert health("base", {None: 23296, "xl": 1000}, ["xl"])[1]["models"]["xl"] == "ready"
     # Every base engine gone: capacity reported as 0, traffic should stop coming.
     assert health("base", {None: 0, "xl": 1000}, ["xl"])[0] == 503
+
+
+def test_the_ready_line_reaches_the_log_file_when_serve_buffers_records(tmp_path):
+    """As Serve's high-throughput mode configures a replica's logger: records buffered in a
+    MemoryHandler (1,000 of them, flushed early only on ERROR) in front of the file."""
+    import logging.handlers
+
+    logfile = tmp_path / "controller.log"
+    target = logging.FileHandler(logfile)
+    buffered = logging.handlers.MemoryHandler(1000, flushLevel=logging.ERROR, target=target)
+    logger = logging.getLogger("test_readiness.buffered")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(buffered)
+    try:
+        logger.info("an earlier record")
+        announce(logger, f"{READY_PREFIX} 'm' on 1 engine replica(s); OpenAI API at /v1")
+        assert READY_PREFIX in logfile.read_text()
+    finally:
+        logger.removeHandler(buffered)
+        buffered.close()
