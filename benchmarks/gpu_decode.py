@@ -85,14 +85,13 @@ def xlora_rows(tokens: int) -> dict[str, dict]:
     return {
         "base (CUDA graphs)": {"model": str(base), "eager": False, **common},
         "base (eager)": {"model": str(base), "eager": True, **common},
-        "X-LoRA granular": {"model": str(export_for_vllm(xlora, base, exported, {})),
+        "X-LoRA granular (eager)": {"model": str(export_for_vllm(xlora, base, exported, {})),
                             "eager": True, **common},
-        "X-LoRA non-granular": {"model": str(export_for_vllm(
+        "X-LoRA non-granular (eager; as served)": {"model": str(export_for_vllm(
             xlora, base, exported, {"non_granular": True})), "eager": True, **common},
-        # What eager mode costs X-LoRA: the speed under torch.compile + CUDA graphs. Whether
-        # the outputs hold in that mode is the GPU parity test's verdict
-        # (tests/gpu: test_xlora_model_matches_peft_in_bfloat16_on_the_gpu[cuda-graphs]).
-        "X-LoRA granular (CUDA graphs)": {"model": str(export_for_vllm(xlora, base, exported, {})),
+        # As replicas serve granular mixtures; its outputs under graphs are the GPU parity
+        # test's to vouch for (tests/gpu: test_xlora_model_matches_peft_...[cuda-graphs]).
+        "X-LoRA granular (CUDA graphs; as served)": {"model": str(export_for_vllm(xlora, base, exported, {})),
                                           "eager": False, **common},
     }
 

@@ -68,7 +68,9 @@ def vllm_side(model_dir: Path, prompt_ids: list[list[int]], tokens: int,
 def peft_side(xlora_dir: Path, base_dir: Path, prompt_ids: list[list[int]], tokens: int,
               forced: list[list[int]], dtype: str = "float32") -> list[dict]:
     """peft's logprobs along vLLM's token path (so one early divergence cannot hide
-    later agreement), plus peft's own greedy choices on that path."""
+    later agreement), peft's own greedy choices on that path, and at each step how far
+    vLLM's token is below peft's best (0 where they agree; small where bf16 rounding
+    flipped a near-tie)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -82,15 +84,16 @@ def peft_side(xlora_dir: Path, base_dir: Path, prompt_ids: list[list[int]], toke
     with torch.no_grad():
         for ids, path in zip(prompt_ids, forced):
             seq = list(ids)
-            logprobs, greedy = [], []
+            logprobs, greedy, margins = [], [], []
             for step in range(tokens):
                 logits = model(input_ids=torch.tensor([seq], device=device),
                                use_cache=False).logits[0, -1]
                 lp = torch.log_softmax(logits.float(), dim=-1)
                 greedy.append(int(lp.argmax()))
                 logprobs.append(float(lp[path[step]]))
+                margins.append(float(lp.max() - lp[path[step]]))
                 seq.append(path[step])
-            result.append({"tokens": greedy, "logprobs": logprobs})
+            result.append({"tokens": greedy, "logprobs": logprobs, "margins": margins})
     return result
 
 
@@ -122,6 +125,8 @@ def main() -> int:
         report.append({"vllm_tokens": o["tokens"], "peft_tokens": r["tokens"],
                        "prefix_cached_tokens": o["tokens_prefix_cached"],
                        "identical_greedy": o["tokens"] == r["tokens"],
+                       # Where the two parted: how much likelier peft found its own token.
+                       "max_disagreement_margin": max(r["margins"]),
                        "identical_with_prefix_cache": o["tokens"] == o["tokens_prefix_cached"],
                        "prefix_cached_prompt_tokens": o["prefix_cached_prompt_tokens"],
                        "max_abs_logprob_diff": max(diffs), "text": tokenizer.decode(o["tokens"])})

@@ -110,8 +110,10 @@ def test_xlora_model_matches_peft_in_bfloat16_on_the_gpu(tmp_path, xlora_checkpo
     """vLLM's X-LoRA model (CUDA attention backend) against peft's XLoraModel, both bf16
     on the GPU, scored along vLLM's greedy path, eager and under torch.compile + CUDA
     graphs (where the first version parted from peft on every prompt). bf16 rounds
-    differently in the two implementations' kernels, so greedy paths may part late in a
-    sequence; the bound is on the log-probabilities of the same tokens."""
+    differently in the two implementations' kernels, so where peft's top two tokens are
+    nearly tied the two may pick differently (measured on an H200: one of 160 steps under
+    CUDA graphs, at step 5 of a prompt); the bounds are on the log-probabilities of the
+    same tokens and on how far behind peft's own choice vLLM's token is at such a step."""
     out = tmp_path / "parity.json"
     run = subprocess.run(
         [sys.executable, "-m", "ruvllm.adapters.xlora.parity", "--xlora", str(xlora_checkpoint),
@@ -123,10 +125,14 @@ def test_xlora_model_matches_peft_in_bfloat16_on_the_gpu(tmp_path, xlora_checkpo
     report = json.loads(out.read_text())
     _keep(out, f"xlora-parity-gpu-{mode}.json")
     assert report["device"] == "cuda" and report["dtype"] == "bfloat16"
+    steps = [(a == b) for p in report["prompts"] for a, b in zip(p["vllm_tokens"], p["peft_tokens"])]
+    assert sum(steps) >= 0.95 * len(steps), report
     for prompt in report["prompts"]:
-        assert prompt["vllm_tokens"][:8] == prompt["peft_tokens"][:8], prompt
+        assert prompt["identical_with_prefix_cache"], prompt
         assert prompt["prefix_cached_prompt_tokens"] >= 16, prompt
-    # Measured on an H200 (vLLM 0.26): 0.18 at most, every greedy token identical.
+        assert prompt["max_disagreement_margin"] < 0.3, prompt
+    # Measured on an H200 (vLLM 0.26), 5 prompts x 32 tokens: 0.18 at most in both modes
+    # (the first version under CUDA graphs: 11.9).
     assert report["max_abs_logprob_diff"] < 0.3, report["max_abs_logprob_diff"]
 
 
