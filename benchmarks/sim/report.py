@@ -1,9 +1,11 @@
 """The simulator's report: validation against the CPU router benchmark, every policy at
-8 / 64 / 256 replicas, adapter-count and slot sweeps, and admission across ingresses.
+8 / 64 / 256 replicas, where the prefix-cache hits are (64 replicas, trace variants),
+adapter-count and slot sweeps, and admission across ingresses.
 
     nice -n 10 python -m benchmarks.sim.report               # all sections
     python -m benchmarks.sim.report --sections validation      # one section (keeps the rest)
     python -m benchmarks.sim.report --sections scale:64        # one row of the scale section
+    python -m benchmarks.sim.report --sections prefix:kv_h100  # variants of the prefix section
     python -m benchmarks.sim.report --rewrite-report           # re-render from report.json, re-compared
                                                                # with the CPU router benchmark's report
 
@@ -372,7 +374,7 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="validation,scale,sweep,admission")
+    parser.add_argument("--sections", default="validation,scale,prefix,sweep,admission")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--rewrite-report", action="store_true")
     parser.add_argument("--only-policies", default="",
