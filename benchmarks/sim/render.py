@@ -95,10 +95,10 @@ VALIDATION_TEXT = (
     "over 20 adapters (its seed and sampler), 16 closed-loop clients, 16 output tokens, 2 "
     "replicas x 8 slots; `power_of_two` (Ray's default router before this project's "
     "replicas, placement plan on, as the benchmark ran it) vs `placement_aware`. The CPU "
-    "profile's step time and adapter-load time were fitted to the two measured goodputs; "
-    "the adapter-load counts are not fitted, they are the check. The real benchmark's own "
-    "reduction varied from 2.0x to 6.1x between runs (its report), so the ratio is the "
-    "loosest of these numbers.")
+    "profile's step time and adapter-load time were fitted to goodputs measured before "
+    "2026-11-30 (1.03 / 1.10 req/s, calibration.py); the adapter-load counts are not "
+    "fitted, they are the check. The real benchmark's own reduction varied from 2.0x to "
+    "6.2x between runs (its report), so the ratio is the loosest of these numbers.")
 
 SCALE_TEXT = (
     "Workload (`benchmarks/sim/trace.py`, `WorkloadSpec` defaults): 1,000 adapters with "
@@ -226,6 +226,16 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
             lines.append(f"| {r['what']} | {r['measured']:.2f} | {r['simulated']:.2f} | "
                          f"{100 * r['error']:+.0f}% |")
         lines.append("")
+        for policy, sp in v.get("seed_spread", {}).items():
+            loads = sp["adapter_loads"]
+            lines.append(f"- simulated {policy} over seeds {sp['seeds'][0]}-{sp['seeds'][-1]}: "
+                         f"{min(loads)}-{max(loads)} adapter loads (mean "
+                         f"{sum(loads) / len(loads):.0f}), {min(sp['adapter_plan_loads'])}-"
+                         f"{max(sp['adapter_plan_loads'])} of them by the plan; "
+                         f"{min(sp['completed_req_per_s']):.2f}-"
+                         f"{max(sp['completed_req_per_s']):.2f} req/s")
+        if v.get("seed_spread"):
+            lines.append("")
     s = results.get("scale")
     if s:
         lines += ["## Policies at 8 / 64 / 256 replicas", "", SCALE_TEXT, "",
