@@ -166,7 +166,7 @@ def _prefix_study(p: dict[str, Any] | None, analysis: list[str]) -> list[str]:
     if not p or not p.get("variants"):
         return []
     lines = [f"## Prefix-cache hit rate: where the hits are ({p['replicas']} replicas)", "",
-             "Each row changes one parameter of the 64-replica trace (seed 0, 10,000 "
+             (f"Run {p['measured']}. " if p.get("measured") else "") + "Each row changes one parameter of the 64-replica trace (seed 0, 10,000 "
              "sessions); 'realism' rows check the default against a named reading of real "
              "traffic, the others only show where the ratio comes from. Ceiling: one infinite "
              "cache shared by all replicas (no placement beats it). Evicted: cached prefix "
@@ -220,7 +220,7 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
     v = results.get("validation")
     if v:
         lines += ["## Validation: the CPU router benchmark, 2 replicas x 20 adapters", "",
-                  VALIDATION_TEXT, "",
+                  (f"Run {v['run']}. " if v.get("run") else "") + VALIDATION_TEXT, "",
                   "| quantity | measured (router_bench) | simulated | error |", "|---|---|---|---|"]
         for r in v["comparison"]:
             lines.append(f"| {r['what']} | {r['measured']:.2f} | {r['simulated']:.2f} | "
