@@ -93,6 +93,39 @@ def test_engine_times_one_request_from_the_profile_and_hits_its_cache():
     assert hits == 2992  # whole 16-token blocks, never the last prompt token
 
 
+def test_prefix_hits_are_attributed_to_leading_segments_by_kind():
+    from benchmarks.sim.metrics import prefix_by_kind
+    from benchmarks.sim.trace import tokens_by_kind
+
+    prompt = [("sys/lora1", 400), ("doc/7", 1000), ("s1/u0", 50), ("s1/a0", 150),
+              ("s1/u1", 60)]
+    # 1,500 cached tokens: the system prompt, the document and 100 of the history.
+    assert tokens_by_kind(prompt, 1500) == {
+        "system prompt": (400, 400), "document": (1000, 1000),
+        "conversation so far": (200, 100), "new message": (60, 0)}
+    by_kind = prefix_by_kind([(prompt, 1500), ([("sys/base1", 200), ("s2/u0", 40)], 0)])
+    assert by_kind["system prompt"]["hit_rate"] == pytest.approx(400 / 600)
+    assert by_kind["new message"]["share"] == pytest.approx(100 / 1900)
+    assert sum(k["hits_of_all"] for k in by_kind.values()) == pytest.approx(1500 / 1900)
+
+
+def test_engine_counts_prefix_tokens_evicted_for_room():
+    profile = dataclasses.replace(H200_8B, kv_tokens=4000)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        engine = SimEngine(profile, loop)
+        for i in range(3):  # 3 x 1,500 prompt tokens: the third evicts the first
+            seq = Sequence(chain=chain_keys([(f"doc/{i}", 1500)], stable_hash),
+                           prompt_tokens=1500, output_tokens=2, adapter=None,
+                           first_token=loop.create_future(), done=loop.create_future())
+            engine.submit(seq)
+            await seq.done
+        return engine.evicted_tokens
+
+    assert clock.run(scenario()) == 1500
+
+
 def test_a_run_drives_the_projects_router_planner_admission_and_slots(monkeypatch):
     calls: dict[str, int] = {}
 

@@ -78,6 +78,7 @@ class SimEngine:
         self._cache_tokens = 0
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.evicted_tokens = 0  # cached prefix tokens dropped for room (LRU)
         self._seq_no = 0
         self.busy_s = 0.0
 
@@ -241,6 +242,7 @@ class SimEngine:
         while self._cache_tokens > room and self._cache:
             _, t = self._cache.popitem(last=False)
             self._cache_tokens -= t
+            self.evicted_tokens += t
 
 
 def chain_keys(prompt: list[tuple[str, int]], stable_hash: Any) -> list[tuple[int, int]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from benchmarks.sim.trace import SEGMENT_KINDS, tokens_by_kind
+
 
 def percentile(values: list[float], p: float) -> float:
     if not values:
@@ -55,6 +57,10 @@ def summarize(sim: Any) -> dict[str, Any]:
         "prefix_cache_queries": queries,
         "prefix_cache_hits": hits,
         "prefix_hit_rate": hits / queries if queries else 0.0,
+        # Cached tokens LRU-evicted per replica: 0 means no cache was ever full, so the
+        # hit rate was decided by where requests went, not by KV capacity.
+        "prefix_evicted_tokens_per_replica": counts.get("prefix_evicted_tokens", 0)
+                                             / len(sim.replicas),
         "decision_p50_us": 1e6 * percentile(decisions, 50),
         "decision_p99_us": 1e6 * percentile(decisions, 99),
         "decision_cpu_p50_us": 1e6 * percentile(decisions_cpu, 50),
@@ -62,12 +68,30 @@ def summarize(sim: Any) -> dict[str, Any]:
         "decisions": len(decisions),
         "engine_busy": counts["busy_s"] / (duration * len(sim.replicas)),
         "warmup_s": sim.cfg.warmup_s,
+        "prefix_by_kind": prefix_by_kind([(r.prompt, r.cached_tokens) for r in ok]),
+        "prefix_by_kind_base_model": prefix_by_kind(
+            [(r.prompt, r.cached_tokens) for r in ok if not r.adapter]),
         "tenant_served_tokens": _by_tenant(ok),
         # Admitted while requests were still arriving: once arrivals stop, the backlog
         # drains and every tenant gets what it queued, which says nothing about fairness.
         "tenant_tokens_admitted_under_load": _by_tenant(_admitted_between(
             sim.records, sim.cfg.warmup_s, max((x.arrival for x in sim.records), default=0.0))),
     }
+
+
+def prefix_by_kind(requests: list[tuple[list, int]]) -> dict[str, dict[str, float]]:
+    """Prompt tokens and prefix-cache hits per segment kind (system prompt, document,
+    the conversation so far, the new message): where a policy's hits and misses are."""
+    tokens: dict[str, int] = defaultdict(int)
+    hits: dict[str, int] = defaultdict(int)
+    for prompt, cached in requests:
+        for kind, (n, h) in tokens_by_kind(prompt, cached).items():
+            tokens[kind] += n
+            hits[kind] += h
+    total = sum(tokens.values()) or 1
+    return {k: {"share": tokens[k] / total, "hit_rate": hits[k] / tokens[k] if tokens[k] else 0.0,
+                "hits_of_all": hits[k] / total}
+            for k in SEGMENT_KINDS if k in tokens}
 
 
 def _by_tenant(ok: list) -> dict[str, int]:

@@ -95,17 +95,19 @@ VALIDATION_TEXT = (
     "over 20 adapters (its seed and sampler), 16 closed-loop clients, 16 output tokens, 2 "
     "replicas x 8 slots; `power_of_two` (Ray's default router before this project's "
     "replicas, placement plan on, as the benchmark ran it) vs `placement_aware`. The CPU "
-    "profile's step time and adapter-load time were fitted to the two measured goodputs; "
-    "the adapter-load counts are not fitted, they are the check. The real benchmark's own "
-    "reduction varied from 2.0x to 6.1x between runs (its report), so the ratio is the "
-    "loosest of these numbers.")
+    "profile's step time and adapter-load time were fitted to goodputs measured before "
+    "2026-11-30 (1.03 / 1.10 req/s, calibration.py); the adapter-load counts are not "
+    "fitted, they are the check. The real benchmark's own reduction varied from 2.0x to "
+    "6.2x between runs (its report), so the ratio is the loosest of these numbers.")
 
 SCALE_TEXT = (
     "Workload (`benchmarks/sim/trace.py`, `WorkloadSpec` defaults): 1,000 adapters with "
     "Zipf(1.0) popularity; 80% of sessions on an adapter, opening with that adapter's "
     "system prompt (200-800 tokens), the rest on the base model with one of 20 system "
     "prompts; half the sessions then quote one of 2,000 documents (Zipf 0.9, 500-4,000 "
-    "tokens); 1-12 turns (mean 4) with exponential think time (mean 10 s) between a reply "
+    "tokens); 1-12 turns (3.4 per session on average: `mean_turns` 4 before the "
+    "generator's floor and the 8k context cap) with exponential think time (mean 10 s) "
+    "between a reply "
     "and the next turn; outputs log-normal (median 150, max_tokens 512); four tenants "
     "(40/30/20/10% of sessions); session starts follow a diurnal swing (+-50%) with 3x "
     "bursts 10% of the time. Metrics count requests arriving after a warm-up of half the "
@@ -158,6 +160,52 @@ MODEL_LIMITS = [
     "256 x ~10 ms of controller CPU per second.", ""]
 
 
+def _prefix_study(p: dict[str, Any] | None, analysis: list[str]) -> list[str]:
+    """The prefix section; `analysis` is the report's hand-written reading of it (kept in
+    report.json apart from the measured section, so a re-run does not drop it)."""
+    if not p or not p.get("variants"):
+        return []
+    lines = [f"## Prefix-cache hit rate: where the hits are ({p['replicas']} replicas)", "",
+             (f"Run {p['measured']}. " if p.get("measured") else "") + "Each row changes one parameter of the 64-replica trace (seed 0, 10,000 "
+             "sessions); 'realism' rows check the default against a named reading of real "
+             "traffic, the others only show where the ratio comes from. Ceiling: one infinite "
+             "cache shared by all replicas (no placement beats it). Evicted: cached prefix "
+             "tokens each replica's LRU had to drop for room, mean per replica (0: no cache "
+             "ever filled, so KV capacity played no part).", "",
+             "| variant | kind | source | requests (turns/session) | mean prompt (tokens) "
+             "| ceiling | ray_multiplex | placement_aware | ratio | ceiling / ray "
+             "| evicted per replica (ray / ours) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, v in p["variants"].items():
+        ours, ray = v["placement_aware"], v["ray_multiplex"]
+        lines.append(
+            f"| {name} | {'realism' if v['realism'] else 'reading aid'} | {v['source']} | "
+            f"{v['requests']:,} ({v['mean_turns']:.1f}) | {v['mean_prompt_tokens']:.0f} | "
+            f"{_pct(v['ceiling'])} | {_pct(ray['prefix_hit_rate'])} | "
+            f"{_pct(ours['prefix_hit_rate'])} | {v['ratio']:.2f}x | {v['ceiling_ratio']:.2f}x | "
+            f"{ray['prefix_evicted_tokens_per_replica']:,.0f} / "
+            f"{ours['prefix_evicted_tokens_per_replica']:,.0f} |")
+    d = p["variants"].get("default")
+    if d:
+        lines += ["", "The default trace by prompt segment: share of prompt tokens, and the "
+                  "hit rate of each kind's tokens (all requests; then base-model requests "
+                  "only).", "",
+                  "| segment kind | share of prompt tokens | ceiling | ray_multiplex "
+                  "| placement_aware | base model: share | ceiling | ray_multiplex "
+                  "| placement_aware |", "|---|---|---|---|---|---|---|---|---|"]
+        for kind, c in d["ceiling_by_kind"].items():
+            r = d["ray_multiplex"]["prefix_by_kind"].get(kind, {})
+            o = d["placement_aware"]["prefix_by_kind"].get(kind, {})
+            cb = d["ceiling_by_kind_base_model"].get(kind, {})
+            rb = d["ray_multiplex"]["prefix_by_kind_base_model"].get(kind, {})
+            ob = d["placement_aware"]["prefix_by_kind_base_model"].get(kind, {})
+            cell = lambda x, k="hit_rate": _pct(x[k]) if x else "-"
+            lines.append(f"| {kind} | {cell(c, 'share')} | {cell(c)} | {cell(r)} | {cell(o)} | "
+                         f"{cell(cb, 'share')} | {cell(cb)} | {cell(rb)} | {cell(ob)} |")
+    lines += [""] + [x for a in analysis for x in (a, "")]
+    return lines
+
+
 def write_report(out: Path, results: dict[str, Any]) -> None:
     meta = results.get("meta", {})
     lines = ["# Cluster simulator: the real router, planner and admission at 8-256 replicas",
@@ -172,12 +220,22 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
     v = results.get("validation")
     if v:
         lines += ["## Validation: the CPU router benchmark, 2 replicas x 20 adapters", "",
-                  VALIDATION_TEXT, "",
+                  (f"Run {v['run']}. " if v.get("run") else "") + VALIDATION_TEXT, "",
                   "| quantity | measured (router_bench) | simulated | error |", "|---|---|---|---|"]
         for r in v["comparison"]:
             lines.append(f"| {r['what']} | {r['measured']:.2f} | {r['simulated']:.2f} | "
                          f"{100 * r['error']:+.0f}% |")
         lines.append("")
+        for policy, sp in v.get("seed_spread", {}).items():
+            loads = sp["adapter_loads"]
+            lines.append(f"- simulated {policy} over seeds {sp['seeds'][0]}-{sp['seeds'][-1]}: "
+                         f"{min(loads)}-{max(loads)} adapter loads (mean "
+                         f"{sum(loads) / len(loads):.0f}), {min(sp['adapter_plan_loads'])}-"
+                         f"{max(sp['adapter_plan_loads'])} of them by the plan; "
+                         f"{min(sp['completed_req_per_s']):.2f}-"
+                         f"{max(sp['completed_req_per_s']):.2f} req/s")
+        if v.get("seed_spread"):
+            lines.append("")
     s = results.get("scale")
     if s:
         lines += ["## Policies at 8 / 64 / 256 replicas", "", SCALE_TEXT, "",
@@ -213,6 +271,7 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
                          f"{_pct(r['share_error'])} | {sh}% | {_pct(r['rejection_rate'])} | "
                          f"{r['throughput_tok_per_s']:.0f} | {r['queue_wait_p99_s']:.1f} |")
         lines += ["", "Weights 4/2/1/1: fair shares 50/25/12.5/12.5%.", ""]
+    lines += _prefix_study(results.get("prefix"), results.get("prefix_analysis", []))
     e = meta.get("engine")
     if e:
         lines += ["## Engine model", "", "`benchmarks/sim/calibration.py` (every number and its "

@@ -76,6 +76,8 @@ class RequestRecord:
     output_tokens: int = 0
     adapter_hit: bool = True
     replica: str = ""
+    prompt: list[tuple[str, int]] = field(default_factory=list)  # the trace's segments
+    cached_tokens: int = 0  # of the prompt, served from the replica's prefix cache
 
 
 class Ingress:
@@ -172,6 +174,7 @@ class Simulation:
             out.update(replica.counts)
             out["prefix_queries"] += replica.engine.prefix_queries
             out["prefix_hits"] += replica.engine.prefix_hits
+            out["prefix_evicted_tokens"] += replica.engine.evicted_tokens
             out["busy_s"] += replica.engine.busy_now()
         return dict(out)
 
@@ -214,7 +217,7 @@ class Simulation:
         chain = chain_keys(t.prompt, stable_hash)
         hints = self._hints(t, chain)
         rec = RequestRecord(t.tenant, t.adapter, arrival, "ok", prompt_tokens=t.prompt_tokens,
-                            output_tokens=t.output_tokens)
+                            output_tokens=t.output_tokens, prompt=t.prompt)
         self.records.append(rec)
         try:
             admission = await ingress.admission.admit(t.tenant, hints.predicted_tokens)
@@ -249,6 +252,7 @@ class Simulation:
         rec.ttft_s = seq.first_token.result() - arrival
         rec.e2e_s = seq.done.result() - arrival
         rec.replica = chosen.name
+        rec.cached_tokens = seq.cached_tokens
 
     async def _session(self, turns: list[TraceRequest]) -> None:
         loop = asyncio.get_running_loop()

@@ -195,6 +195,32 @@ def generate(spec: WorkloadSpec) -> list[TraceRequest]:
     return out
 
 
+SEGMENT_KINDS = ("system prompt", "document", "conversation so far", "new message")
+
+
+def segment_kind(segment: str, last: bool) -> str:
+    """What a prompt segment of the synthetic workload is: its shared system prompt or
+    document, the session's earlier turns, or the message the user just typed."""
+    if segment.startswith("sys/"):
+        return "system prompt"
+    if segment.startswith("doc/"):
+        return "document"
+    return "new message" if last else "conversation so far"
+
+
+def tokens_by_kind(prompt: list[tuple[str, int]], cached: int) -> dict[str, tuple[int, int]]:
+    """(tokens, cached tokens) per segment kind: a prefix cache serves the leading
+    `cached` tokens, so they are the first segments'."""
+    out: dict[str, tuple[int, int]] = {}
+    for i, (segment, tokens) in enumerate(prompt):
+        kind = segment_kind(segment, i == len(prompt) - 1)
+        hit = max(0, min(tokens, cached))
+        cached -= tokens
+        n, h = out.get(kind, (0, 0))
+        out[kind] = (n + tokens, h + hit)
+    return out
+
+
 def sessions_of(requests: list[TraceRequest]) -> Iterator[list[TraceRequest]]:
     by: dict[str, list[TraceRequest]] = {}
     for k, r in enumerate(requests):
