@@ -21,7 +21,6 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import TaskCancelledError
 from ray.serve.handle import DeploymentHandle
@@ -30,11 +29,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ruvllm.adapters.registry import AdapterError, AdapterSpec
 from ruvllm.deployments import readiness, request_limits, vllm_compat
 from ruvllm.deployments.auth import AdminGuard, ApiKeys, admin_token, bearer, digest
-from ruvllm.deployments.client_error import ClientError
+from ruvllm.deployments.client_error import ClientError, parse_request
 from ruvllm.deployments.cluster_view import ClusterView
 from ruvllm.deployments.footprint import Footprint, request_footprint
 from ruvllm.deployments.prompt import PromptInfo, PromptInspector, PromptTooLong
-from ruvllm.deployments.protocol import ReplyHead, error_body
+from ruvllm.deployments.protocol import EngineRequest, ReplyHead, error_body
 from ruvllm.deployments.server_timing import RequestTimer
 from ruvllm.admission.controller import Admission, AdmissionController, Rejected, TooLarge
 from ruvllm.router.hints import RoutingHints
@@ -83,12 +82,6 @@ async def _read_json(request: Request, max_bytes: int) -> dict[str, Any]:
     return request_limits.parse_json_object(raw)
 
 
-def _validation_message(e: ValidationError) -> tuple[str, str | None]:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    return (f"{loc}: {err['msg']}" if loc else err["msg"]), (loc or None)
-
-
 class OpenAIIngress:
     """Registered as a Serve deployment with `serve.ingress(api)` by the app builder."""
 
@@ -116,7 +109,6 @@ class OpenAIIngress:
         self._prompt_embeds = bool(config.engine.extra_engine_args.get("enable_prompt_embeds"))
         self._chat_cls = vllm_compat.chat_request_cls()
         self._completion_cls = vllm_compat.completion_request_cls()
-        self._client_errors = vllm_compat.client_error_types()
         self._card_cls, self._list_cls = vllm_compat.model_list_classes()
 
         self._admission_metrics = AdmissionMetrics()
@@ -191,21 +183,21 @@ class OpenAIIngress:
         timer = RequestTimer()
         tenant = self._authenticate(request)
         body = await self._read_request(request)
-        parsed = self._validate(self._chat_cls, body)
+        parsed = parse_request(self._chat_cls, body)
         if not parsed.messages:
             raise ClientError(400, "messages must contain at least one message", "messages")
-        for i, message in enumerate(body["messages"]):
+        for i, message in enumerate(parsed.messages):
             role = message.get("role") if isinstance(message, dict) else None
             if role not in CHAT_ROLES:
                 raise ClientError(400, f"messages.{i}.role: unknown role {role!r}; expected "
                                   f"one of {sorted(CHAT_ROLES)}", f"messages.{i}.role")
         adapter = await self._adapter_for(parsed.model)
         prompt = await self._measure(self._prompts.check_chat_size, self._prompts.chat,
-                                     body["messages"])
+                                     parsed.messages)
         # vLLM: max_completion_tokens wins; an explicit 0 is the client's, not "omitted".
         max_tokens = next((v for v in (parsed.max_completion_tokens, parsed.max_tokens)
                            if v is not None), None)
-        return await self._forward("chat", request, body, parsed, adapter, prompt, max_tokens,
+        return await self._forward("chat", request, parsed, adapter, prompt, max_tokens,
                                    tenant, "max_completion_tokens", timer)
 
     @api.post("/v1/completions")
@@ -213,7 +205,7 @@ class OpenAIIngress:
         timer = RequestTimer()
         tenant = self._authenticate(request)
         body = await self._read_request(request)
-        parsed = self._validate(self._completion_cls, body)
+        parsed = parse_request(self._completion_cls, body)
         if getattr(parsed, "prompt_embeds", None) and not self._prompt_embeds:
             raise ClientError(400, "prompt_embeds is not supported by this server "
                               "(enable_prompt_embeds is off)", "prompt_embeds")
@@ -226,7 +218,7 @@ class OpenAIIngress:
             # Their length is unknown until decoded on the replica: charge the context.
             prompt = PromptInfo(self._context_len, (), prompt.lengths + (self._context_len,) * count)
         # CompletionRequest defaults an omitted max_tokens to 16 (OpenAI's default).
-        return await self._forward("completion", request, body, parsed, adapter, prompt,
+        return await self._forward("completion", request, parsed, adapter, prompt,
                                    parsed.max_tokens, tenant, "max_tokens", timer)
 
     async def _read_request(self, request: Request) -> dict[str, Any]:
@@ -246,15 +238,6 @@ class OpenAIIngress:
         except PromptTooLong as e:
             raise ClientError(400, e.message, e.param) from None
         return await asyncio.to_thread(count, prompt)
-
-    def _validate(self, request_cls: Any, body: dict[str, Any]) -> Any:
-        try:
-            return request_cls.model_validate(body)
-        except ValidationError as e:
-            message, param = _validation_message(e)
-            raise ClientError(400, message, param) from None
-        except self._client_errors as e:  # raised by vLLM's own request validators
-            raise ClientError(400, str(e), getattr(e, "parameter", None)) from None
 
     async def _adapter_for(self, model: str | None) -> AdapterSpec | None:
         if model in (None, self._base_name) or model in self._dedicated:
@@ -306,15 +289,18 @@ class OpenAIIngress:
                               " per request", "n")
         return footprint
 
-    async def _forward(self, method: str, request: Request, body: dict[str, Any], parsed: Any,
+    async def _forward(self, kind: str, request: Request, parsed: Any,
                        adapter: AdapterSpec | None, prompt: PromptInfo, max_tokens: int | None,
                        tenant: str | None, max_tokens_field: str, timer: RequestTimer):
         # Serve's proxy takes the client's X-Request-ID (or makes one) and echoes it in
         # the response; use the same id for the engine request so logs line up.
         request_id = _serve_request_id() or uuid.uuid4().hex
         footprint = self._footprint(parsed, prompt, max_tokens)
+        # The debug field rides in the envelope, not as an unknown field of vLLM's model.
+        xlora_scalings = (parsed.model_extra or {}).pop(XLORA_SCALINGS_FIELD, None)
         if footprint.max_tokens_for_engine is not None:
-            body = {**body, max_tokens_field: footprint.max_tokens_for_engine}
+            parsed = parsed.model_copy(
+                update={max_tokens_field: footprint.max_tokens_for_engine})
         hints = RoutingHints(
             prompt_tokens=footprint.prompt_tokens,
             max_tokens=footprint.output_tokens,
@@ -332,9 +318,9 @@ class OpenAIIngress:
         if adapter is not None:
             self._cluster.count_request(adapter.name)
         engine = self._dedicated.get(parsed.model, self._engine)
+        envelope = EngineRequest(kind, parsed, request_id, hints, xlora_scalings)
         try:
-            response = await self._dispatch(engine, method, body, request_id, hints, admission,
-                                            timer)
+            response = await self._dispatch(engine, envelope, admission, timer)
         except BaseException:
             admission.release()
             raise
@@ -357,20 +343,21 @@ class OpenAIIngress:
         self._admission_metrics.queue_wait_seconds.observe(admission.waited_s)
         return admission
 
-    async def _dispatch(self, engine: DeploymentHandle, method: str, body: dict[str, Any],
-                        request_id: str, hints: RoutingHints, admission: Admission,
-                        timer: RequestTimer):
-        call = getattr(engine.options(stream=True), method)
-        reply = call.remote(body, request_id, hints=hints)
+    async def _dispatch(self, engine: DeploymentHandle, envelope: EngineRequest,
+                        admission: Admission, timer: RequestTimer):
+        request_id = envelope.request_id
+        call = engine.options(stream=True).generate
+        reply = call.remote(envelope)
         watchdog = Watchdog(self._timeout_s, lambda: reply.cancel())
         try:
             head: ReplyHead = await reply.__anext__()
-            if head.engine_dead and hints.avoid_replica is None:
+            hints = envelope.hints
+            if head.engine_dead and hints is not None and hints.avoid_replica is None:
                 # Nothing ran there: once more, elsewhere; the hint also tells this
                 # ingress's router to leave that replica out from now on.
                 reply.cancel()
                 hints = dataclasses.replace(hints, avoid_replica=head.replica_id)
-                reply = call.remote(body, request_id, hints=hints)
+                reply = call.remote(dataclasses.replace(envelope, hints=hints))
                 head = await reply.__anext__()
         except asyncio.CancelledError:
             watchdog.disarm()
