@@ -121,6 +121,22 @@ def test_the_xlora_debug_field_rides_in_the_envelope(ingress):
     assert envelope.xlora_scalings is False and "xlora_scalings" not in envelope.request.model_extra
 
 
+def test_the_envelope_pickles_whatever_shape_the_messages_take(ingress):
+    """Ray pickles the envelope to reach the replica: an empty content list validates
+    into pydantic's lazy iterator, which does not pickle (the HTTP fuzz test's 503)."""
+    import pickle
+
+    messages = [{"role": "developer", "content": [], "name": "n"},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                {"role": "user", "content": [], "extra-key": [None]}]
+    response = asyncio.run(ingress.chat_completions(request(
+        {"model": ingress._base_name, "max_tokens": 4, "messages": messages})))
+    assert response.status_code == 200
+    envelope = pickle.loads(pickle.dumps(ingress._engine.sent[-1]))
+    assert [m["content"] for m in envelope.request.messages] == [
+        [], [{"type": "text", "text": "Hi"}], []]
+
+
 @pytest.mark.parametrize("body,status,param", [
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
     ({"messages": []}, 400, "messages"),
