@@ -6,7 +6,8 @@ its ingress, middleware and router):
   admin.py            the adapter admin API (/v1/adapters), a mixin of OpenAIIngress
   tenants.py          API-key authentication and the tenant a request is counted under
   admission_pools.py  one admission pool per set of engines, sized from the cluster view
-  relay.py            the call to the replica, its deadline, the JSON or SSE relay
+  relay.py            the call to the replica, its deadline, the retry after an
+                      engine-dead answer, the JSON or SSE relay
   errors.py           the one error-mapping path (OpenAI-shaped errors, stream error events)
   api.py              the FastAPI app the routes hang on
 """
