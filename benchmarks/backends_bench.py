@@ -113,7 +113,12 @@ async def one_stream(engine: Any, messages: list, i: int) -> tuple[float | None,
     ttft, tokens = None, 0
     body = {"model": "m", "messages": messages, "max_tokens": OUTPUT_TOKENS, "temperature": 0,
             "ignore_eos": True, "stream": True}
-    async for item in engine.chat(body, f"b{i}-{time.monotonic_ns()}"):
+    from ruvllm.deployments import vllm_compat
+    from ruvllm.deployments.client_error import parse_request
+
+    # As the ingress hands it to an engine: parsed once into vLLM's request model.
+    request = parse_request(vllm_compat.chat_request_cls(), body)
+    async for item in engine.chat(request, f"b{i}-{time.monotonic_ns()}"):
         if isinstance(item, str) and item.startswith("data: {"):
             event = json.loads(item[6:])
             for choice in event.get("choices", []):

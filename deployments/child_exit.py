@@ -10,7 +10,7 @@ handle, so its monitor and shutdown still see the exit code.
 Neither can be earlier than the kernel's exit of the process: in the fault test on 2
 loaded cores, a SIGKILLed engine core took about 6 s to exit, and vLLM's monitor and this
 check saw it in the same second. Requests that reach the replica meanwhile are retried
-elsewhere (deployments/ingress.py, router/placement_router.py).
+elsewhere (deployments/ingress/relay.py, router/placement_router.py).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ mistral.rs's Python API (0.9.5) is synchronous: a request blocks its calling thr
 and a stream is an iterator whose `next()` blocks until the next token. Each request
 therefore runs on a thread of this engine's own pool (sized to `max_num_seqs`, so the
 engine's batch, not Python's default 6-thread executor, bounds concurrency); the Rust
-side releases the GIL while it waits. Requests are parsed and judged with vLLM's own
-OpenAI request models and the same limits vLLM applies (context length, max_tokens,
+side releases the GIL while it waits. Requests arrive as vLLM's own OpenAI request
+models (parsed once by the ingress) and are judged with the same limits vLLM applies (context length, max_tokens,
 sampling ranges), so a client gets the same 4xx bodies from either backend; replies are
 rebuilt in OpenAI's JSON and SSE shapes.
 
@@ -35,9 +35,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-from pydantic import ValidationError
-
-from ruvllm.deployments import vllm_compat
 from ruvllm.deployments.mistralrs_model import MistralRsModel
 from ruvllm.deployments.protocol import EngineStats, ReplyHead, error_body
 from ruvllm.config import EngineConfig
@@ -132,16 +129,16 @@ class MistralRsEngine:
 
     # -- requests ------------------------------------------------------------------------
 
-    def chat(self, body: dict[str, Any], request_id: str) -> AsyncIterator[ReplyHead | str]:
-        return self._serve("chat", body, request_id)
+    def chat(self, request: Any, request_id: str) -> AsyncIterator[ReplyHead | str]:
+        return self._serve("chat", request, request_id)
 
-    def completion(self, body: dict[str, Any], request_id: str) -> AsyncIterator[ReplyHead | str]:
-        return self._serve("completion", body, request_id)
+    def completion(self, request: Any, request_id: str) -> AsyncIterator[ReplyHead | str]:
+        return self._serve("completion", request, request_id)
 
-    async def _serve(self, kind: str, body: dict[str, Any],
+    async def _serve(self, kind: str, request: Any,
                      request_id: str) -> AsyncIterator[ReplyHead | str]:
         try:
-            plan = self._plan(kind, body)
+            plan = self._plan(kind, request)
         except RequestError as e:
             yield ReplyHead(e.status, error_body(e.status, e.message, param=e.param))
             return
@@ -173,19 +170,9 @@ class MistralRsEngine:
         with self._lock:
             self._inflight.pop(request_id, None)
 
-    def _plan(self, kind: str, body: dict[str, Any]) -> "_Plan":
-        request_cls = (vllm_compat.chat_request_cls() if kind == "chat"
-                       else vllm_compat.completion_request_cls())
-        try:
-            request = request_cls.model_validate(body)
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise RequestError(400, f"{loc}: {err['msg']}" if loc else err["msg"]) from None
-        except vllm_compat.client_error_types() as e:
-            raise RequestError(400, str(e), getattr(e, "parameter", None)) from None
+    def _plan(self, kind: str, request: Any) -> "_Plan":
         plan = plan_request(kind, request, self._count_prompt, self._max_model_len)
-        plan.adapter = self._adapter_of(body.get("model"))
+        plan.adapter = self._adapter_of(request.model)
         return plan
 
     def _adapter_of(self, model: Any) -> str | None:

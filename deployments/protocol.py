@@ -1,6 +1,9 @@
-"""What an engine replica sends back to the ingress, and the engine protocol itself.
+"""What the ingress sends an engine replica, what the replica sends back, and the engine
+protocol itself.
 
-A replica call is always a stream. Its first item is a `ReplyHead`; when the head
+The ingress sends one `EngineRequest`: vLLM's own request model, parsed and validated
+once on the ingress (`client_error.parse_request`), with the routing hints the request
+router reads and the request id. A replica call is always a stream. Its first item is a `ReplyHead`; when the head
 carries a `body` the reply is a complete JSON response, otherwise SSE text chunks
 (`data: ...\\n\\n`, already in OpenAI's wire format) follow until the stream ends.
 """
@@ -9,7 +12,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Literal, Protocol
+
+from ruvllm.router.hints import RoutingHints
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One request on its way to a replica (`LLMReplica.generate`)."""
+
+    kind: Literal["chat", "completion"]
+    request: Any  # vLLM's ChatCompletionRequest / CompletionRequest, already validated
+    request_id: str
+    # Read by the request router from the call's first argument (router/hints.py).
+    hints: RoutingHints | None = None
+    # The X-LoRA debug field as the client sent it (None: absent); admin-checked already.
+    xlora_scalings: Any = None
 
 
 @dataclass(frozen=True)
@@ -58,11 +76,13 @@ class Engine(Protocol):
 
     async def start(self) -> None: ...
 
-    def chat(self, body: dict[str, Any], request_id: str) -> AsyncIterator[ReplyHead | str]: ...
+    def chat(self, request: Any, request_id: str) -> AsyncIterator[ReplyHead | str]:
+        """`request`: vLLM's ChatCompletionRequest, validated by the ingress."""
+        ...
 
-    def completion(
-        self, body: dict[str, Any], request_id: str
-    ) -> AsyncIterator[ReplyHead | str]: ...
+    def completion(self, request: Any, request_id: str) -> AsyncIterator[ReplyHead | str]:
+        """`request`: vLLM's CompletionRequest, validated by the ingress."""
+        ...
 
     def stats(self) -> EngineStats: ...
 

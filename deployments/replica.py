@@ -17,7 +17,8 @@ from ray.serve.handle import DeploymentHandle
 from ruvllm.adapters.slots import AdapterSlots
 from ruvllm.deployments.coalesce import coalesce_ready
 from ruvllm.deployments.periodic import repeat_every
-from ruvllm.deployments.protocol import Engine, ReplyHead, engine_died_head, error_body
+from ruvllm.deployments.protocol import (Engine, EngineRequest, ReplyHead, engine_died_head,
+                                          error_body)
 from ruvllm.router.hints import RoutingHints
 from ruvllm.router.metrics import AdapterMetrics
 from ruvllm.adapters.placement import ReplicaReport
@@ -171,26 +172,22 @@ class LLMReplica:
 
     # -- requests ------------------------------------------------------------------------
 
-    async def chat(self, body: dict[str, Any], request_id: str,
-                   hints: RoutingHints | None = None) -> AsyncIterator[ReplyHead | str]:
-        async for item in self._serve(self._engine.chat, body, request_id, hints):
-            yield item
-
-    async def completion(self, body: dict[str, Any], request_id: str,
-                         hints: RoutingHints | None = None) -> AsyncIterator[ReplyHead | str]:
-        async for item in self._serve(self._engine.completion, body, request_id, hints):
-            yield item
-
-    async def _serve(self, method: Any, body: dict[str, Any], request_id: str,
-                     hints: RoutingHints | None) -> AsyncIterator[ReplyHead | str]:
-        started = time.perf_counter()
+    async def generate(self, request: EngineRequest) -> AsyncIterator[ReplyHead | str]:
+        """Serve one request the ingress parsed (the only request method)."""
         if self._engine.is_dead:  # the watcher is about to end this process
             yield dataclasses.replace(engine_died_head(), replica_id=self._replica_id)
             return
-        if body.get(XLORA_SCALINGS_FIELD) is not None:
-            async for item in self._serve_with_scalings(method, body, request_id):
-                yield item
-            return
+        method = self._engine.chat if request.kind == "chat" else self._engine.completion
+        if request.xlora_scalings is not None:
+            serving = self._serve_with_scalings(method, request)
+        else:
+            serving = self._serve(method, request.request, request.request_id, request.hints)
+        async for item in serving:
+            yield item
+
+    async def _serve(self, method: Any, request: Any, request_id: str,
+                     hints: RoutingHints | None) -> AsyncIterator[ReplyHead | str]:
+        started = time.perf_counter()
         adapter = hints.adapter if hints is not None else None
         if adapter is not None:
             # Held before loading, so a concurrent load elsewhere never evicts it.
@@ -205,7 +202,7 @@ class LLMReplica:
                         422, f"adapter {adapter!r} could not be loaded: {e}"),
                         replica_id=self._replica_id)
                     return
-            reply = method(body, request_id)
+            reply = method(request, request_id)
             head = await anext(reply)
             yield dataclasses.replace(head, replica_id=self._replica_id,
                                       prepare_s=time.perf_counter() - started)
@@ -218,32 +215,31 @@ class LLMReplica:
             if adapter is not None:
                 self._slots.release(adapter)
 
-    async def _serve_with_scalings(self, method: Any, body: dict[str, Any],
-                                   request_id: str) -> AsyncIterator[ReplyHead | str]:
+    async def _serve_with_scalings(self, method: Any,
+                                   envelope: EngineRequest) -> AsyncIterator[ReplyHead | str]:
         """A mixture request asking for its per-token expert weights (debugging)."""
-        option = body[XLORA_SCALINGS_FIELD]
+        option, request = envelope.xlora_scalings, envelope.request
         problem = None
         if self._mixture is None:
             problem = "is only available for X-LoRA mixture models"
-        elif body.get("stream"):
+        elif request.stream:
             problem = "is only available without streaming"
         elif option not in (True, False, "per_module"):
             problem = "must be true, false or \"per_module\""
-        elif (body.get("n") or 1) != 1:
+        elif (request.n or 1) != 1:
             problem = "needs n = 1"
         if problem:
             yield ReplyHead(400, error_body(400, f"{XLORA_SCALINGS_FIELD} {problem}",
                                             param=XLORA_SCALINGS_FIELD),
                             replica_id=self._replica_id)
             return
-        wanted_ids = bool(body.get("return_token_ids"))
-        body = {k: v for k, v in body.items() if k != XLORA_SCALINGS_FIELD}
         if option is False:
-            async for item in self._serve(method, body, request_id, None):
+            async for item in self._serve(method, request, envelope.request_id, None):
                 yield item
             return
-        body["return_token_ids"] = True
-        async for item in self._serve(method, body, request_id, None):
+        wanted_ids = bool(getattr(request, "return_token_ids", False))
+        request = request.model_copy(update={"return_token_ids": True})
+        async for item in self._serve(method, request, envelope.request_id, None):
             if isinstance(item, ReplyHead) and item.status == 200 and isinstance(item.body, dict):
                 reply = item.body
                 choice = reply["choices"][0]

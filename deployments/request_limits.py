@@ -99,3 +99,9 @@ async def read_body(receive_stream: Any, content_length: str | None, max_bytes: 
 def _too_large(size: int, max_bytes: int) -> ClientError:
     return ClientError(413, f"request body of {size}+ bytes exceeds the limit of {max_bytes} "
                        "bytes (ingress.max_body_bytes)")
+
+
+async def read_json_object(request: Any, max_bytes: int) -> dict[str, Any]:
+    """A Starlette request's body, bounded and parsed as above."""
+    raw = await read_body(request.stream(), request.headers.get("content-length"), max_bytes)
+    return parse_json_object(raw)

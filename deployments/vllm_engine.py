@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from pydantic import ValidationError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from ruvllm.deployments import vllm_compat
@@ -184,29 +183,21 @@ class VLLMEngine:
                                   if self._engine else 0)
         return self._stats
 
-    def chat(self, body: dict[str, Any], request_id: str) -> AsyncIterator[ReplyHead | str]:
-        return self._serve(self._chat, "create_chat_completion",
-                           vllm_compat.chat_request_cls(), body, request_id)
+    def chat(self, request: Any, request_id: str) -> AsyncIterator[ReplyHead | str]:
+        return self._serve(self._chat, self._chat.create_chat_completion, request, request_id)
 
-    def completion(self, body: dict[str, Any], request_id: str) -> AsyncIterator[ReplyHead | str]:
-        return self._serve(self._completion, "create_completion",
-                           vllm_compat.completion_request_cls(), body, request_id)
+    def completion(self, request: Any, request_id: str) -> AsyncIterator[ReplyHead | str]:
+        return self._serve(self._completion, self._completion.create_completion, request,
+                           request_id)
 
-    async def _serve(
-        self, serving: Any, method: str, request_cls: Any, body: dict[str, Any], request_id: str
-    ) -> AsyncIterator[ReplyHead | str]:
-        try:
-            request = request_cls.model_validate(body)
-        except ValidationError as e:
-            yield ReplyHead(400, error_body(400, _first_error(e)))
-            return
-        except vllm_compat.client_error_types() as e:
-            yield ReplyHead(400, error_body(400, str(e), param=getattr(e, "parameter", None)))
-            return
+    async def _serve(self, serving: Any, create: Any, request: Any,
+                     request_id: str) -> AsyncIterator[ReplyHead | str]:
+        """`request` was parsed and validated by the ingress; vLLM's serving layer does
+        the rest of its own checks (context length, sampling values) and maps them."""
         if hasattr(request, "request_id"):
             request.request_id = request_id
         try:
-            result = await getattr(serving, method)(request, None)
+            result = await create(request, None)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # vLLM raises its validation errors; it maps them to 4xx
@@ -248,8 +239,3 @@ class VLLMEngine:
             self._engine.shutdown()
             self._engine = None
 
-
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    return f"{loc}: {err['msg']}" if loc else err["msg"]

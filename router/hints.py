@@ -34,7 +34,11 @@ class RoutingHints:
 
 
 def hints_of(pending_request: Any) -> RoutingHints | None:
+    """The hints of a call: its `hints` keyword, else its first argument's `hints` (the
+    replica's typed request envelope, deployments/protocol.py: EngineRequest)."""
     if pending_request is None:
         return None
     hints = pending_request.kwargs.get(HINTS_KWARG)
+    if hints is None and pending_request.args:
+        hints = getattr(pending_request.args[0], HINTS_KWARG, None)
     return hints if isinstance(hints, RoutingHints) else None

@@ -393,8 +393,12 @@ class PlacementAwareRouter(RequestRouter):
         self._tracked_futures[request_id] = id(future)
 
         def routed(fut: Any) -> None:
-            if self._tracked_futures.get(request_id) == id(fut):
-                del self._tracked_futures[request_id]
+            if self._tracked_futures.get(request_id) != id(fut):
+                # Finished before this callback ran (a send that failed at once, e.g.
+                # an argument that does not pickle), or routed again: charged, it would
+                # stay in the ledger until its TTL and skew every choice meanwhile.
+                return
+            del self._tracked_futures[request_id]
             if fut.cancelled() or fut.exception() is not None:
                 return
             replica_id = fut.result().replica_id
@@ -411,6 +415,7 @@ class PlacementAwareRouter(RequestRouter):
     # -- Serve's lifecycle hooks -------------------------------------------------------
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._tracked_futures.pop(internal_request_id, None)  # not to be charged after this
         self._ledger.release(internal_request_id)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:

@@ -84,7 +84,7 @@ def request_body_schema(model: Any, components: dict[str, Any]) -> dict[str, Any
 
 
 def openapi_document(chat_model: Any, completion_model: Any, model_names: list[str]) -> dict:
-    """The app's routes (deployments/ingress.py) with vLLM's request bodies; `model`
+    """The app's routes (deployments/ingress/routes.py) with vLLM's request bodies; `model`
     picks among the served names, so that most requests reach the engines."""
     components: dict[str, Any] = {}
     chat = request_body_schema(chat_model, components)

@@ -116,14 +116,11 @@ def test_short_admin_token_is_refused():
         .ingress.api_keys == {"t": [sha("k")]}
 
 
-def ingress_with(keys: ApiKeys):
+def tenants_with(keys: ApiKeys):
     """The ingress's own tenant logic, without Serve around it."""
-    from ruvllm.deployments.ingress import OpenAIIngress
+    from ruvllm.deployments.ingress.tenants import Tenants
 
-    ingress = object.__new__(OpenAIIngress)
-    ingress._api_keys = keys
-    ingress._config = AppConfig.from_args(None)
-    return ingress
+    return Tenants(keys, AppConfig.from_args(None).admission.tenant_header)
 
 
 def request(**headers):
@@ -138,19 +135,19 @@ class Parsed:
 
 
 def test_with_keys_the_tenant_is_the_keys_never_the_clients_choice():
-    ingress = ingress_with(ApiKeys({"team-a": [sha("key-a")]}, None))
+    tenants = tenants_with(ApiKeys({"team-a": [sha("key-a")]}, None))
     spoof = request(authorization="Bearer key-a", x_tenant_id="team-b")
-    assert ingress._authenticate(spoof) == "team-a"
+    assert tenants.authenticate(spoof) == "team-a"
     for bad in (request(), request(authorization="Bearer key-b"), request(x_tenant_id="team-a")):
         with pytest.raises(ClientError) as e:
-            ingress._authenticate(bad)
+            tenants.authenticate(bad)
         assert e.value.status == 401
 
 
 def test_without_keys_the_client_names_its_tenant_and_raw_keys_are_not_kept():
-    ingress = ingress_with(ApiKeys({}, None))
-    assert ingress._authenticate(request()) is None
-    assert ingress._tenant(request(x_tenant_id="team-b"), Parsed()) == "team-b"
-    hashed = ingress._tenant(request(authorization="Bearer secret"), Parsed())
+    tenants = tenants_with(ApiKeys({}, None))
+    assert tenants.authenticate(request()) is None
+    assert tenants.named_by_client(request(x_tenant_id="team-b"), Parsed()) == "team-b"
+    hashed = tenants.named_by_client(request(authorization="Bearer secret"), Parsed())
     assert hashed.startswith("key:") and "secret" not in hashed
-    assert ingress._tenant(request(), Parsed()) == "chosen-by-client"
+    assert tenants.named_by_client(request(), Parsed()) == "chosen-by-client"

@@ -1,7 +1,7 @@
 """A request that meets a replica whose engine had died (a 503 head marked engine_dead,
 sent before anything ran) is sent once more, naming that replica for the router to avoid;
 the client sees the second replica's answer. Pure dispatch logic: the ingress's real
-`_dispatch` with a fake deployment handle standing in for Serve."""
+relay (deployments/ingress/relay.py) with a fake deployment handle standing in for Serve."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ruvllm.admission.controller import Admission
-from ruvllm.deployments.ingress import OpenAIIngress, REPLICA_HEADER
-from ruvllm.deployments.protocol import ReplyHead, engine_died_head
+from ruvllm.deployments.ingress.relay import REPLICA_HEADER, relay_reply
+from ruvllm.deployments.protocol import EngineRequest, ReplyHead, engine_died_head
 from ruvllm.deployments.server_timing import RequestTimer
 from ruvllm.router.hints import RoutingHints
 
@@ -42,11 +42,11 @@ class FakeHandle:
         return self
 
     @property
-    def completion(self) -> "FakeHandle":
+    def generate(self) -> "FakeHandle":
         return self
 
-    def remote(self, body: dict, request_id: str, hints: RoutingHints) -> FakeReply:
-        self.calls.append(hints)
+    def remote(self, envelope: EngineRequest) -> FakeReply:
+        self.calls.append(envelope.hints)
         self.replies.append(FakeReply(self.heads[len(self.calls) - 1]))
         return self.replies[-1]
 
@@ -60,14 +60,12 @@ class CountingAdmission(Admission):
 
 
 def dispatch(heads: list[ReplyHead]) -> tuple[Any, FakeHandle, CountingAdmission]:
-    ingress = OpenAIIngress.__new__(OpenAIIngress)  # _dispatch needs only the timeout
-    ingress._timeout_s = 60.0
     handle, admission = FakeHandle(heads), CountingAdmission()
+    envelope = EngineRequest("completion", {"prompt": "hi"}, "r1",
+                             RoutingHints(prompt_tokens=2, max_tokens=4))
 
     async def run():
-        return await ingress._dispatch(handle, "completion", {"prompt": "hi"}, "r1",
-                                       RoutingHints(prompt_tokens=2, max_tokens=4),
-                                       admission, RequestTimer())
+        return await relay_reply(handle, envelope, admission, RequestTimer(), 60.0)
 
     return asyncio.run(run()), handle, admission
 

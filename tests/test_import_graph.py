@@ -242,3 +242,18 @@ def test_the_checker_sees_what_it_must():
     assert BARE_ROOMS >= {"core", "adapters", "router", "deployments", "isq", "cli", "ruvllm_cli"}
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+# Inside ruvllm.deployments, the HTTP ingress (deployments/ingress/, one concept per file)
+# is the room above the replicas, engines and helpers it uses: nothing there imports it
+# but the app builder, which binds the ingress to the replicas' handles.
+INGRESS = "ruvllm.deployments.ingress"
+
+
+def test_only_the_app_builder_imports_the_ingress():
+    graph = import_graph()
+    assert f"{INGRESS}.routes" in graph, "the ingress package moved: update INGRESS"
+    importers = sorted(m for m, targets in graph.items()
+                       if not (m == INGRESS or m.startswith(f"{INGRESS}."))
+                       and any(t == INGRESS or t.startswith(f"{INGRESS}.") for t in targets))
+    assert importers == ["ruvllm.deployments.app"]

@@ -317,3 +317,42 @@ def test_a_replica_whose_engine_died_is_left_out_until_serve_drops_it():
         assert (await router.choose_replicas([dead, busy], pending("p5", plain)))[0][0] is dead
 
     asyncio.run(scenario())
+
+
+def test_the_hints_ride_in_the_replicas_request_envelope():
+    """The ingress calls `generate(EngineRequest)`: the router reads the hints from the
+    envelope, its first argument, and charges the replica Serve picked."""
+    from ruvllm.deployments.protocol import EngineRequest
+
+    async def scenario():
+        router = make_router()
+        a, b = replica("a"), replica("b")
+        envelope = EngineRequest("chat", object(), "e1",
+                                 RoutingHints(prompt_tokens=90, max_tokens=10))
+        req = PendingRequest(args=[envelope], kwargs={}, metadata=RequestMetadata(
+            request_id="e1", internal_request_id="e1"))
+        ranks = await router.choose_replicas([a, b], req)
+        req.future.set_result(ranks[0][0])
+        await asyncio.sleep(0)
+        assert router.queued_tokens(ranks[0][0]) == 100
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_ends_before_its_routing_is_noted_is_never_charged():
+    """Serve resolves the routing future, then sends; a send that fails at once (an
+    argument that does not pickle, measured on house3) is reported finished before the
+    future's callback runs. Charged after that, it stayed in the ledger until its TTL
+    (900 s): two such requests (392 tokens) later split 12 requests 3 / 9."""
+    async def scenario():
+        router = make_router()
+        a, b = replica("a"), replica("b")
+        req = pending("lost", RoutingHints(prompt_tokens=190, max_tokens=6))
+        ranks = await router.choose_replicas([a, b], req)
+        first = ranks[0][0]
+        req.future.set_result(first)
+        router.on_request_completed(first.replica_id, "lost")  # before the callback runs
+        await asyncio.sleep(0)
+        assert router.queued_tokens(first) == 0
+
+    asyncio.run(scenario())

@@ -19,6 +19,14 @@ def _cpu_s() -> float:
     return t.user + t.system
 
 
+def chat_request(body: dict):
+    """The body as the ingress hands it to an engine: parsed once into vLLM's model."""
+    from ruvllm.deployments import vllm_compat
+    from ruvllm.deployments.client_error import parse_request
+
+    return parse_request(vllm_compat.chat_request_cls(), body)
+
+
 @pytest.fixture(scope="module")
 def engine(base_model_path):
     from ruvllm.deployments.mistralrs_engine import MistralRsEngine
@@ -38,7 +46,7 @@ def test_cancelled_stream_stops_the_engine_work(engine):
             "messages": [{"role": "user", "content": "Tell me a very long story."}]}
 
     async def run() -> tuple[float, float, dict]:
-        stream = engine.chat(body, "r-cancel")
+        stream = engine.chat(chat_request(body), "r-cancel")
         events = []
         async for item in stream:
             events.append(item)
@@ -64,9 +72,9 @@ def test_cancelled_stream_stops_the_engine_work(engine):
 
 def test_chat_reply_and_usage(engine):
     async def run():
-        return [item async for item in engine.chat(
+        return [item async for item in engine.chat(chat_request(
             {"model": "m", "max_tokens": 24, "temperature": 0, "messages": [
-                {"role": "user", "content": "What is the capital of France?"}]}, "r-paris")]
+                {"role": "user", "content": "What is the capital of France?"}]}), "r-paris")]
 
     (head,) = asyncio.run(run())
     assert head.status == 200, head.body

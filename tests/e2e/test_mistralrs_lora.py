@@ -22,6 +22,14 @@ MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
 TOKENS = 12
 
 
+def chat_request(body: dict):
+    """The body as the ingress hands it to an engine: parsed once into vLLM's model."""
+    from ruvllm.deployments import vllm_compat
+    from ruvllm.deployments.client_error import parse_request
+
+    return parse_request(vllm_compat.chat_request_cls(), body)
+
+
 @pytest.fixture(scope="module")
 def engine(base_model_path):
     from ruvllm.deployments.mistralrs_engine import MistralRsEngine
@@ -39,9 +47,9 @@ def engine(base_model_path):
 
 def _chat(engine, model: str, request_id: str):
     async def run():
-        return [item async for item in engine.chat(
+        return [item async for item in engine.chat(chat_request(
             {"model": model, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True,
-             "messages": MESSAGES}, request_id)]
+             "messages": MESSAGES}), request_id)]
 
     (head,) = asyncio.run(run())
     return head
@@ -79,9 +87,9 @@ def test_request_naming_an_adapter_gets_its_output(engine, adapter_root, base_mo
 
     async def together():
         async def one(model, i):
-            return [x async for x in engine.chat(
+            return [x async for x in engine.chat(chat_request(
                 {"model": model, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True,
-                 "messages": MESSAGES}, f"b-{model}-{i}")][0]
+                 "messages": MESSAGES}), f"b-{model}-{i}")][0]
         return await asyncio.gather(*(one(m, i) for i in range(2) for m in texts))
 
     # The same answers when base and adapter requests run in one mistral.rs batch.
