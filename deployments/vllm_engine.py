@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from ruvllm.deployments import vllm_compat
-from ruvllm.deployments.child_exit import has_exited
+from ruvllm.deployments.child_exit import has_begun_exiting, has_exited
 from ruvllm.deployments.protocol import EngineStats, ReplyHead, engine_died_head, error_body
 from ruvllm.config import ConfigError, EngineConfig
 
@@ -174,10 +174,12 @@ class VLLMEngine:
         """The engine-core process is gone: nothing this front end serves from now on can
         succeed, and vLLM cannot restart it in place. Asked of the kernel as well as of
         vLLM's `errored`, which depends on a pipe that an inheriting process can hold
-        open (deployments/child_exit.py)."""
+        open, and as soon as the core has begun to exit, seconds before the kernel has
+        torn it down (deployments/child_exit.py)."""
         if self._engine is None:
             return False
-        return bool(self._engine.errored) or any(has_exited(pid) for pid in self._core_pids)
+        return bool(self._engine.errored) or any(
+            has_exited(pid) or has_begun_exiting(pid) for pid in self._core_pids)
 
     def stats(self) -> EngineStats:
         self._stats.unfinished = (vllm_compat.num_unfinished_requests(self._engine)

@@ -34,6 +34,7 @@ covers the requests that reach it before then, and routers that have not seen it
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import random
 import time
@@ -51,6 +52,8 @@ from ruvllm.router.affinity import AffinityTable
 from ruvllm.router.hints import RoutingHints, hints_of
 from ruvllm.router.ledger import InflightLedger
 from ruvllm.router.metrics import RouterMetrics
+
+logger = logging.getLogger("ray.serve")
 
 # How long the router trusts its own note that a replica got an adapter, before the
 # replica's own report (every stats period) takes over.
@@ -171,6 +174,11 @@ class PlacementAwareRouter(RequestRouter):
         now = self._clock()
         dead = self._dead_engines
         if hints is not None and hints.avoid_replica is not None:
+            if hints.avoid_replica not in dead:
+                # Said once per replica: this router chose it after its engine had died
+                # (tests/e2e/test_faults.py reads this line).
+                logger.warning("replica %s answered that its engine died; routing leaves "
+                               "it out", hints.avoid_replica)
             dead[hints.avoid_replica] = now
         if not dead:
             return candidates
