@@ -282,7 +282,14 @@ class LLMReplica:
         async with self._adapter_lock:
             if name in self._slots:
                 return
-            for victim in self._slots.victims_for_one_more():
+            # Loaded before anything is evicted: an adapter that cannot load (its files
+            # broken since registration) fails its own request and evicts nobody. The
+            # engine has room for one adapter beyond the slots (VLLMEngine's spare CPU
+            # slot, mistral.rs's twice the slots), as vLLM's own worker loads first too.
+            await self._engine.load_adapter(name, path)
+            victims = self._slots.victims_for_one_more()
+            self._slots.add(name)
+            for victim in victims:
                 if not self._slots.is_idle(victim):
                     continue  # picked up by a request while we were unloading another
                 # Out of the resident set before the unload yields: a request for it that
@@ -291,8 +298,6 @@ class LLMReplica:
                 self._slots.remove(victim)
                 await self._engine.unload_adapter(victim)
                 self._count("evictions")
-            await self._engine.load_adapter(name, path)
-            self._slots.add(name)
             if cause == "plan":
                 # The plan sends an adapter in demand elsewhere: credit it one request so
                 # the next rarely used adapter does not evict it before its traffic comes.

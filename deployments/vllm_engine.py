@@ -47,10 +47,19 @@ def engine_overrides(config: EngineConfig, *, on_cpu: bool) -> dict[str, Any]:
         values["dtype"] = "float32"
     if config.enable_lora:
         values["enable_lora"] = True
+        # One CPU slot beyond the replica's adapter slots: the replica loads an adapter
+        # before it evicts one (deployments/replica.py), and a full vLLM cache would make
+        # room by dropping its own least recently used adapter, not the replica's choice.
+        values["max_cpu_loras"] = adapter_slots(config) + 1
     else:
         for key in ("max_loras", "max_lora_rank", "max_cpu_loras"):
             values.pop(key)
     return {k: v for k, v in values.items() if v is not None}
+
+
+def adapter_slots(config: EngineConfig) -> int:
+    """LoRA adapters a replica keeps resident (and evicts beyond)."""
+    return config.max_cpu_loras or config.max_loras
 
 
 def build_vllm_args(model_path: Path, served_name: str, config: EngineConfig) -> argparse.Namespace:
