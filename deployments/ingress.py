@@ -31,6 +31,7 @@ from ruvllm.adapters.registry import AdapterError, AdapterSpec
 from ruvllm.deployments import readiness, request_limits, vllm_compat
 from ruvllm.deployments.auth import AdminGuard, ApiKeys, admin_token, bearer, digest
 from ruvllm.deployments.client_error import ClientError
+from ruvllm.deployments.client_gone import ClientGoneAsDisconnect
 from ruvllm.deployments.cluster_view import ClusterView
 from ruvllm.deployments.footprint import Footprint, request_footprint
 from ruvllm.deployments.prompt import PromptInfo, PromptInspector, PromptTooLong
@@ -50,6 +51,7 @@ SESSION_HEADER = "x-session-id"
 XLORA_SCALINGS_FIELD = "xlora_scalings"  # the replica's debug field (admin only)
 
 api = FastAPI(title="ruvllm-serve", docs_url=None, redoc_url=None)
+api.add_middleware(ClientGoneAsDisconnect)
 
 
 def _error(status: int, message: str, param: str | None = None,
