@@ -334,17 +334,22 @@ class LLMReplica:
             **self._adapter_counts)
 
     async def _watch_engine(self) -> None:
-        """Exit the replica's process as soon as its engine has died. vLLM cannot restart
-        its engine core in place (its own API server exits on EngineDeadError too), and
-        Serve's health check would only notice within `health_check_period_s`, while
-        routers kept sending requests here to fail. A dead actor is what Serve and its
-        routers handle best: every router drops it on its next call (ActorDiedError),
-        a request not yet started there is routed to another replica, the in-flight
-        ones end with the ingress's 503 error, and the controller starts a new one."""
+        """Exit the replica's process once its engine has died, after telling the routers.
+        vLLM cannot restart its engine core in place (its own API server exits on
+        EngineDeadError too). A dead actor is what Serve handles best: routers drop it on
+        their next call (ActorDiedError), in-flight requests end with the ingress's 503,
+        and Serve starts a new replica. But Ray sees the process gone only once the kernel
+        has torn it down, like the engine core's (2.7 s in the fault test after an
+        immediate exit, 0.4 s on a quieter run), and meanwhile routers kept choosing it.
+        So the replica first stays up `stats_period_s` x 2, saying in its routing stats
+        that its engine is dead: Serve pulls them every period and pushes them to every
+        router, which leaves the replica out from then on; requests reaching it before
+        get a 503 the ingress sends elsewhere."""
         while not self._engine.is_dead:
             await asyncio.sleep(ENGINE_WATCH_PERIOD_S)
         logger.error("replica %s: its engine process died; exiting so that Serve "
                      "replaces this replica", self._replica_id)
+        await asyncio.sleep(2 * self._config.router.stats_period_s)
         logging.shutdown()
         os._exit(1)
 
@@ -361,6 +366,8 @@ class LLMReplica:
             "max_num_seqs": s.max_num_seqs,
             "adapters": self._slots.resident(),
             "adapter_slots_free": self._slots.free,
+            # Routers leave such a replica out (router/placement_router.py).
+            "engine_dead": self._engine.is_dead,
         }
 
     async def check_health(self) -> None:

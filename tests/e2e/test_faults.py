@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import re
 import signal
@@ -395,12 +394,12 @@ def test_placement_controller_killed(serve_app, adapter_root, pending_restore):
 
 
 def test_engine_process_killed_under_load(serve_app, pending_restore):
-    """Besides what a client sees: from 2 s after the kill on, no router chooses the dead
-    replica. Serve's controller no longer counts it as running (the candidates of every
-    router, those with nothing in flight there included), and the ingress's router chose
-    it for none of the requests sent then: the victim's own sessions among them, which
-    session affinity sends to it while it is a candidate. A router that chose it logs so
-    (the replica's engine-dead answer, or Serve's retry past a dead actor)."""
+    """Besides what a client sees: from 2 s after the kill on, the router does not choose
+    the dead replica for any request, the victim's own sessions among them, which session
+    affinity sends to it while it is a candidate. A router that chose it logs so (the
+    replica's engine-dead answer, or Serve's retry past a dead actor). The replica tells
+    every router through its routing stats (a router with nothing in flight there learns
+    it the same way), then exits."""
     from ruvllm.deployments.child_exit import has_begun_exiting
 
     started = time.monotonic()
@@ -451,10 +450,6 @@ def test_engine_process_killed_under_load(serve_app, pending_restore):
     print(f"after the kill (s): {({k: round(v, 2) for k, v in timeline.items()})}; "
           f"a router chose the dead replica later: {chose_dead}")
     assert not chose_dead, "a router chose the dead replica 2 s after its engine's kill"
-    # Every router's candidates are the replicas Serve's controller counts as running
-    # (pushed to the handles as they change): a router that had nothing in flight on the
-    # victim (another ingress replica) learns of the death from that, not from a failure.
-    assert timeline.get("Serve dropped it", math.inf) <= ROUTING_BOUND_S, timeline
     # The replica whose engine died goes away itself, so that Serve replaces it.
     gone, alive = psutil.wait_procs([replica_process], timeout=30)
     assert not alive, "the replica outlived its engine"
