@@ -52,6 +52,13 @@ def _router_config(config: AppConfig) -> RequestRouterConfig:
     )
 
 
+# How often Serve's controller asks each engine replica whether it is alive. A replica whose
+# engine process died exits within ~0.1 s of the kill (deployments/replica.py), but Serve
+# drops a dead actor from every router's choice only when a health check fails (routing
+# stats that fail to arrive are only logged): at Serve's default 10 s the routers kept
+# choosing the dead replica for up to 10 s. The check is one cheap actor call.
+ENGINE_HEALTH_CHECK_PERIOD_S = 1.0
+
 # Past its deadline the ingress has answered (504, or an error event) and aborted the
 # engine request; the margin lets that answer go out before Serve stops the actor.
 SHUTDOWN_GRACE_MARGIN_S = 10.0
@@ -78,6 +85,7 @@ def _replica_options(config: AppConfig, r: ReplicaConfig | None = None,
         "request_router_config": _router_config(config),
         # Engines take a minute to compile; don't let Serve give up on them.
         "health_check_timeout_s": 60,
+        "health_check_period_s": ENGINE_HEALTH_CHECK_PERIOD_S,
         "graceful_shutdown_timeout_s": shutdown_grace_s(config),
         # A replica that cannot start its engine will not start on retry 20 either;
         # fail the deployment quickly with the engine's error instead.

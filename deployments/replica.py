@@ -278,7 +278,14 @@ class LLMReplica:
         async with self._adapter_lock:
             if name in self._slots:
                 return
-            for victim in self._slots.victims_for_one_more():
+            # Loaded before anything is evicted: an adapter that cannot load (its files
+            # broken since registration) fails its own request and evicts nobody. The
+            # engine has room for one adapter beyond the slots (VLLMEngine's spare CPU
+            # slot, mistral.rs's twice the slots), as vLLM's own worker loads first too.
+            await self._engine.load_adapter(name, path)
+            victims = self._slots.victims_for_one_more()
+            self._slots.add(name)
+            for victim in victims:
                 if not self._slots.is_idle(victim):
                     continue  # picked up by a request while we were unloading another
                 # Out of the resident set before the unload yields: a request for it that
@@ -287,8 +294,6 @@ class LLMReplica:
                 self._slots.remove(victim)
                 await self._engine.unload_adapter(victim)
                 self._count("evictions")
-            await self._engine.load_adapter(name, path)
-            self._slots.add(name)
             if cause == "plan":
                 # The plan sends an adapter in demand elsewhere: credit it one request so
                 # the next rarely used adapter does not evict it before its traffic comes.
@@ -325,17 +330,22 @@ class LLMReplica:
             **self._adapter_counts)
 
     async def _watch_engine(self) -> None:
-        """Exit the replica's process as soon as its engine has died. vLLM cannot restart
-        its engine core in place (its own API server exits on EngineDeadError too), and
-        Serve's health check would only notice within `health_check_period_s`, while
-        routers kept sending requests here to fail. A dead actor is what Serve and its
-        routers handle best: every router drops it on its next call (ActorDiedError),
-        a request not yet started there is routed to another replica, the in-flight
-        ones end with the ingress's 503 error, and the controller starts a new one."""
+        """Exit the replica's process once its engine has died, after telling the routers.
+        vLLM cannot restart its engine core in place (its own API server exits on
+        EngineDeadError too). A dead actor is what Serve handles best: routers drop it on
+        their next call (ActorDiedError), in-flight requests end with the ingress's 503,
+        and Serve starts a new replica. But Ray sees the process gone only once the kernel
+        has torn it down, like the engine core's (2.7 s in the fault test after an
+        immediate exit, 0.4 s on a quieter run), and meanwhile routers kept choosing it.
+        So the replica first stays up `stats_period_s` x 2, saying in its routing stats
+        that its engine is dead: Serve pulls them every period and pushes them to every
+        router, which leaves the replica out from then on; requests reaching it before
+        get a 503 the ingress sends elsewhere."""
         while not self._engine.is_dead:
             await asyncio.sleep(ENGINE_WATCH_PERIOD_S)
         logger.error("replica %s: its engine process died; exiting so that Serve "
                      "replaces this replica", self._replica_id)
+        await asyncio.sleep(2 * self._config.router.stats_period_s)
         logging.shutdown()
         os._exit(1)
 
@@ -352,6 +362,8 @@ class LLMReplica:
             "max_num_seqs": s.max_num_seqs,
             "adapters": self._slots.resident(),
             "adapter_slots_free": self._slots.free,
+            # Routers leave such a replica out (router/placement_router.py).
+            "engine_dead": self._engine.is_dead,
         }
 
     async def check_health(self) -> None:

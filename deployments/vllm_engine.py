@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from ruvllm.deployments import vllm_compat
-from ruvllm.deployments.child_exit import has_exited
+from ruvllm.deployments.child_exit import has_begun_exiting, has_exited
 from ruvllm.deployments.protocol import EngineStats, ReplyHead, engine_died_head, error_body
 from ruvllm.config import ConfigError, EngineConfig
 
@@ -46,10 +46,19 @@ def engine_overrides(config: EngineConfig, *, on_cpu: bool) -> dict[str, Any]:
         values["dtype"] = "float32"
     if config.enable_lora:
         values["enable_lora"] = True
+        # One CPU slot beyond the replica's adapter slots: the replica loads an adapter
+        # before it evicts one (deployments/replica.py), and a full vLLM cache would make
+        # room by dropping its own least recently used adapter, not the replica's choice.
+        values["max_cpu_loras"] = adapter_slots(config) + 1
     else:
         for key in ("max_loras", "max_lora_rank", "max_cpu_loras"):
             values.pop(key)
     return {k: v for k, v in values.items() if v is not None}
+
+
+def adapter_slots(config: EngineConfig) -> int:
+    """LoRA adapters a replica keeps resident (and evicts beyond)."""
+    return config.max_cpu_loras or config.max_loras
 
 
 def build_vllm_args(model_path: Path, served_name: str, config: EngineConfig) -> argparse.Namespace:
@@ -173,10 +182,12 @@ class VLLMEngine:
         """The engine-core process is gone: nothing this front end serves from now on can
         succeed, and vLLM cannot restart it in place. Asked of the kernel as well as of
         vLLM's `errored`, which depends on a pipe that an inheriting process can hold
-        open (deployments/child_exit.py)."""
+        open, and as soon as the core has begun to exit, seconds before the kernel has
+        torn it down (deployments/child_exit.py)."""
         if self._engine is None:
             return False
-        return bool(self._engine.errored) or any(has_exited(pid) for pid in self._core_pids)
+        return bool(self._engine.errored) or any(
+            has_exited(pid) or has_begun_exiting(pid) for pid in self._core_pids)
 
     def stats(self) -> EngineStats:
         self._stats.unfinished = (vllm_compat.num_unfinished_requests(self._engine)

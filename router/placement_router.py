@@ -24,16 +24,19 @@ recomputes its whole context. Token imbalance alone spilled adapters onto non-ho
 Replicas report resident adapters with their routing stats; between reports the router
 remembers where it just sent each adapter, since vLLM loads it there on first use.
 
-A replica whose engine died answers at once, so it looks idle: the ingress sends such a
-request again with `RoutingHints.avoid_replica`, and from then on the router leaves that
-replica out (unless no other is left) until Serve drops it or `DEAD_ENGINE_EXCLUSION_S`
-passes. The replica exits within a tenth of a second too (deployments/replica.py); this
-covers the requests that reach it before then, and routers that have not seen it die.
+A replica whose engine died answers at once, so it looks idle. It says so in its routing
+stats (`engine_dead`), which Serve pulls every stats period and pushes to every router,
+and the router leaves it out from then on (unless no other is left); it exits two
+periods later (deployments/replica.py). A request that reaches it before gets a 503
+that the ingress sends again with `RoutingHints.avoid_replica`, and from then on this
+router leaves that replica out too, until Serve drops it or `DEAD_ENGINE_EXCLUSION_S`
+passes.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import random
 import time
@@ -51,6 +54,8 @@ from ruvllm.router.affinity import AffinityTable
 from ruvllm.router.hints import RoutingHints, hints_of
 from ruvllm.router.ledger import InflightLedger
 from ruvllm.router.metrics import RouterMetrics
+
+logger = logging.getLogger("ray.serve")
 
 # How long the router trusts its own note that a replica got an adapter, before the
 # replica's own report (every stats period) takes over.
@@ -134,6 +139,8 @@ class PlacementAwareRouter(RequestRouter):
         self._sent_adapters: dict[str, dict[str, float]] = {}
         # unique_id -> when a request was sent away from it because its engine had died
         self._dead_engines: dict[str, float] = {}
+        # unique_ids whose latest routing stats say their engine died (kept with the views)
+        self._reported_dead: set[str] = set()
         self._metrics = RouterMetrics()
 
     # -- what the router knows about a replica ---------------------------------------
@@ -169,14 +176,20 @@ class PlacementAwareRouter(RequestRouter):
         """The candidates less those whose engine died (learnt from `avoid_replica`),
         or all of them when none would be left."""
         now = self._clock()
-        dead = self._dead_engines
+        dead, reported = self._dead_engines, self._reported_dead
         if hints is not None and hints.avoid_replica is not None:
+            if hints.avoid_replica not in dead:
+                # Said once per replica: this router chose it after its engine had died
+                # (tests/e2e/test_faults.py reads this line).
+                logger.warning("replica %s answered that its engine died; routing leaves "
+                               "it out", hints.avoid_replica)
             dead[hints.avoid_replica] = now
-        if not dead:
+        if not dead and not reported:
             return candidates
         for uid in [u for u, at in dead.items() if now - at >= DEAD_ENGINE_EXCLUSION_S]:
             del dead[uid]
-        live = [r for r in candidates if r.replica_id.unique_id not in dead]
+        live = [r for r in candidates
+                if r.replica_id.unique_id not in dead and r.replica_id.unique_id not in reported]
         return live or candidates
 
     def rank(self, candidates: List[RunningReplica],
@@ -341,6 +354,10 @@ class PlacementAwareRouter(RequestRouter):
     def _refresh_view(self, uid: str, stats: dict[str, Any]) -> "_StatsView":
         old = self._views.get(uid)
         view = self._views[uid] = _StatsView.of(stats, self._headroom)
+        if stats.get("engine_dead"):
+            self._reported_dead.add(uid)
+        else:
+            self._reported_dead.discard(uid)
         gone = old.adapters - view.adapters if old is not None else ()
         for adapter in gone:
             holders = self._holders.get(adapter)
@@ -436,6 +453,7 @@ class PlacementAwareRouter(RequestRouter):
         uid = getattr(replica_id, "unique_id", replica_id)
         self._ledger.drop_replica(uid)
         self._dead_engines.pop(uid, None)
+        self._reported_dead.discard(uid)
         view = self._views.pop(uid, None)
         self._indexed = None  # re-indexed from the next list Serve passes
         for adapter in view.adapters if view is not None else ():

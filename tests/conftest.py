@@ -161,6 +161,18 @@ class ServeApp:
         return sorted(r["replica_id"] for r in described["replicas"]
                       if not {XLORA_NAME, ISQ_NAME, MISTRALRS_NAME} & set(r["resident"]))
 
+    def ingress_log_lines(self) -> list[str]:
+        """What the app's ingress replicas printed on stderr (Serve's log records and
+        asyncio's alike), through Ray's log API."""
+        from ray.util.state import get_log, list_actors
+
+        prefix = f"SERVE_REPLICA::{self.app_name}#OpenAIIngress#"
+        lines: list[str] = []
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000):
+            if (a.name or "").startswith(prefix):
+                lines += "".join(get_log(actor_id=a.actor_id, suffix="err")).splitlines()
+        return lines
+
     def engine_stats(self, replica_id: str) -> dict[str, Any]:
         """What an engine replica (of any deployment) says of its engine and adapters, as an
         operator reads it: its report to the placement controller, through the admin API

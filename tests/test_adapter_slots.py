@@ -110,8 +110,66 @@ def test_a_request_during_its_adapters_eviction_reloads_it_instead_of_failing():
         return [item async for item in replica._serve(method_for(adapter), {}, adapter, hints)]
 
     async def main() -> None:
-        await asyncio.gather(request("b", 0), request("a", 0.01))
+        # `a` is asked for once `b` has loaded, while `a`'s unload is in flight.
+        await asyncio.gather(request("b", 0), request("a", 0.03))
 
     asyncio.run(main())
     assert seen == {"b": True, "a": True}
     assert replica._adapter_counts["loads"] == 2 and replica._adapter_counts["evictions"] == 1
+
+
+def test_an_adapter_that_fails_to_load_evicts_nobody():
+    """Replica logic with a fake engine whose load of `broken` fails (its files spoiled
+    after registration): the full replica's resident adapters stay loaded, the request
+    gets a 422, and the residents keep serving. The e2e version, with vLLM loading
+    spoiled files: tests/e2e/test_adapters.py."""
+    import asyncio
+    import types
+
+    from ruvllm.deployments.protocol import ReplyHead
+    from ruvllm.deployments.replica import LLMReplica
+    from ruvllm.router.hints import RoutingHints
+
+    class FakeEngine:
+        is_dead = False
+
+        def __init__(self) -> None:
+            self.loaded = {"a", "b"}
+
+        async def unload_adapter(self, name: str) -> None:
+            await asyncio.sleep(0.01)
+            self.loaded.discard(name)
+
+        async def load_adapter(self, name: str, path: str) -> None:
+            await asyncio.sleep(0.01)
+            if name == "broken":
+                raise RuntimeError("adapter_model.safetensors: header too large")
+            self.loaded.add(name)
+
+    noop = types.SimpleNamespace(inc=lambda **_: None, set=lambda *_: None)
+    replica = LLMReplica.__new__(LLMReplica)
+    replica._replica_id = "r"
+    replica._engine = engine = FakeEngine()
+    replica._slots = AdapterSlots(2)
+    replica._slots.add("a")
+    replica._slots.add("b")
+    replica._adapter_lock = asyncio.Lock()
+    replica._adapter_counts = {"loads": 0, "plan_loads": 0, "evictions": 0, "hits": 0}
+    replica._metrics = types.SimpleNamespace(loads=noop, evictions=noop, hits=noop,
+                                             resident=noop)
+
+    async def method(body, request_id):
+        yield ReplyHead(200, {"served": body["model"] in engine.loaded})
+
+    async def request(adapter: str) -> list:
+        hints = RoutingHints(adapter=adapter, adapter_path=f"/{adapter}")
+        return [item async for item in replica._serve(method, {"model": adapter}, adapter,
+                                                      hints)]
+
+    (head,) = asyncio.run(request("broken"))
+    assert head.status == 422 and "could not be loaded" in head.body["error"]["message"]
+    assert engine.loaded == {"a", "b"} and replica._slots.resident() == ["a", "b"]
+    assert replica._adapter_counts["evictions"] == 0
+    for name in ("a", "b"):
+        (head,) = asyncio.run(request(name))
+        assert head.status == 200 and head.body == {"served": True}

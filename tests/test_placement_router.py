@@ -356,3 +356,27 @@ def test_a_request_that_ends_before_its_routing_is_noted_is_never_charged():
         assert router.queued_tokens(first) == 0
 
     asyncio.run(scenario())
+
+
+def test_a_replica_that_reports_its_engine_dead_is_left_out():
+    """The replica says `engine_dead` in its routing stats, which Serve hands to every
+    router (`update_replicas`): no request goes there from then on, not even the first one
+    a router sends after the death (an ingress whose router never met the dead engine),
+    while another replica is left."""
+    async def scenario():
+        router = make_router()
+        dead = replica("dead", engine_dead=True)
+        busy = replica("busy", kv_usage=0.9, kv_capacity_tokens=10_000)
+        router.update_replicas([dead, busy])
+        plain = RoutingHints(prompt_tokens=10, max_tokens=10, session_id="s")
+        for i in range(3):
+            ranks = await router.choose_replicas([dead, busy], pending(f"p{i}", plain))
+            assert [r for rank in ranks for r in rank] == [busy]
+        assert (await router.choose_replicas([dead], pending("only", plain)))[0][0] is dead
+        # Stats that no longer say so (a wrong report) put it back.
+        alive = replica("dead")
+        router.update_replicas([alive, busy])
+        assert (await router.choose_replicas([alive, busy], pending("back", plain)))[0][0] \
+            is alive
+
+    asyncio.run(scenario())

@@ -123,3 +123,47 @@ def test_hot_adapter_is_replicated_to_both_replicas(serve_app):
         chat(serve_app, "beta", max_tokens=1)
         time.sleep(1)
     assert beta["requests_per_s"] > 0
+
+
+def test_an_adapter_spoiled_after_registration_fails_alone(serve_app, adapter_root):
+    """Files that passed registration and broke afterwards: the replica that tries to load
+    them answers 422, evicts none of its resident adapters for it, and keeps serving."""
+    import os
+    import shutil
+
+    admin = serve_app.admin_headers()
+    url = f"{serve_app.openai_url}/adapters"
+    for name in ("delta", "epsilon"):  # idempotent with the registration test
+        httpx.post(url, json={"name": name, "path": name}, headers=admin, timeout=30)
+    # Every base replica full: loading one more adapter anywhere means evicting one.
+    deadline = time.monotonic() + 60
+    while True:
+        stats = {r: serve_app.engine_stats(r) for r in serve_app.replica_ids()}
+        if all(len(s["adapters"]) >= s["adapter_slots"] for s in stats.values()):
+            break
+        assert time.monotonic() < deadline, stats
+        for name in ADAPTERS:
+            assert chat(serve_app, name, max_tokens=1).status_code == 200
+
+    spoiled = f"spoiled-{os.getpid()}"
+    shutil.copytree(adapter_root / "delta", adapter_root / spoiled)
+    r = httpx.post(url, json={"name": spoiled, "path": spoiled}, headers=admin, timeout=30)
+    assert r.status_code == 201, r.text
+    # No replica has room to pre-load it, so nothing has read it yet.
+    (adapter_root / spoiled / "adapter_model.safetensors").write_bytes(
+        (16).to_bytes(8, "little") + b"{not a header}  ")
+    try:
+        r = chat(serve_app, spoiled, max_tokens=1)
+        assert r.status_code == 422, r.text
+        assert "could not be loaded" in r.json()["error"]["message"]
+        tried = r.headers["x-ruvllm-replica"]
+        after = serve_app.engine_stats(tried)
+        before = stats[tried]
+        assert after["evictions"] == before["evictions"], (before, after)
+        assert set(after["adapters"]) == set(before["adapters"]), (before, after)
+        # It keeps serving: its resident adapters (still hits, no load) and the base model.
+        for name in after["adapters"]:
+            assert chat(serve_app, name, max_tokens=1).status_code == 200
+        assert chat(serve_app, BASE, max_tokens=1).status_code == 200
+    finally:
+        httpx.delete(f"{url}/{spoiled}", headers=admin, timeout=30)

@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 
 import httpx
 import psutil
@@ -29,6 +32,7 @@ REPLICA_HEADER = "x-ruvllm-replica"
 LONG_TOKENS = 160  # each stream runs for seconds, so the kill lands mid-stream
 REQUEST_BOUND_S = 120.0  # no request may take longer, failed or not ("no hang")
 RESTORE_BOUND_S = 300.0
+ROUTING_BOUND_S = 2.0  # from a kill until no router chooses the dead replica
 
 
 # -- the app's actors ------------------------------------------------------------------------
@@ -53,6 +57,38 @@ def kill_actor(name: str) -> None:
     import ray
 
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+
+_LOG_TIME = re.compile(r"^[A-Z]+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+# What a router says when its choice turned out dead: our router, when the replica answers
+# that its engine died; Serve's, when the replica's actor is gone or unreachable.
+DEAD_CHOICE_MARKS = ("answered that its engine died", "will not be considered for future",
+                     "is temporarily unavailable")
+
+
+def dead_choices(lines: list[str], replica: str) -> list[tuple[float, str]]:
+    """(wall-clock time, line) of each log line saying a router chose `replica` and found
+    it dead."""
+    return [(at, line) for line in lines if any(m in line for m in DEAD_CHOICE_MARKS)
+            for at in logged_at([line], replica)]
+
+
+def running_replicas(deployment: str) -> int:
+    """How many replicas of `deployment` Serve's controller counts as running."""
+    from ray import serve
+
+    overview = serve.status().applications["ruvllm"].deployments[deployment]
+    return sum(n for state, n in overview.replica_states.items() if state == "RUNNING")
+
+
+def logged_at(lines: list[str], *needles: str) -> list[float]:
+    """The wall-clock times of the log lines that hold every one of `needles`."""
+    times = []
+    for line in lines:
+        stamp = _LOG_TIME.match(line)
+        if stamp and all(n in line for n in needles):
+            times.append(datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return times
 
 
 def engine_core(replica_pid: int) -> psutil.Process:
@@ -201,6 +237,7 @@ class FaultRun:
     outcomes: list[Outcome]
     after_fault: list[Outcome]  # sent 2 s after the kill
     killed_at: float
+    killed_wall: float  # time.time() of the kill, for log lines
 
 
 async def streams_then_fault(serve_app: ServeApp, sessions: dict[str, str], victim: str,
@@ -221,14 +258,17 @@ async def streams_then_fault(serve_app: ServeApp, sessions: dict[str, str], vict
                  for i, o in enumerate(outcomes)]
         await asyncio.wait_for(asyncio.gather(*(o.started.wait() for o in outcomes)), 60)
         await asyncio.sleep(0.5)  # the non-streamed ones reach their engine too
-        killed_at = time.monotonic()
+        killed_at, killed_wall = time.monotonic(), time.time()
         await asyncio.to_thread(kill)
-        await asyncio.sleep(2.0)
-        after = [Outcome(f"after-{killed_at}-{i}", stream=False) for i in range(4)]
+        await asyncio.sleep(max(0.0, killed_at + 2.0 - time.monotonic()))
+        # Fresh sessions, and the victim's own: its router would send those to the victim
+        # (session affinity) for as long as the victim is among its candidates.
+        after = [Outcome(f"after-{killed_at}-{i}", stream=False) for i in range(2)]
+        after += [Outcome(s, stream=False) for s, r in sessions.items() if r == victim]
         after_tasks = [asyncio.wait_for(run_request(client, url, o, 100 + i, 4), REQUEST_BOUND_S)
                        for i, o in enumerate(after)]
         await asyncio.gather(*tasks, *after_tasks)  # a hang raises TimeoutError here
-    return FaultRun(victim, survivor, outcomes, after, killed_at)
+    return FaultRun(victim, survivor, outcomes, after, killed_at, killed_wall)
 
 
 def check_only_the_victims_requests_failed(run: FaultRun, sessions: dict[str, str]) -> None:
@@ -354,6 +394,14 @@ def test_placement_controller_killed(serve_app, adapter_root, pending_restore):
 
 
 def test_engine_process_killed_under_load(serve_app, pending_restore):
+    """Besides what a client sees: from 2 s after the kill on, the router does not choose
+    the dead replica for any request, the victim's own sessions among them, which session
+    affinity sends to it while it is a candidate. A router that chose it logs so (the
+    replica's engine-dead answer, or Serve's retry past a dead actor). The replica tells
+    every router through its routing stats (a router with nothing in flight there learns
+    it the same way), then exits."""
+    from ruvllm.deployments.child_exit import has_begun_exiting
+
     started = time.monotonic()
     pending_restore.wait(serve_app)  # the replica the first test killed is back
     replicas = base_replicas(serve_app)
@@ -364,31 +412,61 @@ def test_engine_process_killed_under_load(serve_app, pending_restore):
     core = engine_core(actor.pid)
     # Waited for even if this test fails, so that the app is whole for the next.
     pending_restore.victim, pending_restore.killed_at = victim, time.monotonic()
-    exit_s: list[float] = []
+    timeline: dict[str, float] = {}
 
     def kill() -> None:
         os.kill(core.pid, signal.SIGKILL)
         killed = time.monotonic()
 
-        def timed_exit() -> None:
-            psutil.wait_procs([replica_process], timeout=60)
-            exit_s.append(time.monotonic() - killed)
+        def watch() -> None:  # how the kill unfolds
+            asked = 0.0
+            while time.monotonic() - killed < 30 and len(timeline) < 4:
+                now = time.monotonic() - killed
+                if "core exiting" not in timeline and has_begun_exiting(core.pid):
+                    timeline["core exiting"] = now
+                if "core exited" not in timeline and core_exited(core.pid):
+                    timeline["core exited"] = now
+                if "replica exited" not in timeline and not replica_process.is_running():
+                    timeline["replica exited"] = now
+                if "Serve dropped it" not in timeline and now - asked >= 0.1:
+                    asked = now
+                    if running_replicas("LLMReplica") < 2:
+                        timeline["Serve dropped it"] = time.monotonic() - killed
+                time.sleep(0.005)
 
-        threading.Thread(target=timed_exit, daemon=True).start()
+        threading.Thread(target=watch, daemon=True).start()
 
     run = asyncio.run(streams_then_fault(serve_app, sessions, victim, kill))
     pending_restore.killed_at = run.killed_at
     print(f"\nsent 2 s after the engine kill (status, replica, s): "
           f"{[(o.status, o.replica, round(o.took_s, 2)) for o in run.after_fault]}")
     check_only_the_victims_requests_failed(run, sessions)
+    assert any(sessions.get(o.session) == victim for o in run.after_fault)
+    # Lines from the requests in flight at the kill come first; any later one is a choice
+    # made for a request sent 2 s after the kill.
+    chose_dead = [(round(at - run.killed_wall, 2), line) for at, line
+                  in dead_choices(serve_app.ingress_log_lines(), victim)
+                  if at >= run.killed_wall + ROUTING_BOUND_S]
+    print(f"after the kill (s): {({k: round(v, 2) for k, v in timeline.items()})}; "
+          f"a router chose the dead replica later: {chose_dead}")
+    assert not chose_dead, "a router chose the dead replica 2 s after its engine's kill"
     # The replica whose engine died goes away itself, so that Serve replaces it.
     gone, alive = psutil.wait_procs([replica_process], timeout=30)
     assert not alive, "the replica outlived its engine"
     time.sleep(0.1)
     wait_for_no_inflight(serve_app)
     pending_restore.wait(serve_app)
-    print(f"\nengine process kill: the replica exited {exit_s[0] if exit_s else float('nan'):.2f} s "
-          f"after its engine core; test {time.monotonic() - started:.0f} s")
+    print(f"\nengine process kill: test {time.monotonic() - started:.0f} s")
+
+
+def core_exited(pid: int) -> bool:
+    """The whole process is gone (only its zombie main thread left, or not even that)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return fields["State"].strip().startswith(("Z", "X")) and int(fields["Threads"]) <= 1
 
 
 def wait_for_controller(serve_app: ServeApp, dead: str, adapter: str,
