@@ -301,9 +301,10 @@ def isq_perplexity(target: str) -> float | None:
         rows = json.loads((OUT / "isq_quality.json").read_text())["perplexity"]["rows"]
     except (OSError, KeyError, ValueError):
         return None
-    row = rows.get(ISQ_TYPES.get(target, ""))
-    gated = [s for s in (row or {}).get("sets", {}).values() if s["gated"]]
-    return gated[0]["perplexity"] if gated else None
+    # Where several readings of mistral.rs's rounding were scored, the worst one.
+    gated = [s["perplexity"] for row in rows.values() if row.get("type") == ISQ_TYPES.get(target)
+             for s in row["sets"].values() if s["gated"]]
+    return max(gated) if gated else None
 
 
 def write_report(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> None:

@@ -12,6 +12,9 @@ code the wheel was built from, and the candle it pins, huggingface/candle 35d7ae
   `embedding_with_legacy_tied_uqff` quantizes it only when `model.embed_tokens.weight`
   matches an ISQ predicate): so neither is quantized. (`promote_for_sensitive_tensor`,
   Q4_0 -> Q6K for `lm_head`, applies to untied models.) `TIED_HEAD_QUANTIZED` says which.
+  The 0.9.5 wheel is newer than that source, and its log-probabilities agree better with a
+  tied head quantized as an untied one would be (benchmarks/results/backends/
+  isq_quality.md), so the benchmark measures both readings.
 - Which type: the requested one when the input width k is a multiple of its block, else
   `get_fallback` (mistralrs-quant/src/utils/isq.rs): Q4K -> Q4_1, Q6K -> Q5_1, ...
 - How weights round: candle's `BlockQ*::from_float` (quantized/k_quants.rs), the ggml

@@ -27,13 +27,14 @@ Writes isq_quality.json and isq_quality.md under --out (benchmarks/results/backe
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.ggml_fake_quant import PROMOTED, apply_plan, isq_plan, linear_shapes
+from benchmarks.ggml_fake_quant import apply_plan, isq_plan, linear_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "backends"
@@ -63,8 +64,10 @@ def reproduction(base: Path, isq_type: str | None, reading: str = "source"):
         return model, {}
     tied = bool(model.config.tie_word_embeddings)
     plan = isq_plan(isq_type, linear_shapes(model), tied,
-                    head_quantized=reading == "head-quantized")
+                    head_quantized=reading in ("head-quantized", "tied-quantized"))
     counts = apply_plan(model, plan, activations=reading != "weights-only")
+    if reading == "tied-quantized":  # the embedding looks its rows up in the rounded head
+        model.get_input_embeddings().weight = model.get_output_embeddings().weight
     return model, counts
 
 
@@ -121,7 +124,7 @@ def score_answers(model, tokenizer, answers: list[dict[str, Any]]) -> dict[str, 
             "max_abs_logprob_diff": max(diffs), "mean_abs_logprob_diff": sum(diffs) / len(diffs)}
 
 
-READINGS = ("source", "weights-only", "head-quantized")
+READINGS = ("source", "weights-only", "head-quantized", "tied-quantized")
 
 
 def reproduction_check(base: Path, types: list[str], tokens: int,
@@ -144,25 +147,51 @@ def reproduction_check(base: Path, types: list[str], tokens: int,
                 f"{rows[reading]['argmax_agree']}/{rows[reading]['tokens']} tokens, max "
                 f"|log-prob diff| {rows[reading]['max_abs_logprob_diff']:.4f}")
             del model
-        result[name] = {"answers": answers, "readings": rows}
+        result[name] = {"answers": answers, "readings": rows,
+                        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     return result
 
 
 # -- 2. perplexity -----------------------------------------------------------------------
 
 
-def perplexities(base: Path, types: list[str]) -> dict[str, Any]:
+def gate_base_perplexity(windows: list[list[int]]) -> float | None:
+    """The base model's perplexity on exactly these windows as the ISQ gate recorded it
+    (isq/job.py keeps it per weights and windows digest), if a gate run did."""
+    from ruvllm.model_store import builtin_dir
+
+    digest = hashlib.sha256(json.dumps(windows).encode()).hexdigest()[:16]
+    cache = builtin_dir("smollm2-135m-instruct").parent.parent / "isq" / "base-perplexity"
+    found = sorted(cache.glob(f"*-{digest}.json"))
+    return json.loads(found[0].read_text())["perplexity"] if found else None
+
+
+def perplexities(base: Path, variants: list[tuple[str, str]],
+                 progress=lambda partial: None) -> dict[str, Any]:
+    """Perplexity of each (ISQ type, reading) on the gate's sets, and the gate's verdict."""
     from ruvllm.config import IsqConfig
     from ruvllm.isq.job import evaluation_sets
     from ruvllm.isq.worker import perplexity
 
-    config = IsqConfig(in_situ=types[0])  # evaluation settings: the gate's defaults
+    config = IsqConfig(in_situ=variants[0][0])  # evaluation settings: the gate's defaults
     sets = evaluation_sets(base, config)
-    rows: dict[str, Any] = {}
-    for isq_type in [None, *types]:
+    limit = config.max_perplexity_increase
+    result = {"max_perplexity_increase": limit,
+              "sets": {s.name: s.description for s in sets}, "rows": {}}
+    rows = result["rows"]
+    known = {s.name: gate_base_perplexity(s.windows) for s in sets}
+    if all(known.values()):  # the same windows the gate measured: its base figures
+        rows["base"] = {"type": None, "reading": "the ISQ gate's cached base perplexity "
+                        "on the identical windows", "weights_by_type": {}, "sets": {
+                            s.name: {"perplexity": known[s.name], "gated": s.gated,
+                                     "windows": len(s.windows),
+                                     "seq_len": len(s.windows[0])} for s in sets}}
+    for isq_type, reading in ([] if "base" in rows else [(None, "source")]) + variants:
         name = isq_type or "base"
-        model, counts = reproduction(base, isq_type)
-        row: dict[str, Any] = {"weights_by_type": counts, "sets": {}}
+        name += f" ({reading})" if reading != "source" else ""
+        model, counts = reproduction(base, isq_type, reading)
+        row: dict[str, Any] = {"type": isq_type, "reading": reading,
+                               "weights_by_type": counts, "sets": {}}
         for s in sets:
             t = time.monotonic()
             ppl = perplexity(model, s.windows, f"{name} {s.name}")
@@ -172,14 +201,13 @@ def perplexities(base: Path, types: list[str]) -> dict[str, Any]:
             log(f"{name} {s.name}: perplexity {ppl:.3f} ({time.monotonic() - t:.0f} s)")
         rows[name] = row
         del model
-    limit = config.max_perplexity_increase
-    for name, row in rows.items():
-        for set_name, s in row["sets"].items():
-            s["increase"] = s["perplexity"] / rows["base"]["sets"][set_name]["perplexity"] - 1
-        row["gate_passed"] = all(s["increase"] <= limit for s in row["sets"].values()
-                                 if s["gated"])
-    return {"max_perplexity_increase": limit,
-            "sets": {s.name: s.description for s in sets}, "rows": rows}
+        for r in rows.values():
+            for set_name, s in r["sets"].items():
+                s["increase"] = s["perplexity"] / rows["base"]["sets"][set_name]["perplexity"] - 1
+            r["gate_passed"] = all(s["increase"] <= limit for s in r["sets"].values()
+                                   if s["gated"])
+        progress(result)  # a run stopped part way keeps the rows it finished
+    return result
 
 
 # -- report ------------------------------------------------------------------------------
@@ -218,26 +246,31 @@ def write_report(out: Path, data: dict[str, Any]) -> None:
                   + " (only the first is gated).", ""]
     check = data.get("reproduction_check")
     if check:
-        lines += [f"Reproduction check, measured {check['measured']}: "
-                  f"{check['prompts']} chat prompts x "
+        lines += [f"Reproduction check: {check['prompts']} chat prompts x "
                   f"{check['tokens_per_prompt']} greedy tokens from bare mistral.rs, scored "
                   "by the torch reproduction (argmax agreement and |log-prob difference| "
                   "at mistral.rs's tokens):", "",
                   "| mistral.rs | reproduction | argmax agrees | max abs log-prob diff | "
-                  "mean abs log-prob diff |", "|---|---|---|---|---|"]
+                  "mean abs log-prob diff | measured |", "|---|---|---|---|---|---|"]
         for name, entry in check.items():
             if not isinstance(entry, dict) or "readings" not in entry:
                 continue
             for reading, r in entry["readings"].items():
                 lines.append(f"| {name} | {reading} | {r['argmax_agree']}/{r['tokens']} | "
                              f"{r['max_abs_logprob_diff']:.4f} | "
-                             f"{r['mean_abs_logprob_diff']:.4f} |")
-        lines += ["", "Readings: `source` is what the source says (ggml_fake_quant's "
-                  "docstring); `weights-only` leaves out candle's Q8 rounding of matmul "
-                  "inputs; `head-quantized` also quantizes the tied lm_head "
-                  f"(as {', '.join(f'{t} -> {PROMOTED[t]}' for t in data['types'])}, "
-                  "then the width fallback)."]
-    lines += ["", *data.get("notes", [])]
+                             f"{r['mean_abs_logprob_diff']:.4f} | "
+                             f"{entry.get('measured', check['measured'])} |")
+        lines += ["", "Readings: `source` is what mistral.rs's source at 9e92262 says "
+                  "(ggml_fake_quant's docstring; the tied lm_head stays float32); "
+                  "`weights-only` leaves out candle's Q8 rounding of matmul inputs; "
+                  "`head-quantized` also quantizes the tied lm_head as an untied one "
+                  "(promoted: Q4_0 and Q4K -> Q6K -> Q5_1 at width 576, Q8_0 -> Q8_0), "
+                  "the embedding staying float32; `tied-quantized` as `head-quantized` with "
+                  "the embedding looking its rows up in the same rounded matrix."]
+    lines += ["", "The base row is the ISQ gate's cached measurement on byte-identical windows "
+              "(found by their digest; the figures of benchmarks/results/isq/report.md). "
+              "Reading the results (which lm_head, how close the reproduction is, why Q4K "
+              "is nearly lossless here): why-4bit.md section 7."]
     (out / "isq_quality.md").write_text("\n".join(lines) + "\n")
 
 
@@ -248,6 +281,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32,
                         help="greedy tokens per prompt in the reproduction check")
     parser.add_argument("--readings", default=",".join(READINGS))
+    parser.add_argument("--ppl", default="Q4_0,Q4_0:head-quantized,Q8_0,Q4K",
+                        help="TYPE[:READING],... whose perplexity is measured (readings: "
+                             "see --readings; default source)")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--skip-perplexity", action="store_true")
     args = parser.parse_args()
@@ -264,10 +300,19 @@ def main() -> int:
         old = json.loads(saved.read_text())
         data.update({k: old[k] for k in ("reproduction_check", "perplexity") if k in old})
     if not args.skip_check:
-        data["reproduction_check"] = timed(lambda: reproduction_check(
+        check = timed(lambda: reproduction_check(
             base, types, args.tokens, tuple(args.readings.split(","))))
+        # Types not checked now keep their last check (each entry says when).
+        data["reproduction_check"] = {**data.get("reproduction_check", {}), **check}
     if not args.skip_perplexity:
-        data["perplexity"] = timed(lambda: perplexities(base, types))
+        started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+
+        def progress(partial: dict[str, Any]) -> None:
+            partial["measured"] = f"{started}-{time.strftime('%H:%M UTC', time.gmtime())}"
+            write_report(args.out, {**data, "perplexity": partial})
+
+        variants = [tuple((v + ":source").split(":")[:2]) for v in args.ppl.split(",")]
+        data["perplexity"] = timed(lambda: perplexities(base, variants, progress))
     write_report(args.out, data)
     log(f"report in {args.out / 'isq_quality.md'}")
     return 0
