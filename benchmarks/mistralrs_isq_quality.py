@@ -199,6 +199,7 @@ def perplexities(base: Path, variants: list[tuple[str, str]],
                                    "windows": len(s.windows), "seq_len": len(s.windows[0]),
                                    "seconds": time.monotonic() - t}
             log(f"{name} {s.name}: perplexity {ppl:.3f} ({time.monotonic() - t:.0f} s)")
+        row["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         rows[name] = row
         del model
         for r in rows.values():
@@ -230,18 +231,18 @@ def write_report(out: Path, data: dict[str, Any]) -> None:
     if ppl:
         limit = ppl["max_perplexity_increase"]
         names = list(next(iter(ppl["rows"].values()))["sets"])
-        lines += [f"Perplexity measured {ppl['measured']}. "
-                  f"Gate: held-out perplexity at most {1 + limit:g}x the base's on every "
+        lines += [f"Gate: held-out perplexity at most {1 + limit:g}x the base's on every "
                   f"gated set (`isq.max_perplexity_increase` default {limit:g}).", "",
                   "| model | weights by type (millions) | "
-                  + " | ".join(f"{n} ppl | {n} increase" for n in names) + " | gate |",
-                  "|---|---|" + "---|---|" * len(names) + "---|"]
+                  + " | ".join(f"{n} ppl | {n} increase" for n in names) + " | gate | measured |",
+                  "|---|---|" + "---|---|" * len(names) + "---|---|"]
         for name, row in ppl["rows"].items():
             types = ", ".join(f"{t} {n / 1e6:.1f}" for t, n in row["weights_by_type"].items())
             cells = " | ".join(f"{row['sets'][n]['perplexity']:.3f} | "
                                f"{100 * row['sets'][n]['increase']:+.2f}%" for n in names)
             verdict = "—" if name == "base" else ("passes" if row["gate_passed"] else "fails")
-            lines.append(f"| {name} | {types or 'all float32'} | {cells} | {verdict} |")
+            lines.append(f"| {name} | {types or 'all float32'} | {cells} | {verdict} | "
+                         f"{row.get('measured', ppl['measured'])} |")
         lines += ["", "Sets: " + "; ".join(f"`{n}`: {d}" for n, d in ppl["sets"].items())
                   + " (only the first is gated).", ""]
     check = data.get("reproduction_check")
@@ -307,12 +308,17 @@ def main() -> int:
     if not args.skip_perplexity:
         started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
 
+        kept = (data.get("perplexity") or {}).get("rows", {})
+
         def progress(partial: dict[str, Any]) -> None:
+            # Rows not measured now keep their last measurement (each says when).
+            partial["rows"] = {**kept, **partial["rows"]}
             partial["measured"] = f"{started}-{time.strftime('%H:%M UTC', time.gmtime())}"
             write_report(args.out, {**data, "perplexity": partial})
 
         variants = [tuple((v + ":source").split(":")[:2]) for v in args.ppl.split(",")]
         data["perplexity"] = timed(lambda: perplexities(base, variants, progress))
+        data["perplexity"]["rows"] = {**kept, **data["perplexity"]["rows"]}
     write_report(args.out, data)
     log(f"report in {args.out / 'isq_quality.md'}")
     return 0
