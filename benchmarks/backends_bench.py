@@ -21,8 +21,10 @@ stack (`serve run`, HTTP, ingress, router, one replica) against bare mistral.rs 
 
 Held-out perplexity: the GGUF's weights are exactly the base checkpoint's (the HF
 checkpoint is their float32 dequantization), so its perplexity is the base's; mistral.rs's
-API gives no prompt log-probabilities, so ISQ variants' perplexity is not measurable
-through it (reported as null).
+API gives no prompt log-probabilities, so the ISQ variants' perplexity comes from
+`benchmarks.mistralrs_isq_quality` (their rounding reproduced in torch, checked against
+mistral.rs's own log-probabilities, scored with the ISQ gate's code), read from
+benchmarks/results/backends/isq_quality.json; null where that has no row for the type.
 
 Writes report.json, report.md and report.png under --out.
 """
@@ -294,6 +296,22 @@ def base_perplexity() -> float | None:
     return None
 
 
+ISQ_TYPES = {"mistralrs-q8_0": "Q8_0", "mistralrs-q4k": "Q4K", "mistralrs-q4_0": "Q4_0"}
+
+
+def isq_perplexity(target: str) -> float | None:
+    """The gated held-out perplexity benchmarks.mistralrs_isq_quality measured for the
+    target's ISQ type (same evaluation set and code as the ISQ gate), if it has."""
+    try:
+        rows = json.loads((OUT / "isq_quality.json").read_text())["perplexity"]["rows"]
+    except (OSError, KeyError, ValueError):
+        return None
+    # Where several readings of mistral.rs's rounding were scored, the worst one.
+    gated = [s["perplexity"] for row in rows.values() if row.get("type") == ISQ_TYPES.get(target)
+             for s in row["sets"].values() if s["gated"]]
+    return max(gated) if gated else None
+
+
 def write_report(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
@@ -335,7 +353,8 @@ def write_report(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> No
     stack = results.get("stack_vs_bare")
     if stack:
         ratio = stack["stack"]["output_tok_per_s"] / stack["bare"]["output_tok_per_s"]
-        lines += ["", f"mistral.rs through the stack vs bare at c={stack['concurrency']}: "
+        lines += ["", f"mistral.rs through the stack vs bare at c={stack['concurrency']} "
+                  f"(measured {stack.get('date', meta['date'])}): "
                   f"{stack['stack']['output_tok_per_s']:.1f} vs "
                   f"{stack['bare']['output_tok_per_s']:.1f} tok/s ({ratio:.2f}x)."]
     lines += ["", *meta.get("notes", [])]
@@ -370,7 +389,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--targets", default=",".join(TARGETS),
                         help="'' keeps the engines of the existing report and reruns only "
-                             "the stack-vs-bare comparison")
+                             "the stack-vs-bare comparison (with --skip-stack: only "
+                             "rewrites the report, e.g. after a new isq_quality.json)")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--stack-port", type=int, default=8731)
     parser.add_argument("--skip-stack", action="store_true")
@@ -389,6 +409,7 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     engines, notes = {}, []
+    saved = None
     if not args.targets:  # only the stack-vs-bare comparison, beside the engines measured before
         saved = json.loads((args.out / "report.json").read_text())
         engines = saved["results"]["engines"]
@@ -404,7 +425,12 @@ def main() -> int:
     for name in ("vllm-f32", "mistralrs-f32", "mistralrs-gguf"):
         if name in engines:  # same weights as the base checkpoint (see the docstring)
             engines[name]["perplexity"] = ppl
+    for name in ISQ_TYPES:
+        if name in engines:
+            engines[name]["perplexity"] = isq_perplexity(name)
     results: dict[str, Any] = {"engines": engines}
+    if saved and args.skip_stack and "stack_vs_bare" in saved["results"]:
+        results["stack_vs_bare"] = saved["results"]["stack_vs_bare"]
     if not args.skip_stack:
         log("mistral.rs bare vs through the stack at c=16")
         try:
@@ -413,9 +439,13 @@ def main() -> int:
                 "stack": child("stack16", [16], 2 * args.target_timeout_s)}
         except RuntimeError as e:
             notes.append(f"- stack vs bare: not measured: {str(e).splitlines()[0]}")
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "cpus": len(os.sched_getaffinity(0)), "prompt_tokens": 60,
-            "notes": notes}
+    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    meta = {"date": saved["meta"]["date"] if saved else now,
+            "cpus": len(os.sched_getaffinity(0)), "prompt_tokens": 60, "notes": notes}
+    if "stack_vs_bare" in results:  # measured now, or kept from the saved report
+        results["stack_vs_bare"].setdefault("date", meta["date"] if saved else now)
+        if not args.skip_stack:
+            results["stack_vs_bare"]["date"] = now
     write_report(args.out, results, meta)
     log(f"report in {args.out}")
     return 0
