@@ -442,14 +442,19 @@ def test_engine_process_killed_under_load(serve_app, pending_restore):
           f"{[(o.status, o.replica, round(o.took_s, 2)) for o in run.after_fault]}")
     check_only_the_victims_requests_failed(run, sessions)
     assert any(sessions.get(o.session) == victim for o in run.after_fault)
-    # Lines from the requests in flight at the kill come first; any later one is a choice
-    # made for a request sent 2 s after the kill.
-    chose_dead = [(round(at - run.killed_wall, 2), line) for at, line
-                  in dead_choices(serve_app.ingress_log_lines(), victim)
-                  if at >= run.killed_wall + ROUTING_BOUND_S]
+    late = [(round(at - run.killed_wall, 2), line) for at, line
+            in dead_choices(serve_app.ingress_log_lines(), victim)
+            if at >= run.killed_wall + ROUTING_BOUND_S]
     print(f"after the kill (s): {({k: round(v, 2) for k, v in timeline.items()})}; "
-          f"a router chose the dead replica later: {chose_dead}")
-    assert not chose_dead, "a router chose the dead replica 2 s after its engine's kill"
+          f"dead-replica lines from 2 s on: {late}")
+    # The engine-dead answer only ever comes to a request routed there. Serve's actor-died
+    # line also comes once for each request that was in flight there when the actor went
+    # (the replica stays up two stats periods, so those come after 2 s): more than that
+    # many is a choice made for a request sent 2 s after the kill. (Measured: 3 lines, the
+    # 3 in flight; 11 when the replica exited at once and told no router.)
+    assert not [line for _, line in late if DEAD_CHOICE_MARKS[0] in line], late
+    held = sum(1 for o in run.outcomes if sessions[o.session] == victim)
+    assert len(late) <= held, f"a router chose the dead replica 2 s after the kill: {late}"
     # The replica whose engine died goes away itself, so that Serve replaces it.
     gone, alive = psutil.wait_procs([replica_process], timeout=30)
     assert not alive, "the replica outlived its engine"
