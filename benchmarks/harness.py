@@ -75,14 +75,25 @@ def wait_for_ready_line(logfile: Path, proc: subprocess.Popen, timeout_s: float,
     Given `since` (the stack's start, epoch seconds), Serve's log files written since
     then count too (see `_ready_sources`); an earlier Ray session's never do."""
     started = time.monotonic()
-    while not any(READY_PREFIX in f.read_text(errors="replace")
-                  for f in _ready_sources(logfile, since)):
+    read_to: dict[Path, int] = {}  # each file is read once, then only what was appended
+    while not any(READY_PREFIX in _appended(f, read_to) for f in _ready_sources(logfile, since)):
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
         if time.monotonic() - started > timeout_s:
             raise TimeoutError(f"{what} printed no ready line within {timeout_s:.0f} s")
         time.sleep(1)
     return time.monotonic() - started
+
+
+def _appended(path: Path, read_to: dict[Path, int]) -> str:
+    """What `path` gained since the last call (from a line start: a line cut mid-write is
+    read again whole next time)."""
+    with path.open("rb") as f:
+        f.seek(read_to.get(path, 0))
+        chunk = f.read()
+    complete = chunk.rfind(b"\n") + 1
+    read_to[path] = read_to.get(path, 0) + complete
+    return chunk.decode(errors="replace")
 
 
 def _ready_sources(logfile: Path, since: float | None) -> list[Path]:
