@@ -187,6 +187,31 @@ def probe_lines(results: dict) -> list[str]:
     return lines + [""]
 
 
+def scaling_lines(results: dict) -> list[str]:
+    """Benchmark d: two replicas against one at each concurrency both ran, beside the
+    ceiling bare vLLM's own rows set: two engines each at c/2 against one engine at c,
+    i.e. 2 x bare(c/2) / bare(c), what perfect routing with no overhead would give."""
+    bare = results.get("bare", {}).get("rows", {})
+    pairs = [(two, one) for two, one in (("stack-2-tput", "stack-tput"), ("stack-2", "stack"),
+                                         ("stack-2-tput-i4", "stack-tput-i4"))
+             if two in results and one in results]
+    if not pairs:
+        return []
+    lines = ["## Two replicas on two GPUs against one (benchmark d)", "",
+             "| two replicas | one replica | concurrency | two (tok/s) | one (tok/s) | ratio "
+             "| bare ceiling 2 x bare(c/2) / bare(c) |", "|---|---|---|---|---|---|---|"]
+    for two, one in pairs:
+        rows2, rows1 = results[two]["rows"], results[one]["rows"]
+        for c in (c for c in rows2 if c in rows1):
+            t2, t1 = rows2[c]["output_throughput"], rows1[c]["output_throughput"]
+            half = str(int(c) // 2)
+            ceiling = (f"{2 * bare[half]['output_throughput'] / bare[c]['output_throughput']:.2f}x"
+                       if half in bare and c in bare else "—")
+            lines.append(f"| {two} | {one} | {c} | {t2:.0f} | {t1:.0f} | {t2 / t1:.2f}x | "
+                         f"{ceiling} |")
+    return lines + [""]
+
+
 def write_report(out: Path, results: dict, meta: dict) -> None:
     peer_name = meta.get("peer", "bare")
     peer = results.get(peer_name, {}).get("rows", {})
@@ -200,7 +225,9 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
         "# ruvllm stack vs bare vLLM on a GPU",
         "",
         f"Measured {meta['date']} on **{meta.get('gpus', 1)} x {meta['gpu']}** (vLLM {meta['vllm']}, Ray {meta['ray']}), "
-        f"one run, the same GPU(s) for every target. Model: Llama-3-8B shape, random bf16 weights, "
+        f"one lease, the same GPU(s) for every target"
+        + (f" ({', '.join(meta['kept'])} measured earlier in it, {next(iter(meta['kept'].values()))})"
+           if meta.get("kept") else "") + f". Model: Llama-3-8B shape, random bf16 weights, "
         f"the default model's tokenizer. {meta['input_len']} random prompt tokens, "
         f"{meta['output_len']} output tokens (ignore_eos), chat endpoint, `vllm bench serve`.",
         "",
@@ -227,6 +254,7 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
         "replica at c=128.", ""]
     if meta.get("failed_targets"):
         lines += ["Failed targets: " + "; ".join(f"{n}: {e}" for n, e in meta["failed_targets"].items()), ""]
+    lines += scaling_lines(results)
     lines += probe_lines(results)
     if meta.get("notes"):
         lines += ["## Notes", ""] + [f"- {note}" for note in meta["notes"]] + [""]
@@ -270,6 +298,13 @@ def main() -> int:
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--probe", action="store_true",
                         help="Server-Timing probes beside the load and after it (see above)")
+    parser.add_argument("--concurrency-of", action="append", default=[], metavar="TARGET=C,C",
+                        help="another concurrency list for one target (e.g. "
+                        "stack-2-tput=128,256 for benchmark d)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the targets of --out's report.json that this run does not "
+                        "measure (a target run earlier in the same lease, e.g. bare on one "
+                        "GPU while the tests held the other)")
     parser.add_argument("--rewrite-report", action="store_true",
                         help="re-render report.md/.png from report.json (e.g. after editing notes)")
     args = parser.parse_args()
@@ -312,6 +347,12 @@ def main() -> int:
             "engine": ", ".join(f"{k}={v}" for k, v in engine_settings(GPU_CONFIG).items()
                                 if v is not None)}
     results: dict[str, dict] = {}
+    if args.keep and (args.out / "report.json").is_file():
+        saved = json.loads((args.out / "report.json").read_text())
+        results = {n: t for n, t in saved["targets"].items() if n not in args.targets.split(",")}
+        meta["kept"] = {n: saved["meta"]["date"] for n in results}
+    own = {k: [int(c) for c in v.split(",")]
+           for k, v in (item.split("=", 1) for item in args.concurrency_of)}
     for name in args.targets.split(","):
         try:
             ready_log = None if name == "bare" else logs / f"{name}.log"
@@ -320,7 +361,8 @@ def main() -> int:
                 log(f"{name}: serving after {ready:.0f} s")
                 probes: dict = {}
                 results[name] = {"startup_s": ready, "probes": probes, "rows": sweep(
-                    url, args.model_dir, concurrencies, args, args.out, name, probes)}
+                    url, args.model_dir, own.get(name, concurrencies), args, args.out, name,
+                    probes)}
         except Exception as e:  # a target that fails is reported; the others still run
             log(f"{name}: failed: {e!r}")
             meta.setdefault("failed_targets", {})[name] = repr(e)[:300]

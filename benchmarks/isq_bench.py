@@ -40,6 +40,12 @@ SCHEMES: dict[str, dict] = {
     "gptq-w4a16-g64-no-actorder": {"method": "gptq", "bits": 4, "group_size": 64,
                                    "actorder": False},
     "gptq-w4a16-g32": {"method": "gptq", "bits": 4, "group_size": 32},
+    # GPTQ's own knobs (issue 19's out-of-distribution 0.6x): a zero point per group, and
+    # ten times llmcompressor's Hessian dampening; RTN with a zero point is their peer.
+    "gptq-w4a16-g64-asym": {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False},
+    "gptq-w4a16-g64-damp0.1": {"method": "gptq", "bits": 4, "group_size": 64,
+                               "dampening_frac": 0.1},
+    "rtn-w4a16-g64-asym": {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False},
     "awq-w4a16-g64": {"method": "awq", "bits": 4, "group_size": 64},
     # Mixed precision (issue 19): the most sensitive 30% of the Linear weights at 8 bits
     # (or 10% left in bfloat16: about the same bytes), the rest at 4 bits.
@@ -391,13 +397,15 @@ def _missed_by(checks: list[tuple[str, float, float]]) -> str:
 
 def rtn_reference(jobs: dict[str, dict], name: str) -> str | None:
     """The RTN row a calibrated 4-bit row is compared with: same bits, group size and
-    mixed-precision setting (so the ratio measures the method, not the byte budget)."""
+    mixed-precision setting (so the ratio measures the method, not the byte budget), and
+    the same weight grid where the row chose one (`symmetric`)."""
     r = jobs[name]
     if r["method"] not in ("gptq", "awq") or r["bits"] != 4:
         return None
     return next((n for n, o in jobs.items() if o["method"] == "rtn" and o["bits"] == 4
                  and o["group_size"] == r["group_size"]
-                 and _mixed_setting(o) == _mixed_setting(r)), None)
+                 and _mixed_setting(o) == _mixed_setting(r)
+                 and o.get("symmetric") == r.get("symmetric")), None)
 
 
 def _mixed_setting(report: dict) -> tuple | None:

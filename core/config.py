@@ -540,6 +540,16 @@ class IsqConfig(_Strict):
         "decreasing activation magnitude. Default: on for gptq (llmcompressor's default; "
         "on SmolLM2 W4 g64 it is the difference between beating RTN and losing to it).",
     )
+    symmetric: bool | None = Field(
+        None,
+        description="Weight grid of the weight-only schemes (rtn, gptq, awq): symmetric "
+        "around zero, or asymmetric with a zero point per group (one more value per group, "
+        "the same bytes in practice). Default: symmetric for rtn and gptq, asymmetric for "
+        "awq (its published recipe).")
+    dampening_frac: float | None = Field(
+        None, gt=0, lt=1,
+        description="GPTQ: the share of the Hessian's mean diagonal added to it before it is "
+        "inverted. Default: llmcompressor's (0.01).")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     mixed_precision: MixedPrecisionConfig | None = Field(
         None, description="4-bit weight-only schemes (rtn, gptq, awq): keep the most "
@@ -603,6 +613,12 @@ class IsqConfig(_Strict):
                              "(rtn, gptq, awq with bits 4)")
         if self.actorder and self.method != "gptq":
             raise ValueError("actorder applies to method gptq only")
+        if self.dampening_frac is not None and self.method != "gptq":
+            raise ValueError("dampening_frac applies to method gptq only")
+        if self.symmetric is not None and (self.method not in ("rtn", "gptq", "awq")
+                                           or self.activation_bits == 8):
+            raise ValueError("symmetric applies to the weight-only schemes of rtn, gptq "
+                             "and awq")
         calibration_file = (None if self.calibration.source == "builtin"
                             else Path(self.calibration.source).expanduser().resolve())
         for source in self.evaluation.sources or ():
@@ -646,6 +662,10 @@ class IsqConfig(_Strict):
         return self.method == "gptq" and self.actorder is not False
 
     @property
+    def symmetric_weights(self) -> bool:
+        return self.symmetric if self.symmetric is not None else self.method != "awq"
+
+    @property
     def needs_calibration(self) -> bool:
         return self.method in ("awq", "gptq", "smoothquant") or self.mixed_precision is not None
 
@@ -657,6 +677,9 @@ class IsqConfig(_Strict):
                 "actorder": "static" if self.gptq_actorder else None,
                 "save_dtype": "bfloat16",
                 # Only when set, so the keys of existing checkpoints stay what they were.
+                **({"symmetric": self.symmetric} if self.symmetric is not None else {}),
+                **({"dampening_frac": self.dampening_frac}
+                   if self.dampening_frac is not None else {}),
                 **({"mixed_precision": self.mixed_precision.model_dump()}
                    if self.mixed_precision else {})}
 

@@ -50,24 +50,27 @@ def recipe(spec: dict, kept: list[str] = ()):
     kept_bits = (spec.get("mixed_precision") or {}).get("bits", 8)
     ignore = ["lm_head"] + (list(kept) if kept_bits == 16 else [])
     mixed = {"kept": list(kept), "kept_bits": kept_bits}
+    symmetric = spec.get("symmetric", method != "awq")
+    gptq_options = {"actorder": spec.get("actorder"),
+                    **({"dampening_frac": spec["dampening_frac"]}
+                       if spec.get("dampening_frac") else {})}
     if spec.get("activation_bits") == 8 and method == "rtn":
         # int8 per-channel weights, dynamic per-token int8 activations.
         return QuantizationModifier(scheme="W8A8", targets=["Linear"], ignore=ignore)
     if spec.get("activation_bits") == 8 and method == "gptq":
-        return GPTQModifier(scheme="W8A8", targets=["Linear"], ignore=ignore,
-                            actorder=spec.get("actorder"))
+        return GPTQModifier(scheme="W8A8", targets=["Linear"], ignore=ignore, **gptq_options)
     if method == "rtn":
-        return QuantizationModifier(config_groups=weight_scheme(bits, group, True, **mixed),
+        return QuantizationModifier(config_groups=weight_scheme(bits, group, symmetric, **mixed),
                                     ignore=ignore)
     if method == "gptq":
-        return GPTQModifier(config_groups=weight_scheme(bits, group, True, **mixed),
-                            ignore=ignore, actorder=spec.get("actorder"))
+        return GPTQModifier(config_groups=weight_scheme(bits, group, symmetric, **mixed),
+                            ignore=ignore, **gptq_options)
     if method == "awq":
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
         # AWQ's published recipe: asymmetric weights, scales searched per layer group.
         return [AWQModifier(duo_scaling=True),
-                QuantizationModifier(config_groups=weight_scheme(bits, group, False, **mixed),
+                QuantizationModifier(config_groups=weight_scheme(bits, group, symmetric, **mixed),
                                      ignore=ignore)]
     if method == "smoothquant":
         from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
@@ -175,7 +178,7 @@ def keep_sensitive(model, spec: dict, calibration: list[list[int]], metrics: dic
     mp = spec["mixed_precision"]
     windows = calibration[:mp["sensitivity_windows"]]
     t = time.monotonic()
-    symmetric = spec["method"] != "awq"
+    symmetric = spec.get("symmetric", spec["method"] != "awq")
     sens = fisher_sensitivity(model, windows, spec["bits"], spec["group_size"], symmetric)
     sizes = {n: m.weight.numel() for n, m in decoder_linears(model).items()}
     kept = choose_kept(sens, sizes, mp["fraction"])

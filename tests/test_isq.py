@@ -25,6 +25,11 @@ def app_with(isq: dict) -> AppConfig:
     ({"method": "fp8", "group_size": 64}, "quantized.0.isq", "group_size"),
     ({"method": "rtn", "group_size": 50}, "quantized.0.isq", "multiple of 16"),
     ({"method": "rtn", "actorder": True}, "quantized.0.isq", "actorder"),
+    ({"method": "rtn", "dampening_frac": 0.1}, "quantized.0.isq", "dampening_frac"),
+    ({"method": "gptq", "dampening_frac": 1}, "quantized.0.isq.dampening_frac", "less than 1"),
+    ({"method": "smoothquant", "symmetric": False}, "quantized.0.isq", "symmetric"),
+    ({"method": "rtn", "bits": 8, "activation_bits": 8, "symmetric": False},
+     "quantized.0.isq", "symmetric"),
     ({"method": "gptq", "activation_bits": 8}, "quantized.0.isq", "activation_bits"),
     ({"method": "gptq", "bits": 8, "activation_bits": 8, "group_size": 64},
      "quantized.0.isq", "group_size"),
@@ -62,6 +67,21 @@ def test_gptq_act_order_is_on_unless_turned_off():
     assert IsqConfig(method="gptq", actorder=False).job_params()["actorder"] is None
     assert IsqConfig(method="rtn").job_params()["actorder"] is None
     assert IsqConfig(method="awq").job_params()["actorder"] is None
+
+
+def test_weight_grid_and_dampening_keep_old_keys_unless_set():
+    """The knobs enter the job's parameters (so the cache key) only when set: checkpoints
+    built before they existed keep their keys."""
+    assert IsqConfig(method="gptq").symmetric_weights
+    assert not IsqConfig(method="awq").symmetric_weights
+    assert not IsqConfig(method="gptq", symmetric=False).symmetric_weights
+    plain = IsqConfig(method="gptq").job_params()
+    assert "symmetric" not in plain and "dampening_frac" not in plain
+    assert IsqConfig(method="gptq", symmetric=False).job_params()["symmetric"] is False
+    assert IsqConfig(method="gptq", dampening_frac=0.1).job_params()["dampening_frac"] == 0.1
+    keys = {cache_key("w" * 64, IsqConfig(method="gptq", **extra), [[1]])
+            for extra in ({}, {"symmetric": False}, {"dampening_frac": 0.1})}
+    assert len(keys) == 3
 
 
 def test_variant_names_must_not_clash():
