@@ -28,7 +28,7 @@ PY
 p "model built"
 (
   CUDA_VISIBLE_DEVICES=0 timeout 480 python3 -m benchmarks.gpu_stack_vs_vllm --targets bare \
-    --concurrency 1,16,64,128,256 --probe --out $R/a > $R/a/log-bare 2>    --concurrency 1,16,64,128,256 --out $R/a > $R/a/log-bare 2>&11
+    --concurrency 1,16,64,128,256 --probe --out $R/a > $R/a/log-bare 2>&1
   p "a bare rc=$?"
 ) &
 BARE=$!
