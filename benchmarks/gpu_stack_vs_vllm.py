@@ -241,14 +241,16 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
         for c, r in target["rows"].items():
             ratio = r.get("throughput_ratio_vs_bare")
             delta = r.get("ttft_p50_delta_ms")
+            p99 = f"{r['p99_ttft_ms']:.1f}" if "p99_ttft_ms" in r else "—"
             lines.append(
                 f"| {name} | {c} | {r['completed']} | {r['output_throughput']:.0f} | "
                 f"{'—' if ratio is None else f'{ratio:.3f}x'} | "
-                f"{r.get('p50_ttft_ms', 0):.1f} / {r.get('p99_ttft_ms', 0):.1f} | "
+                f"{r.get('p50_ttft_ms', 0):.1f} / {p99} | "
                 f"{'—' if delta is None else f'{delta:+.1f} ms'} | "
                 f"{r.get('p50_tpot_ms', 0):.2f} | {r.get('failed', 0)} |")
     lines += ["", "Start-up (s): " + ", ".join(
-        f"{n} {t['startup_s']:.0f}" for n, t in results.items()), "",
+        f"{n} {t['startup_s']:.0f}" if t.get("startup_s") is not None else f"{n} —"
+        for n, t in results.items()), "",
         "Targets (issue 14): stack output throughput >= 0.95x bare at c=64 and c=128; "
         "TTFT p50 at c=1 within +10 ms of bare; two replicas on two GPUs >= 1.8x one "
         "replica at c=128.", ""]
@@ -330,7 +332,7 @@ def main() -> int:
                 "stack-2": lambda: start_stack_on(args.model_dir, 8300, logs / "stack-2.log", 2),
                 "stack-tput": lambda: start_stack_on(args.model_dir, 8400, logs / "stack-tput.log",
                                                      env_vars=THROUGHPUT_FLAGS),
-                "stack-2-tput": lambda: start_stack_on(args.model_dir, 8500,
+                "stack-2-tput": lambda: start_stack_on(args.model_dir, 8900,
                                                        logs / "stack-2-tput.log", 2,
                                                        env_vars=THROUGHPUT_FLAGS),
                 "stack-tput-i4": lambda: start_stack_on(args.model_dir, 8600,

@@ -132,6 +132,10 @@ def engine_settings(config: Path = ROOT / "cluster.yaml") -> dict[str, Any]:
 def start_stack(port: int, logfile: Path, overrides: Callable[[dict], None],
                 config_path: Path = ROOT / "cluster.yaml",
                 env_vars: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    from ruvllm.serve_mode import port_conflict
+
+    if (env_vars or {}).get("RAY_SERVE_ENABLE_HA_PROXY") and port_conflict(port):
+        raise ValueError(port_conflict(port))
     config = yaml.safe_load(config_path.read_text())
     config["http_options"]["port"] = port
     overrides(config["applications"][0]["args"])

@@ -543,9 +543,10 @@ class IsqConfig(_Strict):
     symmetric: bool | None = Field(
         None,
         description="Weight grid of the weight-only schemes (rtn, gptq, awq): symmetric "
-        "around zero, or asymmetric with a zero point per group (one more value per group, "
-        "the same bytes in practice). Default: symmetric for rtn and gptq, asymmetric for "
-        "awq (its published recipe).")
+        "around zero, or asymmetric with a zero point per group (the same bytes in "
+        "practice). Default: asymmetric at 4 bits, symmetric at 8. Measured on SmolLM2 W4 "
+        "g64 (H200): GPTQ +5.3% held-out / +12.4% out of distribution asymmetric against "
+        "+15.2% / +30.7% symmetric; vLLM serves both with Marlin.")
     dampening_frac: float | None = Field(
         None, gt=0, lt=1,
         description="GPTQ: the share of the Hessian's mean diagonal added to it before it is "
@@ -663,7 +664,7 @@ class IsqConfig(_Strict):
 
     @property
     def symmetric_weights(self) -> bool:
-        return self.symmetric if self.symmetric is not None else self.method != "awq"
+        return self.symmetric if self.symmetric is not None else self.bits == 8
 
     @property
     def needs_calibration(self) -> bool:
@@ -677,7 +678,9 @@ class IsqConfig(_Strict):
                 "actorder": "static" if self.gptq_actorder else None,
                 "save_dtype": "bfloat16",
                 # Only when set, so the keys of existing checkpoints stay what they were.
-                **({"symmetric": self.symmetric} if self.symmetric is not None else {}),
+                # Before `symmetric` existed rtn/gptq were symmetric and awq not.
+                **({"symmetric": self.symmetric_weights}
+                   if self.symmetric_weights != (self.method != "awq") else {}),
                 **({"dampening_frac": self.dampening_frac}
                    if self.dampening_frac is not None else {}),
                 **({"mixed_precision": self.mixed_precision.model_dump()}

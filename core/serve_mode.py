@@ -21,3 +21,21 @@ THROUGHPUT_FLAGS: dict[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
 }
+
+# Ports Serve 2.60 binds for itself in that mode (ray/serve/_private/constants.py): the
+# HAProxy frontend listens on http_options.port, so that port must be none of these. A
+# stack whose http port was 8500 failed to start on an H200 ("cannot bind socket ... for
+# [0.0.0.0:8500]": its own fallback proxy held it).
+HAPROXY_MODE_PORTS: dict[int, str] = {
+    8404: "HAProxy stats (RAY_SERVE_HAPROXY_STATS_PORT)",
+    8500: "Serve's fallback HTTP proxy (RAY_SERVE_FALLBACK_PROXY_HTTP_PORT)",
+    9101: "HAProxy metrics (RAY_SERVE_HAPROXY_METRICS_PORT)",
+    9500: "Serve's fallback gRPC proxy (RAY_SERVE_FALLBACK_PROXY_GRPC_PORT)",
+}
+
+
+def port_conflict(http_port: int) -> str | None:
+    """Why `http_port` cannot be the HAProxy frontend's port in this mode, or None."""
+    used = HAPROXY_MODE_PORTS.get(http_port)
+    return (f"port {http_port} is taken by {used} in Ray Serve's high-throughput mode; "
+            "choose another http_options.port") if used else None

@@ -25,19 +25,20 @@ def log(msg: str) -> None:
 
 
 def weight_scheme(bits: int, group_size: int | None, symmetric: bool,
-                  kept: list[str] = (), kept_bits: int = 8):
+                  kept: list[str] = (), kept_bits: int = 8, kept_symmetric: bool = True):
     """One scheme for every Linear layer, and `kept_bits` for the layers named in `kept`
     (compressed-tensors gives an exact module name precedence over the class "Linear")."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    def args(b: int) -> QuantizationArgs:
+    def args(b: int, sym: bool) -> QuantizationArgs:
         return QuantizationArgs(
-            num_bits=b, type="int", symmetric=symmetric,
+            num_bits=b, type="int", symmetric=sym,
             strategy="group" if group_size else "channel", group_size=group_size)
 
-    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=args(bits))}
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=args(bits, symmetric))}
     if kept and kept_bits < 16:
-        groups["group_1"] = QuantizationScheme(targets=list(kept), weights=args(kept_bits))
+        groups["group_1"] = QuantizationScheme(targets=list(kept),
+                                               weights=args(kept_bits, kept_symmetric))
     return groups
 
 
@@ -51,6 +52,8 @@ def recipe(spec: dict, kept: list[str] = ()):
     ignore = ["lm_head"] + (list(kept) if kept_bits == 16 else [])
     mixed = {"kept": list(kept), "kept_bits": kept_bits}
     symmetric = spec.get("symmetric", method != "awq")
+    # Kept 8-bit layers stay on the grid they had before `symmetric` existed.
+    mixed["kept_symmetric"] = method != "awq" or symmetric
     gptq_options = {"actorder": spec.get("actorder"),
                     **({"dampening_frac": spec["dampening_frac"]}
                        if spec.get("dampening_frac") else {})}

@@ -72,15 +72,18 @@ def test_gptq_act_order_is_on_unless_turned_off():
 def test_weight_grid_and_dampening_keep_old_keys_unless_set():
     """The knobs enter the job's parameters (so the cache key) only when set: checkpoints
     built before they existed keep their keys."""
-    assert IsqConfig(method="gptq").symmetric_weights
+    assert not IsqConfig(method="gptq").symmetric_weights  # asymmetric at 4 bits
+    assert not IsqConfig(method="rtn").symmetric_weights
+    assert IsqConfig(method="gptq", bits=8).symmetric_weights
     assert not IsqConfig(method="awq").symmetric_weights
-    assert not IsqConfig(method="gptq", symmetric=False).symmetric_weights
-    plain = IsqConfig(method="gptq").job_params()
-    assert "symmetric" not in plain and "dampening_frac" not in plain
     assert IsqConfig(method="gptq", symmetric=False).job_params()["symmetric"] is False
+    legacy = IsqConfig(method="gptq", symmetric=True).job_params()
+    assert "symmetric" not in legacy and "dampening_frac" not in legacy
+    assert "symmetric" not in IsqConfig(method="awq").job_params()
+    assert "symmetric" not in IsqConfig(method="gptq", bits=8).job_params()
     assert IsqConfig(method="gptq", dampening_frac=0.1).job_params()["dampening_frac"] == 0.1
     keys = {cache_key("w" * 64, IsqConfig(method="gptq", **extra), [[1]])
-            for extra in ({}, {"symmetric": False}, {"dampening_frac": 0.1})}
+            for extra in ({}, {"symmetric": True}, {"dampening_frac": 0.1})}
     assert len(keys) == 3
 
 

@@ -285,3 +285,13 @@ def test_gpu_deployments_run_serve_in_high_throughput_mode_and_cpu_ones_do_not()
     makefile = (ROOT / "Makefile").read_text()
     for name, value in THROUGHPUT_FLAGS.items():
         assert f"export {name} ?= {value}" in makefile
+
+
+def test_gpu_profile_port_is_free_in_the_high_throughput_mode():
+    """In that mode Serve binds 8404, 8500, 9101 and 9500 itself; an HAProxy frontend on one
+    of them cannot start (a benchmark stack on 8500 failed so on an H200)."""
+    from ruvllm.serve_mode import port_conflict
+
+    gpu = yaml.safe_load((ROOT / "cluster-gpu.yaml").read_text())
+    assert port_conflict(gpu["http_options"]["port"]) is None
+    assert "fallback HTTP proxy" in port_conflict(8500)
