@@ -187,3 +187,32 @@ def test_controller_capacity_shares_keep_tenants_fair_when_each_has_its_own_ingr
         errors[split], _ = share_error(clock.run(Simulation(cfg, trace).run()))
     assert errors["static"] > 0.15
     assert errors["weighted"] < 0.05
+
+
+def test_validation_compares_the_simulation_with_the_median_of_the_real_runs():
+    from benchmarks.sim.report import compare_with_bench
+
+    def run(loads: int, goodput: float) -> dict:
+        return {"adapter_loads": loads, "goodput_req_per_s": goodput}
+
+    measured = {"power_of_two": run(206, 1.2), "placement_aware": run(33, 1.2),
+                "runs": {"power_of_two": [run(206, 1.2), run(180, 1.0), run(190, 1.1)],
+                         "placement_aware": [run(33, 1.2), run(62, 1.3), run(40, 1.0)]}}
+    simulated = {"power_of_two": {"adapter_loads": 209, "completed_req_per_s": 1.1},
+                 "placement_aware": {"adapter_loads": 50, "completed_req_per_s": 1.0}}
+    rows = {r["what"]: r for r in compare_with_bench(simulated, measured)}
+    p2c = rows["adapter loads, power_of_two"]
+    assert (p2c["measured"], p2c["measured_min"], p2c["measured_max"], p2c["measured_runs"]) \
+        == (190, 180, 206, 3)
+    assert p2c["error"] == pytest.approx(209 / 190 - 1)
+    assert rows["adapter loads, placement_aware"]["error"] == pytest.approx(50 / 40 - 1)
+    assert rows["goodput req/s, placement_aware"]["measured"] == pytest.approx(1.2)
+    ratio = rows["load reduction (x)"]
+    assert ratio["measured"] == pytest.approx(190 / 40)
+    assert (ratio["measured_min"], ratio["measured_max"]) == pytest.approx((180 / 62, 206 / 33))
+    assert ratio["error"] == pytest.approx((209 / 50) / (190 / 40) - 1)
+    # Without recorded repeats the one row is the measurement, as before.
+    single = {k: v for k, v in measured.items() if k != "runs"}
+    one = {r["what"]: r for r in compare_with_bench(simulated, single)}
+    assert one["adapter loads, power_of_two"]["measured"] == 206
+    assert one["adapter loads, power_of_two"]["measured_runs"] == 1

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -91,20 +92,42 @@ def section_validation() -> dict[str, Any]:
     return out
 
 
+def bench_runs(measured: dict[str, Any], policy: str) -> list[dict[str, Any]]:
+    """Every real run of `policy` the CPU router benchmark's adapter section holds on the
+    current code: its `runs` list where repeats were recorded (one draw of adapter loads
+    on 2 shared cores varies ~2x between engine starts), else its one row."""
+    return measured.get("runs", {}).get(policy) or [measured[policy]]
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    return {"measured": statistics.median(values), "measured_min": min(values),
+            "measured_max": max(values), "measured_runs": len(values)}
+
+
 def compare_with_bench(out: dict[str, Any], measured: dict[str, Any]) -> list[dict[str, Any]]:
     """The simulated validation runs against the CPU router benchmark's adapter section
-    (re-done by `--rewrite-report` when only the benchmark was re-run)."""
+    (re-done by `--rewrite-report` when only the benchmark was re-run): each simulated
+    value against the median of the real runs, with their min-max beside it."""
+    runs = {p: bench_runs(measured, p) for p in ("power_of_two", "placement_aware")}
     sim_ratio = out["power_of_two"]["adapter_loads"] / max(1, out["placement_aware"]["adapter_loads"])
     rows = []
-    for what, key in (("adapter loads, power_of_two", ("power_of_two", "adapter_loads")),
-                      ("adapter loads, placement_aware", ("placement_aware", "adapter_loads")),
-                      ("goodput req/s, power_of_two", ("power_of_two", "goodput_req_per_s")),
-                      ("goodput req/s, placement_aware", ("placement_aware", "goodput_req_per_s"))):
-        m, s = measured[key[0]][key[1]], out[key[0]][key[1] if key[1] != "goodput_req_per_s"
-                                                     else "completed_req_per_s"]
-        rows.append({"what": what, "measured": m, "simulated": s, "error": s / m - 1})
-    rows.append({"what": "load reduction (x)", "measured": measured["load_reduction"],
-                 "simulated": sim_ratio, "error": sim_ratio / measured["load_reduction"] - 1})
+    for what, policy, key in (
+            ("adapter loads, power_of_two", "power_of_two", "adapter_loads"),
+            ("adapter loads, placement_aware", "placement_aware", "adapter_loads"),
+            ("goodput req/s, power_of_two", "power_of_two", "goodput_req_per_s"),
+            ("goodput req/s, placement_aware", "placement_aware", "goodput_req_per_s")):
+        real = _spread([r[key] for r in runs[policy]])
+        s = out[policy][key if key != "goodput_req_per_s" else "completed_req_per_s"]
+        rows.append({"what": what, **real, "simulated": s, "error": s / real["measured"] - 1})
+    # The real reduction from the medians; its range pairs the extremes of the two policies'
+    # runs (they are separate engine starts, not paired draws).
+    base = [r["adapter_loads"] for r in runs["power_of_two"]]
+    ours = [max(1, r["adapter_loads"]) for r in runs["placement_aware"]]
+    ratio = statistics.median(base) / statistics.median(ours)
+    rows.append({"what": "load reduction (x)", "measured": ratio,
+                 "measured_min": min(base) / max(ours), "measured_max": max(base) / min(ours),
+                 "measured_runs": min(len(base), len(ours)),
+                 "simulated": sim_ratio, "error": sim_ratio / ratio - 1})
     return rows
 
 
