@@ -134,8 +134,9 @@ def start_stack(port: int, logfile: Path, overrides: Callable[[dict], None],
                 env_vars: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     from ruvllm.serve_mode import port_conflict
 
-    if (env_vars or {}).get("RAY_SERVE_ENABLE_HA_PROXY") and port_conflict(port):
-        raise ValueError(port_conflict(port))
+    conflict = port_conflict(port) if (env_vars or {}).get("RAY_SERVE_ENABLE_HA_PROXY") else None
+    if conflict:
+        raise ValueError(conflict)
     config = yaml.safe_load(config_path.read_text())
     config["http_options"]["port"] = port
     overrides(config["applications"][0]["args"])

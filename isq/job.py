@@ -332,7 +332,10 @@ def run_job(python: Path, base_dir: Path, isq: IsqConfig, sets: list[EvalSet], w
             eval_specs.append({"name": s.name, "windows_file": str(work_dir / f"eval-{i}.json"),
                                "base_perplexity": json.loads(known.read_text())["perplexity"]
                                if known.is_file() else None})
-        spec = {**isq.job_params(), "base_dir": str(base_dir),
+        # The resolved grid always: job_params() names it only where it differs from the
+        # grid a job had before `symmetric` existed (cache keys).
+        spec = {**isq.job_params(), "symmetric": isq.symmetric_weights,
+                "base_dir": str(base_dir),
                 "out_dir": str(out_dir) if out_dir else None,
                 "quantized_dir": str(quantized_dir) if quantized_dir else None,
                 "metrics_file": str(work_dir / "metrics.json"),

@@ -51,7 +51,7 @@ def recipe(spec: dict, kept: list[str] = ()):
     kept_bits = (spec.get("mixed_precision") or {}).get("bits", 8)
     ignore = ["lm_head"] + (list(kept) if kept_bits == 16 else [])
     mixed = {"kept": list(kept), "kept_bits": kept_bits}
-    symmetric = spec.get("symmetric", method != "awq")
+    symmetric = spec["symmetric"]
     # Kept 8-bit layers stay on the grid they had before `symmetric` existed.
     mixed["kept_symmetric"] = method != "awq" or symmetric
     gptq_options = {"actorder": spec.get("actorder"),
@@ -181,8 +181,8 @@ def keep_sensitive(model, spec: dict, calibration: list[list[int]], metrics: dic
     mp = spec["mixed_precision"]
     windows = calibration[:mp["sensitivity_windows"]]
     t = time.monotonic()
-    symmetric = spec.get("symmetric", spec["method"] != "awq")
-    sens = fisher_sensitivity(model, windows, spec["bits"], spec["group_size"], symmetric)
+    sens = fisher_sensitivity(model, windows, spec["bits"], spec["group_size"],
+                              spec["symmetric"])
     sizes = {n: m.weight.numel() for n, m in decoder_linears(model).items()}
     kept = choose_kept(sens, sizes, mp["fraction"])
     seconds = time.monotonic() - t
