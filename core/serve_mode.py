@@ -8,7 +8,8 @@ of Serve's Python HTTP proxy in front of the ingress replicas).
 
 Measured on an H200 with an 8B-shaped model (benchmarks/results/gpu_stack_vs_vllm), in
 one run against bare vLLM: output throughput at concurrency 64 went from 0.37x bare in
-the default mode to 0.99x, at 128 from 0.63x to 0.91x. In the default mode every SSE
+the default mode to 0.99x, at 128 from 0.63x to 0.91x (0.92x and 1.00x in two runs of
+12-01, and +3.8 ms to the first token at concurrency 1). In the default mode every SSE
 chunk crossed two Python hops (replica -> ingress -> Serve's proxy), and at ~6,600 chunks
 a second the ingress and the proxy processes were the busiest on the machine (245% and
 118% CPU) while the engine waited. On the 2-core CPU default the token rate is 30x lower
