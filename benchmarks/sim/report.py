@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.sim import clock
 from benchmarks.sim.calibration import CPU_SMOLLM2, H200_8B, H200_MEASURED, H100_MEASURED
 from benchmarks.sim.policies import POLICIES
 from benchmarks.sim.simulation import SimConfig, Simulation
@@ -61,7 +60,7 @@ def log(msg: str) -> None:
 
 def simulate(trace: list[TraceRequest], **cfg: Any) -> dict[str, Any]:
     started = time.perf_counter()
-    result = clock.run(Simulation(SimConfig(**cfg), trace).run())
+    result = Simulation(SimConfig(**cfg), trace).execute()
     result["wall_s"] = time.perf_counter() - started
     return result
 
