@@ -254,3 +254,25 @@ def test_a_simulation_with_startup_needs_its_clock_to_start_before_time_zero():
                                startup_s=5.0), _three_adapter_trace())
     with pytest.raises(ValueError, match="startup_s"):
         clock.run(sim.run())
+
+
+def test_a_replica_that_starts_later_finds_the_first_preloads_taken():
+    """The first replica to report gets the plan's idle pre-loads all to itself (the
+    planner knows no other replica yet); a replica up together with it shares them
+    (router_bench's log: lora00-07 on one replica, 08-15 on the other, 7 s apart)."""
+    from ruvllm.config import PlacementConfig
+
+    trace = [TraceRequest(t=0.5, prompt=[("q", 40)], output_tokens=8, max_tokens=8,
+                          adapter=f"a{i}") for i in range(8)]
+    profile = dataclasses.replace(H200_8B, adapter_slots=4)
+
+    def resident(stagger_s: float) -> list[list[str]]:
+        sim = Simulation(SimConfig(policy="placement_aware", replicas=2, profile=profile,
+                                   placement=PlacementConfig(hot_requests_per_s=1000.0),
+                                   startup_s=10.0, replica_stagger_s=stagger_s), trace)
+        result = sim.execute()
+        assert result["adapter_loads"] == 0 and result["adapter_hit_rate"] == 1.0
+        return [sorted(r.slots.resident()) for r in sim.replicas]
+
+    assert resident(5.0) == [["a0", "a1", "a2", "a3"], ["a4", "a5", "a6", "a7"]]
+    assert resident(0.0) == [["a0", "a2", "a4", "a6"], ["a1", "a3", "a5", "a7"]]

@@ -69,6 +69,10 @@ class SimConfig:
     # into the two replicas' 16 slots 4-11 s before that read (benchmarks/results/router/
     # repeats/run2-placement_aware/logs). 0: replicas start empty at the first request.
     startup_s: float = 0.0
+    # Replica i first reports to the planner i x this after replica 0 (engines finish
+    # compiling at different times): the first to report gets the plan's first pre-loads
+    # all to itself. router_bench's log: 7 s between its two replicas' pre-loads.
+    replica_stagger_s: float = 0.0
     seed: int = 0
 
 
@@ -285,8 +289,10 @@ class Simulation:
                              f"not {loop.time()}: use Simulation.execute()")
         self._build(loop)
         p, r = self.cfg.placement, self.cfg.router
-        for replica in self.replicas:  # every replica has reported before traffic starts
-            self.planner.report(replica.report(), self.paths)
+        stagger = self.cfg.replica_stagger_s
+        for i, replica in enumerate(self.replicas):  # each has reported once it is up
+            if i * stagger == 0:
+                self.planner.report(replica.report(), self.paths)
         for ingress in self.ingresses:
             self._ingress_sync(ingress)
         n = len(self.replicas)
@@ -294,7 +300,7 @@ class Simulation:
             r.stats_period_s, r.stats_period_s * i / n, replica.refresh_routing_stats))
             for i, replica in enumerate(self.replicas)]
         background += [loop.create_task(self._every(
-            p.report_period_s, p.report_period_s * (i + 0.5) / n,
+            p.report_period_s, i * stagger + p.report_period_s * (i + 0.5) / n,
             lambda replica=replica: self._replica_report(replica)))
             for i, replica in enumerate(self.replicas)]
         background += [loop.create_task(self._every(
