@@ -216,3 +216,63 @@ def test_validation_compares_the_simulation_with_the_median_of_the_real_runs():
     one = {r["what"]: r for r in compare_with_bench(simulated, single)}
     assert one["adapter loads, power_of_two"]["measured"] == 206
     assert one["adapter loads, power_of_two"]["measured_runs"] == 1
+
+
+def _three_adapter_trace() -> list[TraceRequest]:
+    return [TraceRequest(t=0.0, prompt=[(f"q{i}", 40)], output_tokens=8, max_tokens=8,
+                         adapter=f"a{i % 3}", client=f"c{i % 4}", turn=i // 4,
+                         think_s=0.0 if i >= 4 else None) for i in range(24)]
+
+
+def test_startup_preloads_registered_adapters_before_traffic_and_does_not_count_them():
+    """As router_bench measures it: the stack starts, the plan fills free slots with the
+    registered adapters, and only then are the replicas' counters read. Three adapters
+    fit two replicas x four slots, so a warm start serves every request from a resident
+    adapter and counts no load; a cold start loads each one on its first request."""
+    from ruvllm.config import PlacementConfig
+
+    trace = _three_adapter_trace()
+    profile = dataclasses.replace(H200_8B, adapter_slots=4)
+    placement = PlacementConfig(hot_requests_per_s=1000.0)  # one copy each: no replication
+
+    def run(startup_s: float) -> tuple[dict, Simulation]:
+        sim = Simulation(SimConfig(policy="placement_aware", replicas=2, profile=profile,
+                                   placement=placement, startup_s=startup_s), trace)
+        return sim.execute(), sim
+
+    warm, sim = run(10.0)
+    assert sim.counters_at_warmup["plan_loads"] == 3  # done before time 0, not counted
+    assert warm["adapter_loads"] == 0 and warm["adapter_hit_rate"] == 1.0
+    assert warm["completed"] == len(trace)
+    cold, sim = run(0.0)
+    assert sim.counters_at_warmup.get("loads", 0) == 0
+    assert cold["adapter_loads"] >= 3 and cold["adapter_hit_rate"] < 1.0
+
+
+def test_a_simulation_with_startup_needs_its_clock_to_start_before_time_zero():
+    sim = Simulation(SimConfig(policy="round_robin", replicas=1, profile=H200_8B,
+                               startup_s=5.0), _three_adapter_trace())
+    with pytest.raises(ValueError, match="startup_s"):
+        clock.run(sim.run())
+
+
+def test_a_replica_that_starts_later_finds_the_first_preloads_taken():
+    """The first replica to report gets the plan's idle pre-loads all to itself (the
+    planner knows no other replica yet); a replica up together with it shares them
+    (router_bench's log: lora00-07 on one replica, 08-15 on the other, 7 s apart)."""
+    from ruvllm.config import PlacementConfig
+
+    trace = [TraceRequest(t=0.5, prompt=[("q", 40)], output_tokens=8, max_tokens=8,
+                          adapter=f"a{i}") for i in range(8)]
+    profile = dataclasses.replace(H200_8B, adapter_slots=4)
+
+    def resident(stagger_s: float) -> list[list[str]]:
+        sim = Simulation(SimConfig(policy="placement_aware", replicas=2, profile=profile,
+                                   placement=PlacementConfig(hot_requests_per_s=1000.0),
+                                   startup_s=10.0, replica_stagger_s=stagger_s), trace)
+        result = sim.execute()
+        assert result["adapter_loads"] == 0 and result["adapter_hit_rate"] == 1.0
+        return [sorted(r.slots.resident()) for r in sim.replicas]
+
+    assert resident(5.0) == [["a0", "a1", "a2", "a3"], ["a4", "a5", "a6", "a7"]]
+    assert resident(0.0) == [["a0", "a2", "a4", "a6"], ["a1", "a3", "a5", "a7"]]

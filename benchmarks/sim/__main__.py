@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.sim import clock
 from benchmarks.sim.calibration import PROFILES
 from benchmarks.sim.policies import POLICIES
 from benchmarks.sim.report import GPU_PLACEMENT, GPU_ROUTER
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                         profile=profile, seed=args.seed, router=router, placement=placement,
                         warmup_s=args.warmup, planner_replan_s=placement.report_period_s)
         started = time.perf_counter()
-        results[name] = clock.run(Simulation(cfg, trace).run())
+        results[name] = Simulation(cfg, trace).execute()
         r = results[name]
         print(f"{name:16s} {len(trace)} requests in {time.perf_counter() - started:5.1f} s: "
               f"adapter hits {r['adapter_hit_rate']:.1%}, cold loads/1k "
