@@ -43,7 +43,7 @@ from benchmarks.harness import ROOT, engine_settings, log, running, start_stack
 from benchmarks.serve_vs_vllm import run_load, summarize
 from benchmarks.server_timing_probe import LoadProbe, describe, sequential
 from benchmarks.ttft_breakdown import PHASES
-from ruvllm.serve_mode import THROUGHPUT_FLAGS
+from ruvllm.serve_mode import DEFAULT_MODE_FLAGS, THROUGHPUT_FLAGS
 
 SERVED = "llama8b-random"
 GPU_CONFIG = ROOT / "cluster-gpu.yaml"
@@ -328,8 +328,10 @@ def main() -> int:
     log(f"model at {args.model_dir} ({built:.0f} s to build)")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     starters = {"bare": lambda: start_bare(args.model_dir, 8100, logs / "bare.log"),
-                "stack": lambda: start_stack_on(args.model_dir, 8200, logs / "stack.log"),
-                "stack-2": lambda: start_stack_on(args.model_dir, 8300, logs / "stack-2.log", 2),
+                "stack": lambda: start_stack_on(args.model_dir, 8200, logs / "stack.log",
+                                                env_vars=DEFAULT_MODE_FLAGS),
+                "stack-2": lambda: start_stack_on(args.model_dir, 8300, logs / "stack-2.log", 2,
+                                                  env_vars=DEFAULT_MODE_FLAGS),
                 "stack-tput": lambda: start_stack_on(args.model_dir, 8400, logs / "stack-tput.log",
                                                      env_vars=THROUGHPUT_FLAGS),
                 "stack-2-tput": lambda: start_stack_on(args.model_dir, 8900,
@@ -339,7 +341,7 @@ def main() -> int:
                                                         logs / "stack-tput-i4.log",
                                                         env_vars=THROUGHPUT_FLAGS, ingresses=4),
                 "stack-i4": lambda: start_stack_on(args.model_dir, 8700, logs / "stack-i4.log",
-                                                   ingresses=4),
+                                                   env_vars=DEFAULT_MODE_FLAGS, ingresses=4),
                 "stack-2-tput-i4": lambda: start_stack_on(args.model_dir, 8800,
                                                           logs / "stack-2-tput-i4.log", 2,
                                                           env_vars=THROUGHPUT_FLAGS, ingresses=4)}

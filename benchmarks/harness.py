@@ -132,9 +132,10 @@ def engine_settings(config: Path = ROOT / "cluster.yaml") -> dict[str, Any]:
 def start_stack(port: int, logfile: Path, overrides: Callable[[dict], None],
                 config_path: Path = ROOT / "cluster.yaml",
                 env_vars: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    from ruvllm.serve_mode import port_conflict
+    from ruvllm.serve_mode import flags_for, port_conflict
 
-    conflict = port_conflict(port) if (env_vars or {}).get("RAY_SERVE_ENABLE_HA_PROXY") else None
+    env_vars = flags_for(config_path.name) if env_vars is None else env_vars  # as `make serve`
+    conflict = port_conflict(port) if env_vars.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else None
     if conflict:
         raise ValueError(conflict)
     config = yaml.safe_load(config_path.read_text())
@@ -146,7 +147,7 @@ def start_stack(port: int, logfile: Path, overrides: Callable[[dict], None],
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["HF_HUB_OFFLINE"] = "1"
     env.setdefault("RAY_worker_niceness", "0")  # as `make serve` runs it (see Makefile)
-    env.update(env_vars or {})  # Ray Serve reads its feature flags when the cluster starts
+    env.update(env_vars)  # Ray Serve reads its feature flags when the cluster starts
     proc = subprocess.Popen([tool("serve"), "run", str(path)], env=env, cwd=ROOT,
                             stdout=logfile.open("w"), stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"

@@ -7,7 +7,7 @@ from its first token (no prefix-cache hits), ~128 prompt tokens, 16 output token
 each target it records the time to the response headers and to the first content
 chunk; for the stack also the `Server-Timing` phases (deployments/server_timing.py).
 The stack runs with one engine replica bound like bare vLLM (as `serve_vs_vllm`'s
-stack-1), so both have the same engine. `--serve-mode throughput` starts the stack in Ray
+stack-1), so both have the same engine. By default (`--serve-mode throughput`) the stack runs in Ray
 Serve's high-throughput mode (core/serve_mode.py: the ingress replica serves HTTP itself
 behind HAProxy, no Python proxy hop, no call back to the proxy for the body, user code
 on each replica's own event loop), with Serve's console log kept on as the CPU default has it.
@@ -220,7 +220,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ttft_breakdown")
     parser.add_argument("--startup-timeout", type=float, default=900)
-    parser.add_argument("--serve-mode", choices=("default", "throughput"), default="default")
+    parser.add_argument("--serve-mode", choices=("default", "throughput"), default="throughput",
+                        help="throughput: as `make serve` runs it (core/serve_mode.py)")
     parser.add_argument("--rewrite-report", action="store_true",
                         help="re-render report.md/.png from report.json (e.g. after editing notes)")
     args = parser.parse_args()
@@ -242,11 +243,9 @@ def main() -> int:
         a["replicas"]["num_replicas"] = 1
         a["engine"]["cpu_threads_bind"] = "auto"  # vLLM's default, as bare vLLM runs
 
-    from ruvllm.serve_mode import THROUGHPUT_FLAGS
+    from ruvllm.serve_mode import CPU_FLAGS, DEFAULT_MODE_FLAGS
 
-    # Serve logs to files only in throughput mode; the console line is the CPU default's.
-    flags = ({**THROUGHPUT_FLAGS, "RAY_SERVE_LOG_TO_STDERR": "1"}
-             if args.serve_mode == "throughput" else None)
+    flags = CPU_FLAGS if args.serve_mode == "throughput" else DEFAULT_MODE_FLAGS
     starters = {"bare": lambda: start_bare_vllm(model_path, 8100, logs / "bare.log"),
                 "stack": lambda: start_stack(8300, logs / "stack.log", one_replica,
                                              env_vars=flags)}

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from ruvllm.serve_config import APP_IMPORT_PATH, load_serve_config
-from ruvllm.serve_mode import THROUGHPUT_FLAGS
+from ruvllm.serve_mode import CPU_FLAGS, THROUGHPUT_FLAGS
 
 CACHE_MOUNT = "/var/cache/ruvllm"
 METRICS_PORT = 8080
@@ -46,7 +46,7 @@ PROFILES = {
     "cpu-dev": Profile(
         name="cpu-dev", image="ghcr.io/ruvllm/ruvllm-serve:0.1.0-cpu",
         head_cpu="2", head_memory="4Gi", worker_cpu="4", worker_memory="12Gi",
-        gpus_per_worker=0, min_workers=1, max_workers=2,
+        gpus_per_worker=0, min_workers=1, max_workers=2, serve_env=CPU_FLAGS,
         app_overrides={"replicas": {"num_replicas": 2, "num_cpus": 2}},
     ),
     # Production: one engine replica per GPU, Serve autoscaling between 1 and 8 replicas

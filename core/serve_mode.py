@@ -1,7 +1,7 @@
-"""Ray Serve's high-throughput mode, which GPU deployments run in.
+"""Ray Serve's high-throughput mode, which every deployment runs in (CPU and GPU).
 
 Two Ray Serve 2.60 feature flags, read from the environment when the Ray cluster starts
-(so `make serve` and the KubeRay GPU manifests set them; a config file cannot):
+(so `make serve` and the KubeRay manifests set them; a config file cannot):
 RAY_SERVE_THROUGHPUT_OPTIMIZED (the ingress replica serves HTTP itself, replicas talk
 gRPC, user code on the replica's own loop) and RAY_SERVE_ENABLE_HA_PROXY (HAProxy instead
 of Serve's Python HTTP proxy in front of the ingress replicas).
@@ -12,8 +12,14 @@ the default mode to 0.99x, at 128 from 0.63x to 0.91x (0.92x and 1.00x in two ru
 12-01, and +3.8 ms to the first token at concurrency 1). In the default mode every SSE
 chunk crossed two Python hops (replica -> ingress -> Serve's proxy), and at ~6,600 chunks
 a second the ingress and the proxy processes were the busiest on the machine (245% and
-118% CPU) while the engine waited. On the 2-core CPU default the token rate is 30x lower
-and the default mode measured 0.94x of bare vLLM, so the CPU config keeps it.
+118% CPU) while the engine waited.
+
+On the 2-core CPU default the mode matters at concurrency 1: the stack's time to the
+response headers over bare vLLM's was +25 to +41 ms in Serve's default mode (three runs,
+benchmarks/results/serve_vs_vllm/repeats) and +4.5 ms in this mode
+(benchmarks/results/ttft_breakdown), the Python proxy hop and the user-code threads gone.
+The CPU profile keeps Serve's console log on (CPU_FLAGS): the mode turns it off by default,
+and on CPU its request lines are few.
 """
 
 from __future__ import annotations
@@ -22,6 +28,17 @@ THROUGHPUT_FLAGS: dict[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
 }
+
+CPU_FLAGS: dict[str, str] = {**THROUGHPUT_FLAGS, "RAY_SERVE_LOG_TO_STDERR": "1"}
+
+# Serve's default mode (its Python HTTP proxy), for benchmarks that compare the two.
+DEFAULT_MODE_FLAGS: dict[str, str] = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+                                      "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+
+
+def flags_for(config_name: str) -> dict[str, str]:
+    """The flags `make serve` exports for a config (the Makefile keys on "gpu" in its name)."""
+    return THROUGHPUT_FLAGS if "gpu" in config_name else CPU_FLAGS
 
 # Ports Serve 2.60 binds for itself in that mode (ray/serve/_private/constants.py): the
 # HAProxy frontend listens on http_options.port, so that port must be none of these. A

@@ -208,7 +208,11 @@ class RayHead:
             import shutil
 
             ray = Path(shutil.which("ray") or ray)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_worker_niceness": "0"}
+        from ruvllm.serve_mode import CPU_FLAGS
+
+        # Serve's mode as the cpu-dev manifests and `make serve` set it; the caller's
+        # environment wins (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=0 for Serve's default mode).
+        env = {**CPU_FLAGS, **os.environ, "HF_HUB_OFFLINE": "1", "RAY_worker_niceness": "0"}
         self.log = open(tmp / "ray-head.log", "w")
         self.process = subprocess.Popen(
             [str(ray), "start", "--head", "--block", "--disable-usage-stats",

@@ -270,10 +270,10 @@ def test_network_policy_admits_serve_from_anywhere_and_the_rest_only_from_its_ow
         assert _admits(policy, source, port) == (port in open_ports), (source, port)
 
 
-def test_gpu_deployments_run_serve_in_high_throughput_mode_and_cpu_ones_do_not():
-    """Ray reads these flags at start: the GPU manifests and `make serve` on a GPU config
-    set them (core/serve_mode.py says why), the CPU profile keeps Serve's default."""
-    from ruvllm.serve_mode import THROUGHPUT_FLAGS
+def test_every_deployment_runs_serve_in_high_throughput_mode():
+    """Ray reads these flags at start: the manifests and `make serve` set them (core/
+    serve_mode.py says why); CPU ones keep Serve's console log on."""
+    from ruvllm.serve_mode import CPU_FLAGS, THROUGHPUT_FLAGS, flags_for
 
     def env_of(profile: str) -> dict[str, str]:
         doc = yaml.safe_load((ROOT / "k8s" / "overlays" / profile / "rayservice.yaml").read_text())
@@ -281,9 +281,13 @@ def test_gpu_deployments_run_serve_in_high_throughput_mode_and_cpu_ones_do_not()
         return {e["name"]: e.get("value") for e in head["containers"][0]["env"]}
 
     assert THROUGHPUT_FLAGS.items() <= env_of("gpu").items()
-    assert not THROUGHPUT_FLAGS.keys() & env_of("cpu-dev").keys()
+    assert "RAY_SERVE_LOG_TO_STDERR" not in env_of("gpu")
+    assert CPU_FLAGS.items() <= env_of("cpu-dev").items()
+    assert CPU_FLAGS["RAY_SERVE_LOG_TO_STDERR"] == "1"
+    assert flags_for("cluster-gpu.yaml") == THROUGHPUT_FLAGS
+    assert flags_for("cluster.yaml") == CPU_FLAGS
     makefile = (ROOT / "Makefile").read_text()
-    for name, value in THROUGHPUT_FLAGS.items():
+    for name, value in CPU_FLAGS.items():
         assert f"export {name} ?= {value}" in makefile
 
 
@@ -292,6 +296,7 @@ def test_gpu_profile_port_is_free_in_the_high_throughput_mode():
     of them cannot start (a benchmark stack on 8500 failed so on an H200)."""
     from ruvllm.serve_mode import port_conflict
 
-    gpu = yaml.safe_load((ROOT / "cluster-gpu.yaml").read_text())
-    assert port_conflict(gpu["http_options"]["port"]) is None
+    for name in ("cluster.yaml", "cluster-gpu.yaml"):
+        config = yaml.safe_load((ROOT / name).read_text())
+        assert port_conflict(config["http_options"]["port"]) is None, name
     assert "fallback HTTP proxy" in port_conflict(8500)
