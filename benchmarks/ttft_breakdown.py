@@ -155,10 +155,11 @@ def write_summary(out: Path, modes: list[str], notes: list[str]) -> None:
     is the stack in one Serve mode against bare vLLM in that same run."""
     runs = {m: json.loads((out / m / "report.json").read_text()) for m in modes}
     rows = []
-    for mode, r in runs.items():
+    for folder, r in runs.items():
         bare, stack = r["targets"]["bare"], r["targets"]["stack"]
         st = stack.get("server_timing_ms", {})
-        rows.append({"mode": mode, "date": r["date"], "bare_ttft_ms": bare["ttft_ms"],
+        rows.append({"mode": r.get("serve_mode", "default"), "folder": folder,
+                     "date": r["date"], "bare_ttft_ms": bare["ttft_ms"],
                      "stack_ttft_ms": stack["ttft_ms"],
                      "delta_ttft_ms": stack["ttft_ms"] - bare["ttft_ms"],
                      "delta_headers_ms": stack["headers_ms"] - bare["headers_ms"],
@@ -170,17 +171,27 @@ def write_summary(out: Path, modes: list[str], notes: list[str]) -> None:
     lines = ["# Time to first token: the stack against bare vLLM, broken down", "",
              "Concurrency 1, streaming chat, ~128 prompt tokens with unique prefixes, 16 output "
              "tokens, medians of 30 requests per target; each run measures bare vLLM and the "
-             "stack (one engine replica bound like bare) one after the other. Per-run details: "
-             + ", ".join(f"[{m}]({m}/report.md)" for m in modes) + ".", "",
+             "stack (one engine replica bound like bare) one after the other; each run's "
+             "details in its folder.", "",
              "| Serve mode | run | bare TTFT | stack TTFT | **stack − bare** | of it: before headers "
              "| after headers | ingress | admission | replica | hop | proxy & rest |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['mode']} | {r['date']} | {r['bare_ttft_ms']:.1f} | {r['stack_ttft_ms']:.1f} | "
+            f"| {r['mode']} | [{r['date']}]({r['folder']}/report.md) | {r['bare_ttft_ms']:.1f} | "
+            f"{r['stack_ttft_ms']:.1f} | "
             f"**{r['delta_ttft_ms']:+.1f}** | {r['delta_headers_ms']:+.1f} | "
             f"{r['delta_after_headers_ms']:+.1f} | {r['ingress_ms']:.1f} | {r['admission_ms']:.1f} | "
             f"{r['replica_ms']:.1f} | {r['hop_ms']:.1f} | {r['proxy_and_rest_ms']:+.1f} |")
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        of = [r for r in rows if r["mode"] == mode]
+        lines.append(f"| **{mode}: median of {len(of)}** | | "
+                     f"{statistics.median(r['bare_ttft_ms'] for r in of):.1f} | "
+                     f"{statistics.median(r['stack_ttft_ms'] for r in of):.1f} | "
+                     f"**{statistics.median(r['delta_ttft_ms'] for r in of):+.1f}** | "
+                     f"{statistics.median(r['delta_headers_ms'] for r in of):+.1f} | "
+                     f"{statistics.median(r['delta_after_headers_ms'] for r in of):+.1f} | "
+                     "| | | | |")
     lines += ["", "All times in ms. `ingress`, `admission`, `replica`, `hop` are the stack's "
               "`Server-Timing` phases (deployments/server_timing.py); `replica` is vLLM's own "
               "preprocessing, which bare vLLM does too, so the headers difference is ingress + "
@@ -206,10 +217,10 @@ def _plot_summary(out: Path, rows: list[dict]) -> None:
             ax.barh(y, value, left=left, color=color, label=part if y == 0 else None)
             left += value
         ax.text(left, y, f"  {r['delta_ttft_ms']:+.0f} ms", va="center", fontsize=8)
-    ax.set_yticks(range(len(rows)), [f"{r['mode']} mode" for r in rows])
+    ax.set_yticks(range(len(rows)), [f"{r['mode']}, {r['date'][5:16]}" for r in rows])
     ax.set_xlabel("stack TTFT − bare vLLM TTFT, ms (medians, concurrency 1)")
     ax.set_xlim(right=ax.get_xlim()[1] * 1.12)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=5)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=5)
     ax.set_title("Where the stack's extra time to first token goes")
     fig.tight_layout()
     fig.savefig(out / "report.png", dpi=120)
