@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 # them the same priority as everything else on the machine (+11% tokens/s measured).
 export RAY_worker_niceness ?= 0
 # Serve runs in Ray's high-throughput mode (core/serve_mode.py: 0.37x -> 0.99x bare vLLM's
-# throughput at concurrency 64 on an H200; +25..41 ms -> +4.5 ms to the response headers on
+# throughput at concurrency 64 on an H200; +25..41 ms -> +4.5..9 ms to the response headers on
 # the 2-core CPU). Ray reads these when it starts. CPU configs keep Serve's console log.
 export RAY_SERVE_THROUGHPUT_OPTIMIZED ?= 1
 export RAY_SERVE_ENABLE_HA_PROXY ?= 1

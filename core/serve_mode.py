@@ -16,8 +16,8 @@ a second the ingress and the proxy processes were the busiest on the machine (24
 
 On the 2-core CPU default the mode matters at concurrency 1: the stack's time to the
 response headers over bare vLLM's was +25 to +41 ms in Serve's default mode (three runs,
-benchmarks/results/serve_vs_vllm/repeats) and +4.5 ms in this mode
-(benchmarks/results/ttft_breakdown), the Python proxy hop and the user-code threads gone.
+benchmarks/results/serve_vs_vllm/repeats) and +4.5 to +9.0 ms in this mode (three runs,
+benchmarks/results/ttft_breakdown): the Python proxy hop and the user-code threads are gone.
 The CPU profile keeps Serve's console log on (CPU_FLAGS): the mode turns it off by default,
 and on CPU its request lines are few.
 """
