@@ -436,7 +436,9 @@ def main() -> int:
                     "sweep": lambda: section_sweep(only=only, previous=previous),
                     "admission": section_admission}
         started = time.perf_counter()
-        for name in args.sections.split(","):
+        asked = args.sections.split(",")
+        full = set(asked) >= set(sections)  # a full regeneration dates the header
+        for name in asked:
             t0 = time.perf_counter()
             if name.startswith("prefix:"):  # some variants of the prefix section
                 rows = section_prefix(name.split(":")[1].split("+"))
@@ -447,7 +449,6 @@ def main() -> int:
             else:
                 results[name] = sections[name]()
             results.setdefault("wall_s", {})[name] = time.perf_counter() - t0
-            full = set(args.sections.split(",")) >= set(sections)
             results["meta"] = {
                 # The header's date is the last full regeneration; a section run alone
                 # says when it ran in its own text.
