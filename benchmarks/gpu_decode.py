@@ -2,9 +2,9 @@
 
     python -m benchmarks.gpu_decode [--rows xlora,quant] [--model-dir /tmp/llama8b-random]
 
-(b) X-LoRA: the default model in bf16 — base with CUDA graphs (as users run it), base
-    eager, X-LoRA granular and non-granular (eager: the two-pass forward is not captured) —
-    on the X-LoRA fixture (`ruvllm xlora-fixture`).
+(b) X-LoRA: the default model in bf16 — base with CUDA graphs (as users run it), X-LoRA
+    granular and non-granular under CUDA graphs (as replicas serve them) and non-granular
+    eager (as served before) — on the X-LoRA fixture (`ruvllm xlora-fixture`).
 (c) Quantized 8B: the Llama-3-8B-shaped random model of `benchmarks.gpu_stack_vs_vllm` in
     bf16, with vLLM's FP8 (weights quantized at load, W8A8 on Hopper), and W4A16: by
     default a GPTQ-format checkpoint of the same shape whose 4-bit weights are random
@@ -82,17 +82,18 @@ def xlora_rows(tokens: int) -> dict[str, dict]:
     xlora = build_fixture(base)
     exported = xlora.parent / "exported"
     common = {"tokens": tokens, "batches": [1, 64]}
+    granular = str(export_for_vllm(xlora, base, exported, {}))
+    non_granular = str(export_for_vllm(xlora, base, exported, {"non_granular": True}))
+    # As replicas serve them (deployments/replica.py): both modes under CUDA graphs; their
+    # outputs under graphs are the GPU parity test's to vouch for (tests/gpu:
+    # test_xlora_model_matches_peft_...). Non-granular eager is how it was served before
+    # 2026-12-01, kept as its peer.
     return {
         "base (CUDA graphs)": {"model": str(base), "eager": False, **common},
-        "base (eager)": {"model": str(base), "eager": True, **common},
-        "X-LoRA granular (eager)": {"model": str(export_for_vllm(xlora, base, exported, {})),
-                            "eager": True, **common},
-        "X-LoRA non-granular (eager; as served)": {"model": str(export_for_vllm(
-            xlora, base, exported, {"non_granular": True})), "eager": True, **common},
-        # As replicas serve granular mixtures; its outputs under graphs are the GPU parity
-        # test's to vouch for (tests/gpu: test_xlora_model_matches_peft_...[cuda-graphs]).
-        "X-LoRA granular (CUDA graphs; as served)": {"model": str(export_for_vllm(xlora, base, exported, {})),
-                                          "eager": False, **common},
+        "X-LoRA granular (CUDA graphs; as served)": {"model": granular, "eager": False, **common},
+        "X-LoRA non-granular (CUDA graphs; as served)": {"model": non_granular, "eager": False,
+                                                         **common},
+        "X-LoRA non-granular (eager)": {"model": non_granular, "eager": True, **common},
     }
 
 

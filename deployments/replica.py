@@ -90,11 +90,10 @@ def make_engine(config: AppConfig, mixture: XLoraMixture | None = None,
     # Granular mixtures compile like the base (both passes, the classifier and the mixing
     # in one traced forward): on an H200 under CUDA graphs they match peft as closely as
     # eager (max |log-prob difference| 0.18 in both modes) and decode at 0.70x the base at
-    # batch 64, against 0.08x eager. Non-granular skips the scaling pass on a
-    # data-dependent branch, which a captured graph cannot take: it runs eagerly (0.10x).
+    # batch 64, against 0.08x eager. Non-granular decode-only steps skip the scaling
+    # pass and are captured as full graphs; its steps with prompt tokens run eagerly.
     engine = config.engine.model_copy(update={
         "enable_lora": False,
-        "enforce_eager": config.engine.enforce_eager or mixture.non_granular,
         "enable_prefix_caching": config.engine.enable_prefix_caching and not mixture.non_granular,
     })
     return VLLMEngine(mixture_model_dir(mixture, config), mixture.name, engine)

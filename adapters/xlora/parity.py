@@ -34,7 +34,8 @@ def _on_gpu() -> bool:
 
 
 def vllm_side(model_dir: Path, prompt_ids: list[list[int]], tokens: int,
-              dtype: str = "float32", cuda_graphs: bool = False) -> list[dict]:
+              dtype: str = "float32", cuda_graphs: bool = False,
+              prefix_caching: bool = True) -> list[dict]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -42,9 +43,15 @@ def vllm_side(model_dir: Path, prompt_ids: list[list[int]], tokens: int,
     # CPU attention needs blocks of 32; on a GPU, a small share of its memory is plenty.
     device_args = {"gpu_memory_utilization": 0.3} if _on_gpu() else {"block_size": 32}
     llm = LLM(model=str(model_dir), dtype=dtype, enforce_eager=not cuda_graphs,
-              enable_prefix_caching=True, max_model_len=512, seed=0, **device_args)
+              enable_prefix_caching=prefix_caching, max_model_len=512, seed=0, **device_args)
     params = SamplingParams(temperature=0.0, max_tokens=tokens, logprobs=1, ignore_eos=True)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params)
+    if not prefix_caching:  # non-granular mode serves without it (deployments/replica.py)
+        del llm
+        return [{"tokens": list(o.outputs[0].token_ids),
+                 "logprobs": [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
+                                                             o.outputs[0].token_ids)]}
+                for o in outputs]
     # Again, continuing each answer part-way: the new prompt spans at least one full
     # block (32 tokens) that the first run cached, in both KV caches, so it is a prefix hit.
     cut = [min(tokens - 1, max(tokens // 2, 40 - len(ids))) for ids in prompt_ids]
@@ -66,11 +73,14 @@ def vllm_side(model_dir: Path, prompt_ids: list[list[int]], tokens: int,
 
 
 def peft_side(xlora_dir: Path, base_dir: Path, prompt_ids: list[list[int]], tokens: int,
-              forced: list[list[int]], dtype: str = "float32") -> list[dict]:
+              forced: list[list[int]], dtype: str = "float32",
+              non_granular: bool = False) -> list[dict]:
     """peft's logprobs along vLLM's token path (so one early divergence cannot hide
     later agreement), peft's own greedy choices on that path, and at each step how far
     vLLM's token is below peft's best (0 where they agree; small where bf16 rounding
-    flipped a near-tie)."""
+    flipped a near-tie). peft has no non-granular mode; for it, the classifier's output
+    at every position from the prompt's last token on is replaced by its output there,
+    which is that mode's definition (mistral.rs's `tgt_non_granular_index`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -80,9 +90,19 @@ def peft_side(xlora_dir: Path, base_dir: Path, prompt_ids: list[list[int]], toke
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=getattr(torch, dtype))
     model.config.use_cache = False
     model = load_peft_xlora(model.to(device), xlora_dir).eval()
+    prompt_end = [0]
+
+    def hold_prompt_end(_module, _inputs, scalings):  # [batch, tokens, modules, experts]
+        first = prompt_end[0]
+        return torch.cat([scalings[:, :first], scalings[:, first:first + 1].expand_as(
+            scalings[:, first:])], dim=1)
+
+    if non_granular:
+        model.base_model.internal_xlora_classifier.register_forward_hook(hold_prompt_end)
     result = []
     with torch.no_grad():
         for ids, path in zip(prompt_ids, forced):
+            prompt_end[0] = len(ids) - 1
             seq = list(ids)
             logprobs, greedy, margins = [], [], []
             for step in range(tokens):
@@ -106,7 +126,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--cuda-graphs", action="store_true",
-                        help="vLLM side with torch.compile and CUDA graphs (replicas run eager)")
+                        help="vLLM side with torch.compile and CUDA graphs, as GPU replicas run")
+    parser.add_argument("--non-granular", action="store_true",
+                        help="the mixture in non-granular mode (served without prefix caching)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -115,23 +137,27 @@ def main() -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.base))
     prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:args.prompts]]
-    model_dir = export_for_vllm(args.xlora, args.base, args.xlora.parent / "exported")
-    ours = vllm_side(model_dir, prompt_ids, args.tokens, args.dtype, args.cuda_graphs)
+    model_dir = export_for_vllm(args.xlora, args.base, args.xlora.parent / "exported",
+                                {"non_granular": True} if args.non_granular else None)
+    ours = vllm_side(model_dir, prompt_ids, args.tokens, args.dtype, args.cuda_graphs,
+                     prefix_caching=not args.non_granular)
     ref = peft_side(args.xlora, args.base, prompt_ids, args.tokens, [o["tokens"] for o in ours],
-                    args.dtype)
+                    args.dtype, args.non_granular)
     report = []
     for o, r in zip(ours, ref):
         diffs = [abs(a - b) for a, b in zip(o["logprobs"], r["logprobs"])]
-        report.append({"vllm_tokens": o["tokens"], "peft_tokens": r["tokens"],
-                       "prefix_cached_tokens": o["tokens_prefix_cached"],
-                       "identical_greedy": o["tokens"] == r["tokens"],
-                       # Where the two parted: how much likelier peft found its own token.
-                       "max_disagreement_margin": max(r["margins"]),
-                       "identical_with_prefix_cache": o["tokens"] == o["tokens_prefix_cached"],
-                       "prefix_cached_prompt_tokens": o["prefix_cached_prompt_tokens"],
-                       "max_abs_logprob_diff": max(diffs), "text": tokenizer.decode(o["tokens"])})
+        row = {"vllm_tokens": o["tokens"], "peft_tokens": r["tokens"],
+               "identical_greedy": o["tokens"] == r["tokens"],
+               # Where the two parted: how much likelier peft found its own token.
+               "max_disagreement_margin": max(r["margins"]),
+               "max_abs_logprob_diff": max(diffs), "text": tokenizer.decode(o["tokens"])}
+        if "tokens_prefix_cached" in o:
+            row.update({"prefix_cached_tokens": o["tokens_prefix_cached"],
+                        "identical_with_prefix_cache": o["tokens"] == o["tokens_prefix_cached"],
+                        "prefix_cached_prompt_tokens": o["prefix_cached_prompt_tokens"]})
+        report.append(row)
     text = json.dumps({"dtype": args.dtype, "device": "cuda" if _on_gpu() else "cpu",
-                       "cuda_graphs": args.cuda_graphs,
+                       "cuda_graphs": args.cuda_graphs, "non_granular": args.non_granular,
                        "prompts": report,
                        "max_abs_logprob_diff": max(p["max_abs_logprob_diff"] for p in report)},
                       indent=2)

@@ -16,7 +16,10 @@ Each forward runs two passes over vLLM's own Llama layers:
 Non-granular mode (mistral.rs's `tgt_non_granular_index`): scalings come from the
 prompt; every generated token reuses the scalings of the token before it, read from a
 per-token scalings store paged like the KV cache, and a batch with only generated tokens
-skips the scaling pass entirely.
+skips the scaling pass entirely. Whether a step is such a batch is vLLM's host-side
+`max_query_len`, so that step runs without a device-to-host sync and vLLM captures it as
+a full CUDA graph (its default FULL_AND_PIECEWISE mode captures decode-only steps whole);
+steps with prompt tokens run eagerly.
 
 Both passes, the classifier and the mixing run inside one `XLoraLlamaModel.forward`, and
 the per-token expert weights travel as a tensor argument from the classifier to the
@@ -24,8 +27,7 @@ layers. vLLM compiles that forward (torch.compile, then CUDA graphs on a GPU) on
 then skips the guards: when the scalings were Python state on the layers and the pass a
 flag on a second call of the compiled model, the graph traced for one call served both,
 and on an H200 the compiled model parted from peft on every prompt (max |log-prob
-difference| 11.9, against 0.18 eager). Non-granular mode decides per batch in Python
-whether to skip the scaling pass, so it stays eager.
+difference| 11.9, against 0.18 eager).
 """
 
 from __future__ import annotations
@@ -357,44 +359,83 @@ class XLoraLlamaForCausalLM(LlamaForCausalLM):
     def _non_granular_scalings(self, input_ids, positions, inputs_embeds) -> torch.Tensor:
         meta = self._batch_layout()
         if meta is None or getattr(meta, "block_table", None) is None:
-            return self.xlora_scalings(input_ids, positions, inputs_embeds)
+            return self.xlora_scalings(input_ids, positions, inputs_embeds)  # memory profiling
+        store = self._scalings_store()
+        if meta.max_query_len == 1:
+            scalings = self._carried_scalings(meta, positions, store)
+        else:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "non-granular X-LoRA captures CUDA graphs of decode-only steps only: "
+                    "run it with cudagraph_mode FULL_AND_PIECEWISE (vLLM's default) or "
+                    "FULL_DECODE_ONLY, or eager")
+            scalings = self._mixed_step_scalings(meta, input_ids, positions, inputs_embeds, store)
+        slots = self._padded(meta.slot_mapping, positions.shape[0]).to(torch.long)
+        # Padding tokens (slot -1) write to the store's last row, which no token reads.
+        slots = torch.where(slots >= 0, slots.clamp(max=store.shape[0] - 2), store.shape[0] - 1)
+        store[slots] = scalings
+        return scalings
+
+    def _carried_scalings(self, meta: Any, positions: torch.Tensor,
+                          store: torch.Tensor) -> torch.Tensor:
+        """A decode-only step (one token per request; vLLM's `max_query_len`, a host-side
+        int): every token takes the scalings of the token before it, with no scaling pass
+        and no device-to-host sync, so vLLM captures this step as a full CUDA graph. Token
+        i belongs to request i. A one-token prompt has no token before it; scheduled in
+        such a step it gets the classifier's prior (its output for a zero hidden state)."""
+        n = positions.shape[0]
+        table = meta.block_table
+        rows = torch.arange(n, device=positions.device).clamp(max=table.shape[0] - 1)
+        prev = (positions.to(torch.long) - 1).clamp(min=0)
+        blocks = table[rows, (prev // self._block_size).clamp(max=table.shape[1] - 1)]
+        prev_slots = (blocks.to(torch.long) * self._block_size + prev % self._block_size)
+        scalings = store[prev_slots.clamp(max=store.shape[0] - 2)]
+        prior = self.model.xlora_classifier(store.new_zeros(1, self.config.hidden_size))
+        return torch.where((positions == 0)[:, None, None], prior, scalings)
+
+    def _mixed_step_scalings(self, meta: Any, input_ids, positions: torch.Tensor,
+                             inputs_embeds, store: torch.Tensor) -> torch.Tensor:
+        """A step with prompt tokens: the scaling pass for the batch, and a decode token
+        (one token on top of earlier ones) takes the scalings of the token before it, so
+        they stay those of the prompt's end. Runs eagerly (it syncs on the batch layout)."""
         n = positions.shape[0]
         qsl = meta.query_start_loc
         num_reqs = qsl.shape[0] - 1
         query_lens = (qsl[1:] - qsl[:-1]).to(torch.long)
         context_lens = meta.seq_lens[:num_reqs].to(torch.long) - query_lens
-        # A step of one token on top of earlier tokens is a decode step: it reuses the
-        # scalings of the token before it, so they stay those of the prompt's end.
         decode_req = (query_lens == 1) & (context_lens > 0)
         owner = torch.repeat_interleave(torch.arange(num_reqs, device=positions.device), query_lens)
         if owner.shape[0] < n:  # padding tokens at the end of the batch
             owner = torch.cat([owner, owner.new_zeros(n - owner.shape[0])])
         decode_tok = decode_req[owner] & (torch.arange(n, device=positions.device) < qsl[-1])
-        store = self._scalings_store()
-        block = self._block_size
-        prev = positions.to(torch.long) - 1
-        prev_slots = (meta.block_table[owner, prev.clamp(min=0) // block].to(torch.long) * block
-                      + prev.clamp(min=0) % block)
-        if bool(decode_tok.all()):
-            scalings = store[prev_slots]  # the scaling pass is skipped
-        else:
-            scalings = self.xlora_scalings(input_ids, positions, inputs_embeds)
-            if bool(decode_tok.any()):
-                scalings = torch.where(decode_tok[:, None, None], store[prev_slots], scalings)
-        slots = meta.slot_mapping[:n].to(torch.long)
-        valid = slots >= 0
-        store[slots[valid]] = scalings[valid]
+        scalings = self.xlora_scalings(input_ids, positions, inputs_embeds)
+        if bool(decode_tok.any()):
+            block = self._block_size
+            prev = positions.to(torch.long).clamp(min=1) - 1
+            prev_slots = meta.block_table[owner, prev // block].to(torch.long) * block + prev % block
+            carried = store[prev_slots.clamp(max=store.shape[0] - 2)]
+            scalings = torch.where(decode_tok[:, None, None], carried, scalings)
         return scalings
 
+    @staticmethod
+    def _padded(slot_mapping: torch.Tensor, n: int) -> torch.Tensor:
+        if slot_mapping.shape[0] >= n:
+            return slot_mapping[:n]
+        return torch.nn.functional.pad(slot_mapping, (0, n - slot_mapping.shape[0]), value=-1)
+
     def _scalings_store(self) -> torch.Tensor:
+        """Per-KV-slot scalings ([slots + 1, modules, E]; the last row takes padding).
+        Sized from the KV cache; vLLM first captures throwaway graphs over a minimal cache
+        whose size it has not published yet, for which a one-block store (indices clamped)
+        serves. Allocated with `empty`: inside a graph capture an allocation launches no
+        kernel, where `zeros` would be captured and wipe the store on every replay; every
+        slot a token reads was written by the step that computed it."""
+        cache = self._cache_config
+        rows = max(cache.num_gpu_blocks or 1, 1) * cache.block_size + 1
         store = getattr(self, "_store", None)
-        if store is None:
-            cache = self._cache_config
-            slots = (cache.num_gpu_blocks or 0) * cache.block_size
-            if slots <= 0:
-                raise RuntimeError("KV cache not initialised; no slots for X-LoRA scalings")
+        if store is None or store.shape[0] != rows:
             modules = self.xlora_spec["n_modules"] if self.xlora_spec["layerwise_scalings"] else 1
-            store = torch.zeros(slots, modules, self.xlora_spec["n_experts"],
+            store = torch.empty(rows, modules, self.xlora_spec["n_experts"],
                                 dtype=self.model.xlora_expert_scales.dtype,
                                 device=self.model.xlora_expert_scales.device)
             self._store = store
