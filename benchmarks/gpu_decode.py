@@ -232,6 +232,8 @@ def plot(out: Path, result: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="xlora,quant")
+    parser.add_argument("--only", default="",
+                        help="comma-separated row names to run (default: every row of --rows)")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/llama8b-random"))
     parser.add_argument("--w4a16-dir", default="random",
@@ -258,7 +260,10 @@ def main() -> int:
               "vllm": vllm.__version__, "tokens": args.tokens, "rows": {}}
     for section in args.rows.split(","):
         result["rows"][section] = {}
+        wanted = {n.strip() for n in args.only.split(",") if n.strip()}
         for name, spec in sections[section]().items():
+            if wanted and name not in wanted:
+                continue
             try:
                 row = run_row(name, spec, script)
             except RuntimeError as e:  # one row failing (an X-LoRA mode, a kernel) is a finding
