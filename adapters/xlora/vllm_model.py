@@ -38,7 +38,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
@@ -315,25 +314,6 @@ class XLoraLlamaModel(LlamaModel):
         return hidden
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0,
-                                          "scalings": 0})
-class XLoraRealPass(nn.Module):
-    """The real pass alone (mixing weights from given scalings, then every layer), compiled
-    by vLLM as a model of its own. Non-granular mode runs it on every step: a decode-only
-    step needs no scaling pass, and `XLoraLlamaModel.forward` always runs both. The
-    decoder stack it runs is held in a list, not as a submodule, so its weights load once."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "",
-                 model: XLoraLlamaModel | None = None) -> None:
-        super().__init__()
-        self.stack = [model]
-
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                inputs_embeds: torch.Tensor | None, scalings: torch.Tensor) -> torch.Tensor:
-        model = self.stack[0]
-        return model.run_pass(input_ids, positions, inputs_embeds, model.mixer.expand(scalings))
-
-
 class XLoraLlamaForCausalLM(LlamaForCausalLM):
     """vLLM model for a checkpoint exported by `ruvllm.adapters.xlora.checkpoint`."""
 
@@ -341,10 +321,6 @@ class XLoraLlamaForCausalLM(LlamaForCausalLM):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=XLoraDecoderLayer)
         self.xlora_spec = self.model.xlora_spec
         self.non_granular = bool(self.xlora_spec.get("non_granular", False))
-        if self.non_granular:
-            self.real_pass = XLoraRealPass(vllm_config=vllm_config,
-                                           prefix=f"{prefix}.real_pass" if prefix else "real_pass",
-                                           model=self.model)
         self._cache_config = vllm_config.cache_config
         self._block_size = vllm_config.cache_config.block_size
 
@@ -358,7 +334,8 @@ class XLoraLlamaForCausalLM(LlamaForCausalLM):
         if not self.non_granular:
             return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
         scalings = self._non_granular_scalings(input_ids, positions, inputs_embeds)
-        return self.real_pass(input_ids, positions, inputs_embeds, scalings)
+        return self.model.run_pass(input_ids, positions, inputs_embeds,
+                                   self.model.mixer.expand(scalings))
 
     def xlora_scalings(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                        inputs_embeds: torch.Tensor | None) -> torch.Tensor:

@@ -4,6 +4,9 @@
 # its real pass compiled by vLLM (XLoraRealPass) under CUDA graphs, beside its peer, the
 # base with CUDA graphs, in one run. The 04:08 lease measured non-granular at 0.65x the
 # base with the real pass captured uncompiled. Results in /tmp/results.
+# Outcome: the lease's device time ran out 100 s into the non-granular row, after the base
+# row (431 / 16,635 tok/s at batch 1 / 64); the compiled real pass stays on the branch
+# xlora-compiled-real-pass until a lease measures it and its GPU parity.
 cd /tmp/work
 START=$(date +%s)
 R=/tmp/results; mkdir -p $R/decode
