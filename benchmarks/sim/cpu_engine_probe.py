@@ -212,6 +212,9 @@ def write(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> None:
         if r["sweep_lora"]:
             lines += ["| sequences | step (ms), on adapters | step (ms), base model |",
                       "|---|---|---|"]
+        else:
+            lines.append("No batch sweep here (`--no-sweep`): it puts at most 4 adapters in a "
+                         "batch, so max_loras never binds in it.")
         for b, s in r["sweep_lora"].items():
             base = r["sweep_base"].get(b)
             lines.append(f"| {b} | {s['step_s'] * 1000:.1f} | "
