@@ -44,6 +44,13 @@ class Run:
         k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
         return values[k] * 1000
 
+    def decode_interval_p50_ms(self) -> float:
+        """Median over requests of the time between content chunks after the first (on a
+        streamed request, one chunk per decode step of the engine serving it)."""
+        values = sorted((r.latency_s - r.ttft_s) / (r.output_chunks - 1) for r in self.ok()
+                        if r.ttft_s is not None and r.output_chunks > 1)
+        return values[len(values) // 2] * 1000 if values else float("nan")
+
     def summary(self) -> dict[str, Any]:
         n = len(self.results)
         statuses: dict[str, int] = {}
@@ -61,6 +68,7 @@ class Run:
             "ttft_p50_ms": self.percentile_ttft_ms(50),
             "ttft_p90_ms": self.percentile_ttft_ms(90),
             "ttft_p99_ms": self.percentile_ttft_ms(99),
+            "decode_interval_p50_ms": self.decode_interval_p50_ms(),
             "duration_s": self.duration_s,
         }
 

@@ -91,6 +91,14 @@ def zipf_choices(n_items: int, n: int, s: float, seed: int) -> list[int]:
     return rng.choices(range(n_items), weights=weights, k=n)
 
 
+def workload(args: argparse.Namespace, names: list[str], picks: list[int]) -> dict[str, Any]:
+    from benchmarks.harness import engine_settings
+
+    return {"adapters": len(names), "requests": len(picks), "zipf_s": args.zipf,
+            "concurrency": args.concurrency, "slots_per_replica": 8, "max_tokens": 16,
+            "max_loras": args.max_loras or engine_settings()["max_loras"]}
+
+
 def section_adapters(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from ruvllm.adapters.synthetic import make_lora_adapters
     from ruvllm.model_store import prepare_builtin
@@ -131,18 +139,19 @@ def section_adapters(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         def overrides(a: dict, policy=policy) -> None:
             a["router"]["policy"] = policy
             a["engine"].update(max_lora_rank=8)  # slots as shipped: max_cpu_loras 8
+            if args.max_loras is not None:  # adapters in one batch; shipped 4 (cluster.yaml)
+                a["engine"]["max_loras"] = args.max_loras
             a["adapters"].update(allowed_roots=[str(root)], declared={n: n for n in names})
         results[policy] = with_stack(f"adapters-{policy}", out, overrides, run)
         log(f"adapters {policy}: {results[policy]['adapter_loads']} loads "
             f"({results[policy]['adapter_plan_loads']} by the plan), "
             f"TTFT p99 {results[policy]['ttft_p99_ms']:.0f} ms")
     if len(results) < 2:  # a diagnostic run of one policy
+        results["workload"] = workload(args, names, picks)
         return results
     base, ours = results["power_of_two"], results["placement_aware"]
     results["load_reduction"] = base["adapter_loads"] / max(1, ours["adapter_loads"])
-    results["workload"] = {"adapters": len(names), "requests": len(picks), "zipf_s": args.zipf,
-                           "concurrency": args.concurrency, "slots_per_replica": 8,
-                           "max_tokens": 16}
+    results["workload"] = workload(args, names, picks)
     return results
 
 
@@ -444,6 +453,9 @@ def main() -> int:
     parser.add_argument("--adapter-policies", default="power_of_two,placement_aware",
                         help="one policy only for a diagnostic run (use a separate --out)")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-loras", type=int, default=None,
+                        help="adapters section: distinct adapters in one engine batch "
+                             "(default: cluster.yaml's, 4); at most the 8 resident slots")
     parser.add_argument("--prefix-sessions", type=int, default=32)
     parser.add_argument("--prefix-concurrency", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)

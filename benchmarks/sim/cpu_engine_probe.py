@@ -1,0 +1,273 @@
+"""Step time and adapter-load time of ONE vLLM-CPU engine, set up as the router
+benchmark's replicas are (the simulator's CPU profile is calibrated from this).
+
+    python -m benchmarks.sim.cpu_engine_probe --max-loras 4   # ~5 min per value, under the lock
+
+The engine is vLLM's own `AsyncLLM`, built from cluster.yaml's engine section by the
+project's `build_vllm_args` with router_bench's override (`max_lora_rank` 8), bound to one
+core (`VLLM_CPU_OMP_THREADS_BIND=0`, as `cpu_threads_bind: spread` gives each of the two
+replicas), 1 GiB of KV cache, router_bench's synthetic rank-8 adapters and its prompt
+("Request i: describe a cat." through the chat template). No Serve, no HTTP: what it
+measures is the engine alone; router_bench measures the engine inside the stack, and the
+difference is the serving path's share of the two cores.
+
+Measured, for max_loras 4 (shipped) and 8:
+  sweep      b = 1, 2, 4, 8, 16 sequences started together, 32 output tokens each, every
+             sequence on an adapter (b over min(b, 4) adapters, so max_loras never binds),
+             and b = 1, 8, 16 on the base model: the decode step time is the interval
+             between a sequence's tokens (all b decode in lockstep).
+  distinct   8 sequences over 1, 4 and 8 distinct adapters: what distinct adapters cost a
+             step, and what max_loras costs when it binds (vLLM skips a request whose
+             adapter would be one too many).
+  closed     8 closed-loop clients over router_bench's own Zipf picks (seed 1), its first
+             240 (one replica's half), 16 output tokens: requests/s of the engine alone.
+  load       `add_lora` wall time of an adapter not yet in the engine's CPU cache (the
+             call the replica's load goes through, vLLM's `load_lora_adapter`).
+Writes report.json and report.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import MODEL, ROOT, engine_settings, log
+from benchmarks.router_bench import zipf_choices
+
+OUT = ROOT / "benchmarks" / "results" / "sim" / "cpu_engine"
+N_ADAPTERS = 20
+
+
+def engine_env() -> None:
+    # As deployments/replica.py's cpu_engine_env gives replica 0 of 2 on this machine.
+    os.environ.update(VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+                      VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
+
+
+async def start_engine(model_path: Path, max_loras: int) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from ruvllm.config import EngineConfig
+    from ruvllm.deployments.vllm_engine import build_vllm_args
+
+    settings = engine_settings() | {"max_lora_rank": 8, "max_loras": max_loras}
+    args = build_vllm_args(model_path, MODEL, EngineConfig(**settings))
+    return AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+
+
+class Probe:
+    def __init__(self, engine: Any, prompts: list[str], adapter_root: Path) -> None:
+        self.engine, self.prompts, self.root = engine, prompts, adapter_root
+        self._n = 0
+
+    def lora(self, index: int | None) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        if index is None:
+            return None
+        name = f"lora{index:02d}"
+        return LoRARequest(name, index + 1, str(self.root / name))
+
+    async def one(self, adapter: int | None, max_tokens: int) -> dict[str, Any]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        self._n += 1
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0,
+                                output_kind=RequestOutputKind.DELTA)
+        started, stamps = time.monotonic(), []
+        async for out in self.engine.generate(self.prompts[self._n % len(self.prompts)],
+                                              params, f"probe-{self._n}",
+                                              lora_request=self.lora(adapter)):
+            now = time.monotonic()
+            stamps += [now] * len(out.outputs[0].token_ids)
+        return {"ttft_s": stamps[0] - started, "latency_s": stamps[-1] - started,
+                "interval_s": (stamps[-1] - stamps[0]) / (len(stamps) - 1)}
+
+    async def batch(self, adapters: list[int | None], max_tokens: int = 32) -> dict[str, Any]:
+        started = time.monotonic()
+        runs = await asyncio.gather(*(self.one(a, max_tokens) for a in adapters))
+        return {"wall_s": time.monotonic() - started,
+                "step_s": statistics.median(r["interval_s"] for r in runs),
+                "ttft_max_s": max(r["ttft_s"] for r in runs)}
+
+    async def closed_loop(self, picks: list[int], clients: int) -> dict[str, Any]:
+        queue = list(picks)
+        started = time.monotonic()
+
+        async def client() -> list[dict[str, Any]]:
+            done = []
+            while queue:
+                done.append(await self.one(queue.pop(0), 16))
+            return done
+
+        runs = [r for rs in await asyncio.gather(*(client() for _ in range(clients))) for r in rs]
+        wall = time.monotonic() - started
+        return {"requests": len(runs), "wall_s": wall, "req_per_s": len(runs) / wall,
+                "decode_interval_p50_ms": 1000 * statistics.median(r["interval_s"] for r in runs),
+                "ttft_p50_ms": 1000 * statistics.median(r["ttft_s"] for r in runs)}
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {"repeats": len(runs)}
+
+
+async def measure(engine: Any, probe: Probe, repeats: int, picks: list[int],
+                  sweep: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"load": [], "sweep_lora": {}, "sweep_base": {}}
+    for i in range(9):  # the engine's CPU cache holds max_cpu_loras = 8 + 1 (replica.py)
+        started = time.monotonic()
+        await engine.add_lora(probe.lora(i))
+        out["load"].append(time.monotonic() - started)
+    log(f"  add_lora: {' '.join(f'{x * 1000:.0f}' for x in out['load'])} ms")
+    await probe.batch([None, 0, 1, 2, 3])  # warm-up: first steps compile and allocate
+    for b in (1, 2, 4, 8, 16) if sweep else ():
+        runs = [await probe.batch([i % 4 for i in range(b)]) for _ in range(repeats)]
+        out["sweep_lora"][str(b)] = median_of(runs)
+        log(f"  lora b={b}: step {out['sweep_lora'][str(b)]['step_s'] * 1000:.1f} ms")
+    for b in (1, 8, 16) if sweep else ():
+        runs = [await probe.batch([None] * b) for _ in range(repeats)]
+        out["sweep_base"][str(b)] = median_of(runs)
+        log(f"  base b={b}: step {out['sweep_base'][str(b)]['step_s'] * 1000:.1f} ms")
+    out["distinct_1"] = median_of([await probe.batch([0] * 8) for _ in range(repeats)])
+    out["distinct_4"] = median_of([await probe.batch([i % 4 for i in range(8)])
+                                   for _ in range(repeats)])
+    out["distinct_8"] = median_of([await probe.batch(list(range(8))) for _ in range(repeats)])
+    log(f"  8 seqs over 1 / 4 / 8 adapters: {out['distinct_1']['wall_s']:.2f} / "
+        f"{out['distinct_4']['wall_s']:.2f} / {out['distinct_8']['wall_s']:.2f} s")
+    out["closed"] = await probe.closed_loop(picks, 8)
+    log(f"  closed loop: {out['closed']['req_per_s']:.2f} req/s")
+    return out
+
+
+async def run(args: argparse.Namespace, save: Any) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from ruvllm.adapters.synthetic import make_lora_adapters
+    from ruvllm.model_store import prepare_builtin
+
+    model_path = prepare_builtin(MODEL)
+    root = Path.home() / ".cache" / "ruvllm" / "bench-adapters"  # router_bench's adapters
+    make_lora_adapters(model_path, root, [f"lora{i:02d}" for i in range(N_ADAPTERS)], rank=8)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    prompts = [tok.apply_chat_template([{"role": "user",
+                                         "content": f"Request {i}: describe a cat."}],
+                                       tokenize=False, add_generation_prompt=True)
+               for i in range(480)]
+    prompt_tokens = len(tok(prompts[100])["input_ids"])
+    # router_bench's picks, as one of its two replicas would see about half of them.
+    picks = zipf_choices(N_ADAPTERS, 480, 1.1, seed=1)[:args.closed_requests]
+    results: dict[str, Any] = {"prompt_tokens": prompt_tokens}
+    if (args.out / "report.json").is_file():  # a run of one max_loras keeps the other's
+        kept = json.loads((args.out / "report.json").read_text())
+        results |= {k: v for k, v in kept.items() if k.isdigit()}
+    for max_loras in args.max_loras:
+        log(f"engine max_loras {max_loras}: starting")
+        started = time.monotonic()
+        engine = await start_engine(model_path, max_loras)
+        try:
+            log(f"  up in {time.monotonic() - started:.0f} s")
+            results[str(max_loras)] = await measure(engine, Probe(engine, prompts, root),
+                                                    args.repeats, picks, not args.no_sweep)
+        finally:
+            engine.shutdown()
+        save(results)  # each engine's numbers as soon as they are in
+    return results
+
+
+def fit(sweep: dict[str, Any]) -> tuple[float, float]:
+    """Least-squares line step_s = base + per_seq x b through the sweep's medians."""
+    xs = [int(b) for b in sweep]
+    ys = [sweep[b]["step_s"] for b in sweep]
+    slope, intercept = statistics.linear_regression(xs, ys)
+    return intercept, slope
+
+
+def write(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for key in results:
+        if key.isdigit() and results[key]["sweep_lora"]:
+            base, per_seq = fit(results[key]["sweep_lora"])
+            results[key]["fit_lora"] = {"decode_base_s": base, "decode_per_seq_s": per_seq}
+    (out / "report.json").write_text(json.dumps({"meta": meta, **results}, indent=2))
+    lines = ["# One vLLM-CPU engine as router_bench's replicas run it", "",
+             f"{meta['machine']}. `python -m benchmarks.sim.cpu_engine_probe --max-loras N`; "
+             "the module docstring says what each row is. "
+             f"Prompt: {results['prompt_tokens']} tokens (router_bench's, chat template). "
+             "Medians of the repeats.", ""]
+    for key in (k for k in results if k.isdigit()):
+        r = results[key]
+        m = r["meta"]
+        lines += [f"## max_loras {key}", "",
+                  f"Measured {m['started']} - {m['ended']} UTC (1/5/15-min load average at "
+                  f"start {m['load_start']}, at end {m['load_end']}); "
+                  f"{r['distinct_1']['repeats']} repeats.", ""]
+        if r["sweep_lora"]:
+            lines += ["| sequences | step (ms), on adapters | step (ms), base model |",
+                      "|---|---|---|"]
+        else:
+            lines.append("No batch sweep here (`--no-sweep`): it puts at most 4 adapters in a "
+                         "batch, so max_loras never binds in it.")
+        for b, s in r["sweep_lora"].items():
+            base = r["sweep_base"].get(b)
+            lines.append(f"| {b} | {s['step_s'] * 1000:.1f} | "
+                         f"{base['step_s'] * 1000:.1f} |" if base else
+                         f"| {b} | {s['step_s'] * 1000:.1f} | - |")
+        if "fit_lora" in r:
+            f = r["fit_lora"]
+            lines += ["", f"Fit (adapters): step = {f['decode_base_s'] * 1000:.1f} ms + "
+                      f"{f['decode_per_seq_s'] * 1000:.2f} ms x sequences."]
+        c = r["closed"]
+        distinct = ", ".join(
+            f"{n} adapter{'s' if n > 1 else ''} {r[f'distinct_{n}']['wall_s']:.2f} s "
+            f"({r[f'distinct_{n}']['step_s'] * 1000:.0f})" for n in (1, 4, 8))
+        lines += ["",
+                  f"8 sequences x 32 tokens started together, wall time (step ms): over {distinct}.",
+                  "",
+                  f"`add_lora` of an adapter not in the CPU cache: median "
+                  f"{statistics.median(r['load']) * 1000:.0f} ms (min-max "
+                  f"{min(r['load']) * 1000:.0f}-{max(r['load']) * 1000:.0f} ms, "
+                  f"{len(r['load'])} adapters).", "",
+                  f"Closed loop, 8 clients, router_bench's first {c['requests']} Zipf picks, 16 "
+                  f"tokens: {c['req_per_s']:.2f} req/s, decode interval p50 "
+                  f"{c['decode_interval_p50_ms']:.0f} ms, TTFT p50 {c['ttft_p50_ms']:.0f} ms.", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--max-loras", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[4, 8])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="skip the batch sweep (it never lets max_loras bind)")
+    parser.add_argument("--closed-requests", type=int, default=240)
+    args = parser.parse_args()
+    engine_env()
+    load = lambda: " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load_start": load(),
+            "machine": f"{os.cpu_count()} CPU cores, engine bound to core 0"}
+
+    def save(results: dict[str, Any]) -> None:
+        ended = {"ended": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load_end": load()}
+        for key in (k for k in results if k.isdigit()):
+            results[key].setdefault("meta", meta | ended)
+        write(args.out, results, meta | ended)
+
+    asyncio.run(run(args, save))
+    print((args.out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
