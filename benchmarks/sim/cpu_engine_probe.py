@@ -183,11 +183,10 @@ async def run(args: argparse.Namespace, save: Any) -> dict[str, Any]:
     return results
 
 
-def fit(sweep: dict[str, Any]) -> tuple[float, float]:
-    """Least-squares line step_s = base + per_seq x b through the sweep's medians."""
+def fit(sweep: dict[str, Any], key: str = "step_s") -> tuple[float, float]:
+    """Least-squares line key = base + per_seq x b through the sweep's medians."""
     xs = [int(b) for b in sweep]
-    ys = [sweep[b]["step_s"] for b in sweep]
-    slope, intercept = statistics.linear_regression(xs, ys)
+    slope, intercept = statistics.linear_regression(xs, [sweep[b][key] for b in sweep])
     return intercept, slope
 
 

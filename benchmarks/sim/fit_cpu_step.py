@@ -27,6 +27,7 @@ from typing import Any
 
 from benchmarks.harness import ROOT
 from benchmarks.sim.calibration import EngineProfile
+from benchmarks.sim.cpu_engine_probe import fit
 
 PROBE = ROOT / "benchmarks" / "results" / "sim" / "cpu_engine" / "report.json"
 STACK = ROOT / "benchmarks" / "results" / "router" / "max_loras"
@@ -35,9 +36,8 @@ PROMPT_TOKENS = 40  # the probe's prompt (router_bench's, through the chat templ
 
 def engine_alone(probe: dict[str, Any]) -> dict[str, float]:
     sweep = probe["sweep_lora"]
-    b = [int(k) for k in sweep]
-    per_seq, base = statistics.linear_regression(b, [sweep[k]["step_s"] for k in sweep])
-    prefill_per_seq, _ = statistics.linear_regression(b, [sweep[k]["ttft_max_s"] for k in sweep])
+    base, per_seq = fit(sweep)
+    _, prefill_per_seq = fit(sweep, "ttft_max_s")
     return {"decode_base_s": base, "decode_per_seq_s": per_seq,
             "prefill_tokens_per_s": PROMPT_TOKENS / prefill_per_seq,
             "lora_load_s": statistics.median(probe["load"])}
