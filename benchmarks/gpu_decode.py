@@ -258,9 +258,9 @@ def main() -> int:
                 "quant": lambda: quant_rows(args.model_dir, args.w4a16_dir, args.tokens)}
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu_name(),
               "vllm": vllm.__version__, "tokens": args.tokens, "rows": {}}
+    wanted = {n.strip() for n in args.only.split(",") if n.strip()}
     for section in args.rows.split(","):
         result["rows"][section] = {}
-        wanted = {n.strip() for n in args.only.split(",") if n.strip()}
         for name, spec in sections[section]().items():
             if wanted and name not in wanted:
                 continue

@@ -46,28 +46,21 @@ def vllm_side(model_dir: Path, prompt_ids: list[list[int]], tokens: int,
               enable_prefix_caching=prefix_caching, max_model_len=512, seed=0, **device_args)
     params = SamplingParams(temperature=0.0, max_tokens=tokens, logprobs=1, ignore_eos=True)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params)
-    if not prefix_caching:  # non-granular mode serves without it (deployments/replica.py)
-        del llm
-        return [{"tokens": list(o.outputs[0].token_ids),
-                 "logprobs": [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
-                                                             o.outputs[0].token_ids)]}
-                for o in outputs]
-    # Again, continuing each answer part-way: the new prompt spans at least one full
-    # block (32 tokens) that the first run cached, in both KV caches, so it is a prefix hit.
-    cut = [min(tokens - 1, max(tokens // 2, 40 - len(ids))) for ids in prompt_ids]
-    resumed = [ids + list(o.outputs[0].token_ids[:k]) for ids, o, k in zip(prompt_ids, outputs, cut)]
-    again = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in resumed],
-                         [SamplingParams(temperature=0.0, max_tokens=tokens - k, ignore_eos=True)
-                          for k in cut])
-    result = []
-    for out, out2, k in zip(outputs, again, cut):
-        c = out.outputs[0]
-        result.append({
-            "tokens": list(c.token_ids),
-            "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
-            "tokens_prefix_cached": list(c.token_ids[:k]) + list(out2.outputs[0].token_ids),
-            "prefix_cached_prompt_tokens": int(out2.num_cached_tokens or 0),
-        })
+    result = [{"tokens": list(o.outputs[0].token_ids),
+               "logprobs": [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
+                                                           o.outputs[0].token_ids)]}
+              for o in outputs]
+    if prefix_caching:  # non-granular mode serves without it (deployments/replica.py)
+        # Again, continuing each answer part-way: the new prompt spans at least one full
+        # block (32 tokens) that the first run cached, in both KV caches, so it is a hit.
+        cut = [min(tokens - 1, max(tokens // 2, 40 - len(ids))) for ids in prompt_ids]
+        resumed = [ids + r["tokens"][:k] for ids, r, k in zip(prompt_ids, result, cut)]
+        again = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in resumed],
+                             [SamplingParams(temperature=0.0, max_tokens=tokens - k,
+                                             ignore_eos=True) for k in cut])
+        for r, out2, k in zip(result, again, cut):
+            r["tokens_prefix_cached"] = r["tokens"][:k] + list(out2.outputs[0].token_ids)
+            r["prefix_cached_prompt_tokens"] = int(out2.num_cached_tokens or 0)
     del llm
     return result
 

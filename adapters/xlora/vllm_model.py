@@ -383,13 +383,10 @@ class XLoraLlamaForCausalLM(LlamaForCausalLM):
         and no device-to-host sync, so vLLM captures this step as a full CUDA graph. Token
         i belongs to request i. A one-token prompt has no token before it; scheduled in
         such a step it gets the classifier's prior (its output for a zero hidden state)."""
-        n = positions.shape[0]
         table = meta.block_table
-        rows = torch.arange(n, device=positions.device).clamp(max=table.shape[0] - 1)
-        prev = (positions.to(torch.long) - 1).clamp(min=0)
-        blocks = table[rows, (prev // self._block_size).clamp(max=table.shape[1] - 1)]
-        prev_slots = (blocks.to(torch.long) * self._block_size + prev % self._block_size)
-        scalings = store[prev_slots.clamp(max=store.shape[0] - 2)]
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        scalings = store[self._prev_slots(table, rows.clamp(max=table.shape[0] - 1), positions,
+                                          store)]
         prior = self.model.xlora_classifier(store.new_zeros(1, self.config.hidden_size))
         return torch.where((positions == 0)[:, None, None], prior, scalings)
 
@@ -410,12 +407,18 @@ class XLoraLlamaForCausalLM(LlamaForCausalLM):
         decode_tok = decode_req[owner] & (torch.arange(n, device=positions.device) < qsl[-1])
         scalings = self.xlora_scalings(input_ids, positions, inputs_embeds)
         if bool(decode_tok.any()):
-            block = self._block_size
-            prev = positions.to(torch.long).clamp(min=1) - 1
-            prev_slots = meta.block_table[owner, prev // block].to(torch.long) * block + prev % block
-            carried = store[prev_slots.clamp(max=store.shape[0] - 2)]
+            carried = store[self._prev_slots(meta.block_table, owner, positions, store)]
             scalings = torch.where(decode_tok[:, None, None], carried, scalings)
         return scalings
+
+    def _prev_slots(self, table: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                    store: torch.Tensor) -> torch.Tensor:
+        """The store row of the token before each token (its request's block-table row
+        `rows`); clamped so that no index leaves the table or reaches the padding row."""
+        prev = (positions.to(torch.long) - 1).clamp(min=0)
+        blocks = table[rows, (prev // self._block_size).clamp(max=table.shape[1] - 1)]
+        slots = blocks.to(torch.long) * self._block_size + prev % self._block_size
+        return slots.clamp(max=store.shape[0] - 2)
 
     @staticmethod
     def _padded(slot_mapping: torch.Tensor, n: int) -> torch.Tensor:
