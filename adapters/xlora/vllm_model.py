@@ -21,8 +21,8 @@ skips the scaling pass entirely. Whether a step is such a batch is vLLM's host-s
 a full CUDA graph (its default FULL_AND_PIECEWISE mode captures decode-only steps whole);
 steps with prompt tokens run their scaling pass eagerly. The real pass of this mode is a
 compiled module of its own (`XLoraRealPass`): run uncompiled inside the full graph, it
-decoded at 0.65x the base model's tok/s at batch 64 on an H200, where granular mode,
-compiled, ran both passes at 0.89x.
+decoded at 0.52x / 0.65x the base model's tok/s at batch 1 / 64 on an H200; compiled,
+0.88x / 1.02x (medians of four side-by-side runs, benchmarks/results/gpu_decode).
 
 Both passes, the classifier and the mixing run inside one `XLoraLlamaModel.forward`, and
 the per-token expert weights travel as a tensor argument from the classifier to the
@@ -348,6 +348,7 @@ class XLoraLlamaForCausalLM(LlamaForCausalLM):
         self.non_granular = bool(self.xlora_spec.get("non_granular", False))
         self._cache_config = vllm_config.cache_config
         self._block_size = vllm_config.cache_config.block_size
+        self._max_batched_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         if self.non_granular:
             # Its own tag: vLLM keys a compiled module's cache directory by it.
             with set_model_tag("xlora_real_pass"):
@@ -364,7 +365,8 @@ class XLoraLlamaForCausalLM(LlamaForCausalLM):
         if not self.non_granular:
             return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
         scalings = self._non_granular_scalings(input_ids, positions, inputs_embeds)
-        return self.real_pass(input_ids, positions, inputs_embeds, self.model.mixer.expand(scalings))
+        return self.real_pass(input_ids, positions, inputs_embeds,
+                              self._static_weights(self.model.mixer.expand(scalings)))
 
     def xlora_scalings(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                        inputs_embeds: torch.Tensor | None) -> torch.Tensor:
@@ -454,6 +456,21 @@ class XLoraLlamaForCausalLM(LlamaForCausalLM):
         if slot_mapping.shape[0] >= n:
             return slot_mapping[:n]
         return torch.nn.functional.pad(slot_mapping, (0, n - slot_mapping.shape[0]), value=-1)
+
+    def _static_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """`weights` copied into the head of one buffer kept for the engine's life. vLLM's
+        piecewise CUDA graphs (steps with prompt tokens) replay reading their inputs where
+        they lay at capture, as the runner's own input_ids and positions do; weights
+        computed outside the compiled pass lie elsewhere every step, and on an H200 the
+        model answered nonsense from them (max |log-prob difference| 24 against peft)."""
+        n = weights.shape[0]
+        buffer = getattr(self, "_weights_buffer", None)
+        if buffer is None or buffer.shape[0] < n or buffer.shape[1:] != weights.shape[1:]:
+            rows = max(n, self._max_batched_tokens)
+            buffer = weights.new_empty((rows, *weights.shape[1:]))
+            self._weights_buffer = buffer
+        buffer[:n].copy_(weights)
+        return buffer[:n]
 
     def _scalings_store(self) -> torch.Tensor:
         """Per-KV-slot scalings ([slots + 1, modules, E]; the last row takes padding).
