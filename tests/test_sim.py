@@ -278,9 +278,8 @@ def test_a_replica_that_starts_later_finds_the_first_preloads_taken():
     assert resident(0.0) == [["a0", "a2", "a4", "a6"], ["a1", "a3", "a5", "a7"]]
 
 
-def test_cpu_profile_lines_come_from_the_probe_sweep_and_stretch_every_engine_time():
-    from benchmarks.sim.calibration import CPU_SMOLLM2
-    from benchmarks.sim.fit_cpu_step import engine_alone, stretched
+def test_cpu_profile_lines_come_from_the_probe_sweep():
+    from benchmarks.sim.fit_cpu_step import engine_alone
 
     # step = 0.2 s + 0.01 s x b; b sequences started together: first tokens by 0.2 + 0.5 b
     sweep = {str(b): {"step_s": 0.2 + 0.01 * b, "ttft_max_s": 0.2 + 0.5 * b}
@@ -290,23 +289,28 @@ def test_cpu_profile_lines_come_from_the_probe_sweep_and_stretch_every_engine_ti
     assert alone["decode_per_seq_s"] == pytest.approx(0.01)
     assert alone["prefill_tokens_per_s"] == pytest.approx(40 / 0.5)
     assert alone["lora_load_s"] == pytest.approx(0.03)
-    p = stretched(dataclasses.replace(CPU_SMOLLM2, **alone), 2.0)
-    assert p.step_s(4, 0, 40) == pytest.approx(2 * (0.2 + 0.04 + 40 / 80))
-    assert p.lora_load_s == pytest.approx(0.06)
 
 
 def test_cpu_profile_in_calibration_matches_the_committed_measurements():
     """calibration.py's CPU numbers are what fit_cpu_step computes from the committed
-    probe and router_bench results (they are copied there as plain numbers)."""
+    probe and router_bench results (they are copied there as plain numbers): the engine
+    times are the engine alone's, and the shared cores' stack work gives the simulated
+    router_bench the measured stretch over the simulated engine alone."""
     import json
 
-    from benchmarks.sim.calibration import CPU_ENGINE_ALONE, CPU_STACK_STRETCH
-    from benchmarks.sim.fit_cpu_step import PROBE, STACK, engine_alone
+    from benchmarks.sim.calibration import CPU_ENGINE_ALONE, CPU_SMOLLM2, CPU_STACK_STRETCH
+    from benchmarks.sim.fit_cpu_step import (PROBE, STACK, engine_alone, simulate_probe_loop,
+                                             simulate_stack)
 
     alone = engine_alone(json.loads(PROBE.read_text())["4"])
     for key, value in CPU_ENGINE_ALONE.items():
         assert value == pytest.approx(alone[key], rel=2e-3), key
+        assert getattr(CPU_SMOLLM2, key) == value, key
     loop = json.loads(PROBE.read_text())["4"]["closed"]["decode_interval_p50_ms"]
     stack = json.loads((STACK / "power_of_two-max_loras4" / "report.json").read_text())
     assert CPU_STACK_STRETCH == pytest.approx(
         stack["adapters"]["power_of_two"]["decode_interval_p50_ms"] / loop, rel=1e-3)
+    simulated_alone = simulate_probe_loop(dataclasses.replace(CPU_SMOLLM2, shared_cores=None),
+                                          120)["decode_interval_s"]
+    simulated_stack = simulate_stack(CPU_SMOLLM2)["decode_interval_s"]
+    assert simulated_stack / simulated_alone == pytest.approx(CPU_STACK_STRETCH, rel=0.01)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.sim.calibration import PROFILES
+from benchmarks.sim.cores import SharedCores
 from benchmarks.sim.policies import POLICIES
 from benchmarks.sim.report import GPU_PLACEMENT, GPU_ROUTER
 from benchmarks.sim.simulation import SimConfig, Simulation
@@ -62,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    profile = dataclasses.replace(PROFILES[args.profile], **json.loads(args.engine))
+    overrides = json.loads(args.engine)
+    if isinstance(overrides.get("shared_cores"), dict):  # JSON has no dataclasses
+        base = PROFILES[args.profile].shared_cores
+        overrides["shared_cores"] = (dataclasses.replace(base, **overrides["shared_cores"])
+                                     if base else SharedCores(**overrides["shared_cores"]))
+    profile = dataclasses.replace(PROFILES[args.profile], **overrides)
     gpu = profile.kv_tokens > 100_000
     router = (RouterConfig(**json.loads(args.router)) if args.router
               else GPU_ROUTER if gpu else RouterConfig())

@@ -4,8 +4,8 @@ The GPU figures are this project's own runs on lent machines (vLLM 0.26.0, rando
 Llama-3-8B shape, bf16, FA3), copied here from the lead's shared notes
 (`shared/gpu/README.md`, `shared/gpu/results-h100-2026-11-24.json`) because a user's clone
 has no ../shared. The CPU profile is one vLLM-CPU engine measured alone on this 2-core
-machine, stretched by the serving stack's measured share of the cores (see CPU_SMOLLM2,
-and `benchmarks/sim/fit_cpu_step.py`, which recomputes both). Anything not measured
+machine, its 2 cores shared with the serving stack's measured work (see CPU_SMOLLM2,
+benchmarks/sim/cores.py, and `benchmarks/sim/fit_cpu_step.py`, which recomputes both). Anything not measured
 is marked `derived` with its arithmetic; replace it with your own measurement when you
 have one (every field is a plain number, overridable from the command line as JSON).
 """
@@ -13,6 +13,8 @@ have one (every field is a plain number, overridable from the command line as JS
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+from benchmarks.sim.cores import SharedCores
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class EngineProfile:
     lora_load_s: float  # loading one adapter stalls the engine this long
     max_ongoing_requests: int  # Serve's per-replica cap (requests beyond wait in the handle)
     sources: dict[str, str] = field(default_factory=dict)
+    # Engines sharing a machine's cores with the serving stack (cores.py); None: every
+    # engine has its hardware to itself and the step times above are the whole story.
+    shared_cores: SharedCores | None = None
 
     def step_s(self, batch: int, ctx_tokens: int, prefill_tokens: int) -> float:
         return (self.decode_base_s + self.decode_per_seq_s * batch
@@ -40,7 +45,10 @@ class EngineProfile:
                 + prefill_tokens / self.prefill_tokens_per_s)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.shared_cores is None:
+            del out["shared_cores"]
+        return out
 
 
 # Measured figures the profiles are fitted to (copied from shared/gpu, see module doc).
@@ -120,12 +128,15 @@ H200_8B = EngineProfile(
 #   interval 438 vs 450 ms (fit_cpu_step `check`);
 # - inside the stack (router_bench, power_of_two, max_loras 4, 03:53-04:01 UTC,
 #   benchmarks/results/router/max_loras): the decode interval was 591 ms where the
-#   engine alone, same max_loras and 8 clients per engine, showed 450 ms. Two engines,
-#   Serve's processes and the load client share the 2 cores; every engine time below is
-#   the engine-alone one x CPU_STACK_STRETCH (fit_cpu_step `stretch`). The stretch belongs
-#   to a max_loras: at 8 it is 1.89 (768 / 406 ms), where the engine alone gains 19% of
-#   requests/s (0.72 -> 0.86; simulated 0.75 -> 0.88) and the stack gains 0.2%: the cores,
-#   not the engine's batching, limit the benchmark. Use this profile at max_loras 4.
+#   engine alone, same max_loras and 8 clients per engine, showed 450 ms
+#   (CPU_STACK_STRETCH). Two engines, Serve's processes and the load client share the 2
+#   cores: the engine times below are the engine-alone ones, and the stack's work is
+#   modelled as CPU per running sequence per step shared over the cores with the engines
+#   (cores.py; an engine whose neighbour is idle steps at its engine-alone speed). That
+#   one number, CPU_STACK_OVERHEAD_PER_SEQ_S, is where the simulated router_bench shows
+#   the measured 1.31 stretch over the simulated engine alone (fit_cpu_step
+#   `shared_cores`). Check, the max_loras 8 run (04:07-04:15 UTC, stretch 1.89 = 768 /
+#   406 ms): simulated decode interval 703 ms against the measured 768 (-8%).
 # The adapter-load counts and the goodputs are not fitted: they are the validation
 # (benchmarks/results/sim/report.md).
 CPU_ENGINE_ALONE = {
@@ -135,34 +146,46 @@ CPU_ENGINE_ALONE = {
     "lora_load_s": 0.0249,  # add_lora median, 9 adapters (24-33 ms)
 }
 CPU_STACK_STRETCH = 1.3126  # 590.5 / 449.9 ms decode interval, stack / engine alone
+CPU_STACK_OVERHEAD_PER_SEQ_S = 0.01936  # fit_cpu_step: the stretch above, simulated
 
 CPU_SMOLLM2 = EngineProfile(
     name="cpu-2core-smollm2-135m",
-    decode_base_s=CPU_ENGINE_ALONE["decode_base_s"] * CPU_STACK_STRETCH,
-    decode_per_seq_s=CPU_ENGINE_ALONE["decode_per_seq_s"] * CPU_STACK_STRETCH,
+    decode_base_s=CPU_ENGINE_ALONE["decode_base_s"],
+    decode_per_seq_s=CPU_ENGINE_ALONE["decode_per_seq_s"],
     decode_per_ctx_token_s=0.0,
-    prefill_tokens_per_s=CPU_ENGINE_ALONE["prefill_tokens_per_s"] / CPU_STACK_STRETCH,
+    prefill_tokens_per_s=CPU_ENGINE_ALONE["prefill_tokens_per_s"],
     kv_tokens=23_296,  # README: 1 GiB per replica = 23,296 tokens
     block_size=32,
     max_num_seqs=64,
     max_num_batched_tokens=2048,
     max_loras=4,
     adapter_slots=8,  # cluster.yaml max_cpu_loras
-    lora_load_s=CPU_ENGINE_ALONE["lora_load_s"] * CPU_STACK_STRETCH,
+    lora_load_s=CPU_ENGINE_ALONE["lora_load_s"],
     max_ongoing_requests=256,
     sources={"decode_base_s, decode_per_seq_s": "measured: one vLLM-CPU engine alone, batch "
                                                 "sweep 1-16 sequences on adapters (benchmarks/"
-                                                "results/sim/cpu_engine, 2026-12-01 04:27 UTC) "
-                                                "x the stack stretch",
+                                                "results/sim/cpu_engine, 2026-12-01 04:27 UTC)",
              "prefill_tokens_per_s": "measured: the same sweep's slowest first token, "
-                                     "+0.478 s per 40-token sequence, x the stack stretch",
+                                     "+0.478 s per 40-token sequence",
              "lora_load_s": "measured: add_lora of an adapter not in the engine's CPU cache, "
-                            "median 24.9 ms, x the stack stretch",
-             "stack stretch 1.31": "measured: router_bench power_of_two max_loras 4 decode "
-                                   "interval 591 ms (benchmarks/results/router/max_loras, "
-                                   "2026-12-01 03:53 UTC) / the engine alone's 450 ms in the "
-                                   "same closed loop (8 clients, same picks)",
+                            "median 24.9 ms (taken at the core's share when it runs)",
+             "shared_cores": "2 cores, one per engine, shared with the stack's work: 19.4 ms "
+                             "per running sequence per step, where the simulated router_bench "
+                             "(power_of_two, max_loras 4) shows the measured stretch 1.31 = "
+                             "decode interval 591 ms (benchmarks/results/router/max_loras, "
+                             "2026-12-01 03:53 UTC) / the engine alone's 450 ms in the same "
+                             "closed loop (8 clients, same picks); fit_cpu_step",
              "kv_tokens, adapter_slots": "README (1 GiB = 23,296 tokens), cluster.yaml"},
+    shared_cores=SharedCores(
+        cores=2, overhead_per_step_s=0.0, overhead_per_seq_s=CPU_STACK_OVERHEAD_PER_SEQ_S,
+        sources={"cores": "router_bench's machine: 2 cores, `cpu_threads_bind: spread`",
+                 "overhead_per_seq_s": "fit_cpu_step `shared_cores`: the measured stack "
+                                       "stretch 1.31 (router_bench max_loras 4 / "
+                                       "cpu_engine_probe, decode intervals)",
+                 "overhead_per_step_s": "0: per step instead of per sequence, fitted the "
+                                        "same way (120 ms), it predicts the max_loras 8 "
+                                        "decode interval 669 ms against the measured 768; "
+                                        "per sequence, 703"}),
 )
 
 PROFILES = {p.name: p for p in (H200_8B, CPU_SMOLLM2)}

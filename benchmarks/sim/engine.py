@@ -14,6 +14,10 @@ The prefix cache keeps whole segments of prompts (see trace.py) keyed by everyth
 before them, least recently used out first, in the KV blocks that running sequences'
 outputs do not hold; a hit counts whole blocks only, and never the last prompt token
 (vLLM recomputes it), as vLLM's own counters do.
+
+Engines given a `CorePool` (the 2-core CPU profile) share a machine's cores with the
+serving stack (cores.py): their step is the profile's time over the share of its core
+the engine gets, re-timed whenever another engine on the pool changes its load.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.sim.calibration import EngineProfile
+from benchmarks.sim.cores import CorePool
 
 _EPS = 1e-6
 
@@ -57,7 +62,8 @@ class EngineStats:
 
 
 class SimEngine:
-    def __init__(self, profile: EngineProfile, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, profile: EngineProfile, loop: asyncio.AbstractEventLoop,
+                 cores: CorePool | None = None) -> None:
         self.p = profile
         self._loop = loop
         self._waiting: deque[Sequence] = deque()
@@ -70,6 +76,10 @@ class SimEngine:
         self._last = loop.time()
         self._paused_until = -math.inf
         self._step_s = math.inf
+        self._compute_s = math.inf  # the step on a core of its own (the profile's time)
+        self._cores = cores
+        if cores is not None:
+            cores.join(self)
         self._chunk = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._kv_reserved = 0
@@ -89,11 +99,15 @@ class SimEngine:
         self._waiting.append(seq)
         self._schedule()
 
-    def stall(self, seconds: float) -> None:
-        """The engine does nothing else for `seconds` (an adapter load)."""
+    def stall(self, seconds: float) -> float:
+        """The engine does nothing else for `seconds` of its core (an adapter load);
+        returns how long that takes with the core's current share."""
         self._advance()
+        if self._cores is not None:
+            seconds /= self._cores.speed()
         self._paused_until = max(self._loop.time(), self._paused_until) + seconds
         self._schedule()
+        return seconds
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -144,12 +158,38 @@ class SimEngine:
             self._timer = None
         b = len(self._decoding)
         if not b and not self._prefilling:
-            self._step_s = math.inf
+            self._step_s = self._compute_s = math.inf
+            if self._cores is not None:
+                self._cores.changed(self)
             return
         pending = sum(s.remaining_prefill for s in self._prefilling)
         self._chunk = min(max(1.0, self.p.max_num_batched_tokens - b), pending) if pending else 0.0
         ctx = self._sum_prompt + b * self._steps - self._sum_start
-        self._step_s = self.p.step_s(b, int(ctx), int(self._chunk))
+        self._compute_s = self._step_s = self.p.step_s(b, int(ctx), int(self._chunk))
+        if self._cores is not None:
+            self._step_s = self._compute_s / self._cores.changed(self)
+        self._set_timer()
+
+    def core_load(self) -> tuple[float, float] | None:
+        """(compute_s, overhead_s) of the step running now, None when idle (for CorePool;
+        an adapter-load stall counts as its batch's step, or as idle without one)."""
+        if self._compute_s == math.inf:
+            return None
+        return self._compute_s, self._cores.model.overhead_s(self.running)
+
+    def retime(self) -> None:
+        """The core's share changed (another engine's load did): finish the time run at
+        the old step time, then step at the new one."""
+        self._advance()
+        if self._compute_s == math.inf:
+            return
+        self._step_s = self._compute_s / self._cores.speed()
+        self._set_timer()
+
+    def _set_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         wait = math.inf
         if self._decoding:
             wait = (self._decoding[0][0] - self._steps) * self._step_s

@@ -16,6 +16,7 @@ from ray.serve._private.common import DeploymentID, ReplicaID
 
 from ruvllm.adapters.slots import AdapterSlots
 from benchmarks.sim.calibration import EngineProfile
+from benchmarks.sim.cores import CorePool
 from benchmarks.sim.engine import Sequence, SimEngine
 from ruvllm.adapters.placement import ReplicaReport
 
@@ -33,11 +34,11 @@ class LRUSlots(AdapterSlots):
 
 class SimReplica:
     def __init__(self, index: int, profile: EngineProfile, loop: asyncio.AbstractEventLoop,
-                 slots: str, half_life_s: float = 120.0) -> None:
+                 slots: str, half_life_s: float = 120.0, cores: CorePool | None = None) -> None:
         self.name = f"r{index}"
         self.replica_id = ReplicaID(unique_id=self.name, deployment_id=DEPLOYMENT)
         self.profile = profile
-        self.engine = SimEngine(profile, loop)
+        self.engine = SimEngine(profile, loop, cores)
         self._loop = loop
         self.slots = (AdapterSlots(profile.adapter_slots, half_life_s=half_life_s, clock=loop.time)
                       if slots == "decay" else LRUSlots(profile.adapter_slots))
@@ -101,8 +102,7 @@ class SimReplica:
                     continue
                 self.slots.remove(victim)
                 self.counts["evictions"] += 1
-            self.engine.stall(self.profile.lora_load_s)
-            await asyncio.sleep(self.profile.lora_load_s)
+            await asyncio.sleep(self.engine.stall(self.profile.lora_load_s))
             self.slots.add(name)
             if cause == "plan":
                 self.slots.note_demand(name)

@@ -19,6 +19,7 @@ from typing import Any
 
 from benchmarks.sim import clock
 from benchmarks.sim.calibration import EngineProfile
+from benchmarks.sim.cores import CorePool
 from benchmarks.sim.engine import Sequence, chain_keys
 from benchmarks.sim.policies import POLICIES, Policy, PrefixOnly
 from benchmarks.sim.replica import SimReplica
@@ -117,7 +118,12 @@ class Simulation:
         policy_cls = POLICIES[cfg.policy]
         self.rng = random.Random(cfg.seed)
         random.seed(cfg.seed)  # PlacementAwareRouter breaks ties with the global random
-        self.replicas = [SimReplica(i, cfg.profile, loop, policy_cls.slots)
+        shared = cfg.profile.shared_cores
+        # One machine per `shared.cores` replicas, each engine bound to a core of its own.
+        pools = ([CorePool(shared) for _ in range(-(-cfg.replicas // shared.cores))]
+                 if shared is not None else [])
+        self.replicas = [SimReplica(i, cfg.profile, loop, policy_cls.slots,
+                                    cores=pools[i // shared.cores] if pools else None)
                          for i in range(cfg.replicas)]
         router_kwargs = dict(session_affinity=r.session_affinity, prefix_affinity=r.prefix_affinity,
                              max_imbalance_tokens=r.max_imbalance_tokens,
