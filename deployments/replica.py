@@ -16,6 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ruvllm.adapters.slots import AdapterSlots
 from ruvllm.deployments.coalesce import coalesce_ready
+from ruvllm.deployments.gpu_start_lock import gpu_start_lock
 from ruvllm.deployments.periodic import repeat_every
 from ruvllm.deployments.protocol import (Engine, EngineRequest, ReplyHead, engine_died_head,
                                           error_body)
@@ -89,9 +90,10 @@ def make_engine(config: AppConfig, mixture: XLoraMixture | None = None,
     # cache hit on them would read garbage: it serves without prefix caching.
     # Granular mixtures compile like the base (both passes, the classifier and the mixing
     # in one traced forward): on an H200 under CUDA graphs they match peft as closely as
-    # eager (max |log-prob difference| 0.18 in both modes) and decode at 0.70x the base at
-    # batch 64, against 0.08x eager. Non-granular decode-only steps skip the scaling
-    # pass and are captured as full graphs; its steps with prompt tokens run eagerly.
+    # eager (max |log-prob difference| 0.18 in both modes) and decode at 0.60x the base at
+    # batch 1, against 0.08x eager. Non-granular decode-only steps skip the scaling pass
+    # and run their compiled real pass inside a full graph (0.88x at batch 1); its steps
+    # with prompt tokens run their scaling pass eagerly (benchmarks/results/gpu_decode).
     engine = config.engine.model_copy(update={
         "enable_lora": False,
         "enable_prefix_caching": config.engine.enable_prefix_caching and not mixture.non_granular,
@@ -155,7 +157,8 @@ class LLMReplica:
         self._dedicated = mixture.name if mixture else quantized.name if quantized else None
         self._engine = make_engine(config, mixture, quantized,
                                    threads=_core_share(config, _replicas_per_node(config)))
-        await self._engine.start()
+        async with gpu_start_lock(_gpu_ids()):
+            await self._engine.start()
         slots = config.engine.max_cpu_loras or config.engine.max_loras
         self._slots = AdapterSlots(
             slots if config.engine.enable_lora and self._dedicated is None else 0)
