@@ -91,9 +91,9 @@ def make_engine(config: AppConfig, mixture: XLoraMixture | None = None,
     # Granular mixtures compile like the base (both passes, the classifier and the mixing
     # in one traced forward): on an H200 under CUDA graphs they match peft as closely as
     # eager (max |log-prob difference| 0.18 in both modes) and decode at 0.60x the base at
-    # batch 1, against 0.08x eager. Non-granular decode-only steps skip the scaling pass
-    # and run their compiled real pass inside a full graph (0.88x at batch 1); its steps
-    # with prompt tokens run their scaling pass eagerly (benchmarks/results/gpu_decode).
+    # batch 1. Non-granular decode-only steps skip the scaling pass and run their compiled
+    # real pass inside a full graph (0.88x at batch 1); its steps with prompt tokens run
+    # their scaling pass eagerly (benchmarks/results/gpu_decode).
     engine = config.engine.model_copy(update={
         "enable_lora": False,
         "enable_prefix_caching": config.engine.enable_prefix_caching and not mixture.non_granular,
