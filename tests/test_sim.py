@@ -396,3 +396,22 @@ def test_probe_step_log_reads_step_kinds_and_steps_to_first_token():
     assert c["prompts_per_mixed_step"] == [1, 2]
     assert c["prompt_tokens_per_request"] == 40
     assert c["steps_to_first_token"] == [1, 2, 2]
+
+
+def test_an_adapter_call_waits_for_the_running_step_then_stalls_the_engine():
+    """The replica's load path measured on vLLM-CPU (cpu_engine --load-path): with a batch
+    decoding, a load returned after about a step, the engine core taking it between steps."""
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        engine = SimEngine(_cpu_like(step_aligned_prefill=True,
+                                     adapter_calls_between_steps=True), loop)
+        a = _seq(loop, output_tokens=10)
+        engine.submit(a)  # 0.6 s prefill step, then 0.2 s decode steps
+        await asyncio.sleep(0.7)  # 0.1 s into the first decode step
+        waited = engine.call_between_steps(0.05)
+        await a.done
+        return waited, a.done.result()
+
+    waited, done = clock.run(scenario())
+    assert waited == pytest.approx(0.1 + 0.05)
+    assert done == pytest.approx(0.6 + 9 * 0.2 + 0.05), "the engine stalled 50 ms between steps"

@@ -42,6 +42,10 @@ class EngineProfile:
     # one, first tokens at its end (engine.py); False: fluid prefill (the H200 profile,
     # whose report predates the measurement and must not move).
     step_aligned_prefill: bool = False
+    # With step_aligned_prefill: an adapter load or unload waits for the running step to
+    # end (vLLM's engine core takes such calls between steps), then stalls lora_load_s
+    # (a load) or nothing (an unload); the request behind it waits for both.
+    adapter_calls_between_steps: bool = False
 
     def step_s(self, batch: int, ctx_tokens: int, prefill_tokens: int) -> float:
         return (self.decode_base_s + self.decode_per_seq_s * batch
@@ -119,6 +123,9 @@ H200_8B = EngineProfile(
                                     "replicas); swept in the report",
         "lora_load_s": "derived, not measured: 84 MB adapter at 1 GB/s + 50 ms",
         "decode_per_seq_s": "fitted to H200 measured c=64 6,424 tok/s (512 in / 256 out)",
+        "step_aligned_prefill, adapter_calls_between_steps": "off: not measured on a GPU "
+            "(measured on vLLM-CPU, 2026-12-01, the CPU profile); the scale sections keep "
+            "the fluid prefill they were run with",
     },
 )
 
@@ -167,7 +174,7 @@ CPU_STEP_LOG = {
     "decode_step_b8_model_s": (0.2071, 0.2280),
 }
 CPU_STACK_STRETCH = 1.3126  # 590.5 / 449.9 ms decode interval, stack / engine alone
-CPU_STACK_OVERHEAD_PER_SEQ_S = 0.02214  # fit_cpu_step: the stretch above, simulated (step-aligned prefill; 0.01936 with fluid prefill)
+CPU_STACK_OVERHEAD_PER_SEQ_S = 0.01885  # fit_cpu_step: the stretch above, simulated (step-aligned prefill and adapter calls; 0.01936 with fluid prefill)
 
 CPU_SMOLLM2 = EngineProfile(
     name="cpu-2core-smollm2-135m",
@@ -184,7 +191,15 @@ CPU_SMOLLM2 = EngineProfile(
     lora_load_s=CPU_ENGINE_ALONE["lora_load_s"],
     max_ongoing_requests=256,
     step_aligned_prefill=True,
-    sources={"step_aligned_prefill": "measured: vLLM-CPU's own step log (iteration details), "
+    adapter_calls_between_steps=True,
+    sources={"adapter_calls_between_steps": "measured: the replica's load path (the "
+                                            "project's VLLMEngine load_adapter / "
+                                            "unload_adapter), engine alone, 2026-12-01 "
+                                            "09:10-09:11 UTC, benchmarks/results/sim/"
+                                            "cpu_engine (--load-path): idle load 32 ms "
+                                            "(26-37), unload 3 ms; with 8 sequences "
+                                            "decoding load 197 ms, unload 181 ms (one step "
+                                            "each, decode step ~200 ms then)","step_aligned_prefill": "measured: vLLM-CPU's own step log (iteration details), "
                                      "one engine alone, 2026-12-01 08:48-08:53 UTC, "
                                      "benchmarks/results/sim/cpu_engine (--arrivals): every "
                                      "new request's prompt went into the step after the one "
@@ -199,7 +214,7 @@ CPU_SMOLLM2 = EngineProfile(
                                      "+0.478 s per 40-token sequence",
              "lora_load_s": "measured: add_lora of an adapter not in the engine's CPU cache, "
                             "median 24.9 ms (taken at the core's share when it runs)",
-             "shared_cores": "2 cores, one per engine, shared with the stack's work: 22.1 ms "
+             "shared_cores": "2 cores, one per engine, shared with the stack's work: 18.9 ms "
                              "per running sequence per step, where the simulated router_bench "
                              "(power_of_two, max_loras 4) shows the measured stretch 1.31 = "
                              "decode interval 591 ms (benchmarks/results/router/max_loras, "

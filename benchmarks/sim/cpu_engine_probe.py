@@ -32,6 +32,13 @@ Measured, for max_loras 4 (shipped) and 8:
              then the closed loop above with the step log. `step_composition` says how
              long a decode-only and a mixed step take and how many steps a new request
              waits for its first token.
+  load_path  (`--load-path`, instead of the above) the replica's whole adapter-load path
+             on the engine alone: the project's VLLMEngine (as deployments/replica.py
+             runs it) loading lora00-19 in turn through vLLM's OpenAI model registry
+             (`load_adapter`: file checks, then add_lora), evicting the oldest beyond 8
+             slots (`unload_adapter`: registry, then remove_lora), as the replica's
+             `_ensure_adapter` does; on an idle engine and with 8 sequences decoding
+             (the engine takes the call between steps). Ray Serve's own hop is not in it.
 Writes report.json and report.md under --out.
 """
 
@@ -276,8 +283,17 @@ async def run(args: argparse.Namespace, save: Any) -> dict[str, Any]:
     results: dict[str, Any] = {"prompt_tokens": prompt_tokens}
     # a run of one max_loras (or mode) keeps the others'
     results |= {k: v for k, v in kept_of(args.out).items() if k.isdigit()}
-    if "arrivals" in kept_of(args.out):
-        results["arrivals"] = kept_of(args.out)["arrivals"]
+    for key in ("arrivals", "load_path"):
+        if key in kept_of(args.out):
+            results[key] = kept_of(args.out)[key]
+    if args.load_path:
+        for max_loras in args.max_loras:
+            meta = arrivals_meta()
+            results.setdefault("load_path", {})[str(max_loras)] = {
+                **await load_path(model_path, root, prompts, max_loras), "meta": meta}
+            results["load_path"][str(max_loras)]["meta"] |= arrivals_meta(end=True)
+            save(results)
+        return results
     for max_loras in args.max_loras:
         log(f"engine max_loras {max_loras}: starting")
         started = time.monotonic()
@@ -305,6 +321,53 @@ async def run(args: argparse.Namespace, save: Any) -> dict[str, Any]:
             engine.shutdown()
         save(results)  # each engine's numbers as soon as they are in
     return results
+
+
+async def load_path(model_path: Path, root: Path, prompts: list[str],
+                    max_loras: int) -> dict[str, Any]:
+    from vllm import SamplingParams
+
+    from ruvllm.config import EngineConfig
+    from ruvllm.deployments.vllm_engine import VLLMEngine
+
+    settings = engine_settings() | {"max_lora_rank": 8, "max_loras": max_loras}
+    engine = VLLMEngine(model_path, MODEL, EngineConfig(**settings))
+    started = time.monotonic()
+    await engine.start()
+    log(f"  VLLMEngine up in {time.monotonic() - started:.0f} s")
+    out: dict[str, Any] = {"idle": [], "busy": [], "unload_idle": [], "unload_busy": []}
+    resident: list[str] = []
+    params = SamplingParams(max_tokens=400, ignore_eos=True, temperature=0)
+    try:
+        for phase in ("idle", "busy"):
+            batch = []
+            if phase == "busy":
+                async def decode(i: int) -> None:
+                    async for _ in engine._engine.generate(prompts[i], params, f"bg-{i}"):
+                        pass
+                batch = [asyncio.ensure_future(decode(i)) for i in range(8)]
+                await asyncio.sleep(5)  # prefilled, decoding
+            for i in range(20):
+                name = f"lora{i:02d}" if phase == "idle" else f"lora{(i + 10) % 20:02d}"
+                if name in resident:
+                    continue
+                t0 = time.monotonic()
+                await engine.load_adapter(name, str(root / name))
+                out[phase].append(time.monotonic() - t0)
+                resident.append(name)
+                if len(resident) > 8:
+                    t0 = time.monotonic()
+                    await engine.unload_adapter(resident.pop(0))
+                    out[f"unload_{phase}"].append(time.monotonic() - t0)
+            for task in batch:
+                task.cancel()
+            await asyncio.gather(*batch, return_exceptions=True)
+            log(f"  load path {phase}: median "
+                f"{1000 * statistics.median(out[phase]):.0f} ms over {len(out[phase])}, unload "
+                f"{1000 * statistics.median(out['unload_' + phase]):.0f} ms")
+    finally:
+        engine._engine.shutdown()
+    return out
 
 
 def kept_of(out: Path) -> dict[str, Any]:
@@ -373,6 +436,18 @@ def write(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> None:
                   f"tokens: {c['req_per_s']:.2f} req/s, decode interval p50 "
                   f"{c['decode_interval_p50_ms']:.0f} ms, TTFT p50 {c['ttft_p50_ms']:.0f} ms.", ""]
     lines += arrivals_lines(results.get("arrivals", {}))
+    for key, lp in results.get("load_path", {}).items():
+        m = lp["meta"]
+        ms = lambda xs: (f"median {1000 * statistics.median(xs):.0f} ms (min-max "
+                         f"{1000 * min(xs):.0f}-{1000 * max(xs):.0f}, {len(xs)})")
+        lines += [f"## The replica's adapter-load path (`--load-path`), max_loras {key}", "",
+                  f"Measured {m['started']} - {m['ended']} UTC (load average at start "
+                  f"{m['load_start']}, at end {m['load_end']}). The project's VLLMEngine "
+                  "(load_adapter / unload_adapter, as the replica's _ensure_adapter calls "
+                  "them), engine alone, no Serve hop.", "",
+                  f"- load, idle engine: {ms(lp['idle'])}; unload: {ms(lp['unload_idle'])}",
+                  f"- load, 8 sequences decoding: {ms(lp['busy'])}; unload: "
+                  f"{ms(lp['unload_busy'])}", ""]
     (out / "report.md").write_text("\n".join(lines))
 
 
@@ -440,6 +515,8 @@ def main() -> int:
     parser.add_argument("--closed-requests", type=int, default=240)
     parser.add_argument("--arrivals", action="store_true",
                         help="only the arrivals mode (step log; see the docstring)")
+    parser.add_argument("--load-path", action="store_true",
+                        help="only the replica's adapter-load path (see the docstring)")
     parser.add_argument("--arrival-requests", type=int, default=60,
                         help="closed-loop requests in the arrivals mode")
     args = parser.parse_args()

@@ -92,6 +92,7 @@ class SimEngine:
         self._aligned = profile.step_aligned_prefill
         self._prefill_step: list[Sequence] = []  # prompts in the running step (aligned)
         self._step_end: float | None = None  # step counter at its end (aligned)
+        self._stall_at_step_end = 0.0  # adapter calls waiting for the running step
         self._timer: asyncio.TimerHandle | None = None
         self._kv_reserved = 0
         self._out_reserved = 0
@@ -119,6 +120,19 @@ class SimEngine:
         self._paused_until = max(self._loop.time(), self._paused_until) + seconds
         self._schedule()
         return seconds
+
+    def call_between_steps(self, seconds: float) -> float:
+        """An adapter load or unload the engine takes between two steps (with
+        `EngineProfile.adapter_calls_between_steps`): it waits for the running step to
+        end, then stalls the engine `seconds`; returns how long the caller waits."""
+        self._advance()
+        if not (self._aligned and self.p.adapter_calls_between_steps) or self._step_end is None:
+            return self.stall(seconds)
+        speed = self._cores.speed() if self._cores is not None else 1.0
+        until_end = (max(self._loop.time(), self._paused_until) - self._loop.time()
+                     + (self._step_end - self._steps) * self._step_s)
+        self._stall_at_step_end += seconds / speed
+        return until_end + self._stall_at_step_end
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -209,6 +223,9 @@ class SimEngine:
             self._steps = self._step_end
             self._step_end = None
             self._end_step()
+            if self._stall_at_step_end:
+                self._paused_until = self._loop.time() + self._stall_at_step_end
+                self._stall_at_step_end = 0.0
         self._admit()
         if self._step_end is not None:
             self._set_timer()  # a step is running: newcomers wait for its end
