@@ -158,9 +158,10 @@ CPU_ENGINE_ALONE = {
 }
 # How vLLM-CPU schedules a new prompt against a running batch: its own step log
 # (iteration details), one engine alone, `cpu_engine_probe --arrivals`, 2026-12-01
-# 08:48-08:53 UTC, benchmarks/results/sim/cpu_engine/report.json ("arrivals"). Every one
-# of 64 prompts arriving at a running batch of 0-8 (+ arrivals) sequences was prefilled in
-# the next step, beside the decoding batch, first token at that step's end; prompts
+# 08:48-08:53 UTC, benchmarks/results/sim/cpu_engine/report.json ("arrivals"). Each
+# of the 62 prompts arriving at a running batch (1-8 sequences + earlier arrivals) was
+# prefilled in the step after the running one, beside the decoding batch, first token at
+# that step's end (the 2 arriving at an idle engine: in the first step); prompts
 # arriving together shared one step. Model time per step, least squares over all 345 /
 # 394 steps: 170 / 150 ms + 5.0 / 7.7 ms per decoding sequence + 7.0 / 6.5 ms per prompt
 # token (max_loras 8 / 4). The engine was ~1.6x faster then than in the 04:27 sweep (b=8
