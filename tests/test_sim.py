@@ -415,3 +415,33 @@ def test_an_adapter_call_waits_for_the_running_step_then_stalls_the_engine():
     waited, done = clock.run(scenario())
     assert waited == pytest.approx(0.1 + 0.05)
     assert done == pytest.approx(0.6 + 9 * 0.2 + 0.05), "the engine stalled 50 ms between steps"
+
+
+def test_a_cpu_replica_loads_then_evicts_so_no_slot_shows_free_during_the_load():
+    """LLMReplica._ensure_adapter's order: load, add, unload the victims; with the loads
+    waiting for the engine's step (cpu_engine --load-path) a slot freed first would show
+    free to the planner for the whole load."""
+    from benchmarks.sim.replica import SimReplica
+
+    profile = _cpu_like(step_aligned_prefill=True, adapter_calls_between_steps=True,
+                        adapter_slots=2)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        replica = SimReplica(0, profile, loop, "decay")
+        for name in ("a", "b"):
+            await replica.ensure_adapter(name, cause="request")
+        busy = _seq(loop, output_tokens=20)
+        replica.engine.submit(busy)
+        await asyncio.sleep(0.7)  # decoding: the load waits for the running step
+        load = asyncio.ensure_future(replica.ensure_adapter("c", cause="request"))
+        seen = []
+        while not load.done():
+            seen.append((replica.slots.free, sorted(replica.slots.resident())))
+            await asyncio.sleep(0.01)
+        return seen, sorted(replica.slots.resident()), replica.counts
+
+    seen, resident, counts = clock.run(scenario())
+    assert all(free == 0 for free, _ in seen), seen
+    assert len(seen) > 10, "the load and the unload each waited for a step end"
+    assert resident == ["b", "c"] and counts["evictions"] == 1
