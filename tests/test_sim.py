@@ -314,3 +314,134 @@ def test_cpu_profile_in_calibration_matches_the_committed_measurements():
                                           120)["decode_interval_s"]
     simulated_stack = simulate_stack(CPU_SMOLLM2)["decode_interval_s"]
     assert simulated_stack / simulated_alone == pytest.approx(CPU_STACK_STRETCH, rel=0.01)
+
+
+def _cpu_like(**kw):
+    from benchmarks.sim.calibration import CPU_SMOLLM2
+
+    return dataclasses.replace(CPU_SMOLLM2, shared_cores=None, decode_base_s=0.2,
+                               decode_per_seq_s=0.0, prefill_tokens_per_s=100.0, **kw)
+
+
+_prompts = iter(range(10**6))
+
+
+def _seq(loop, prompt_tokens=40, output_tokens=5):
+    # each its own prompt: no prefix-cache hits
+    return Sequence(chain=chain_keys([(f"p{next(_prompts)}", prompt_tokens)], stable_hash),
+                    prompt_tokens=prompt_tokens, output_tokens=output_tokens, adapter=None,
+                    first_token=loop.create_future(), done=loop.create_future())
+
+
+def test_step_aligned_prefill_waits_for_the_running_step_and_batches_the_prompts():
+    """As vLLM-CPU's step log showed (cpu_engine --arrivals): prompts arriving during a
+    step go into the next one together, beside the decoding batch, first tokens at its end."""
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        engine = SimEngine(_cpu_like(step_aligned_prefill=True), loop)
+        a = _seq(loop)
+        engine.submit(a)  # idle engine: its own step, 0.2 + 40 / 100 s
+        await asyncio.sleep(0.1)
+        b, c = _seq(loop), _seq(loop)
+        engine.submit(b)
+        engine.submit(c)
+        firsts = [await s.first_token for s in (a, b, c)]
+        return firsts, [await s.done for s in (a, b, c)]
+
+    firsts, dones = clock.run(scenario())
+    assert firsts == pytest.approx([0.6, 1.6, 1.6])  # b, c: after a's step, 0.2 + 80 / 100
+    # a decodes one token in b and c's step, then 3 more decode-only steps of 0.2 s
+    assert dones == pytest.approx([2.2, 2.4, 2.4])
+
+
+def test_fluid_prefill_is_kept_for_profiles_without_step_alignment():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        engine = SimEngine(_cpu_like(step_aligned_prefill=False), loop)
+        a = _seq(loop)
+        engine.submit(a)
+        await asyncio.sleep(0.1)
+        b = _seq(loop)
+        engine.submit(b)
+        return [await s.first_token for s in (a, b)]
+
+    first_a, first_b = clock.run(scenario())
+    assert first_b < 1.6, "fluid: the second prompt starts before the first's step ends"
+
+
+def test_step_aligned_prefill_chunks_a_prompt_over_the_token_budget():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        engine = SimEngine(_cpu_like(step_aligned_prefill=True, max_num_batched_tokens=100),
+                           loop)
+        big = _seq(loop, prompt_tokens=250, output_tokens=2)
+        engine.submit(big)
+        return await big.first_token
+
+    # 100 + 100 + 50 tokens in three steps: 3 x 0.2 + 250 / 100
+    assert clock.run(scenario()) == pytest.approx(3.1)
+
+
+def test_probe_step_log_reads_step_kinds_and_steps_to_first_token():
+    from benchmarks.sim.cpu_engine_probe import step_composition
+
+    # (frontend time, prompt requests, prompt tokens, decoding requests, model s)
+    steps = [(1.0, 0, 0, 4, 0.20), (1.5, 2, 80, 4, 0.50), (1.7, 0, 0, 6, 0.21),
+             (2.4, 1, 40, 6, 0.60)]
+    requests = [{"submitted": 0.9, "first_token": 1.5}, {"submitted": 1.2, "first_token": 1.5},
+                {"submitted": 1.6, "first_token": 2.4}]
+    c = step_composition(steps, requests)
+    assert c["decode_only_ms"] == pytest.approx(205.0)
+    assert c["mixed_ms"] == pytest.approx(550.0)
+    assert c["prompts_per_mixed_step"] == [1, 2]
+    assert c["prompt_tokens_per_request"] == 40
+    assert c["steps_to_first_token"] == [1, 2, 2]
+
+
+def test_an_adapter_call_waits_for_the_running_step_then_stalls_the_engine():
+    """The replica's load path measured on vLLM-CPU (cpu_engine --load-path): with a batch
+    decoding, a load returned after about a step, the engine core taking it between steps."""
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        engine = SimEngine(_cpu_like(step_aligned_prefill=True,
+                                     adapter_calls_between_steps=True), loop)
+        a = _seq(loop, output_tokens=10)
+        engine.submit(a)  # 0.6 s prefill step, then 0.2 s decode steps
+        await asyncio.sleep(0.7)  # 0.1 s into the first decode step
+        waited = engine.call_between_steps(0.05)
+        await a.done
+        return waited, a.done.result()
+
+    waited, done = clock.run(scenario())
+    assert waited == pytest.approx(0.1 + 0.05)
+    assert done == pytest.approx(0.6 + 9 * 0.2 + 0.05), "the engine stalled 50 ms between steps"
+
+
+def test_a_cpu_replica_loads_then_evicts_so_no_slot_shows_free_during_the_load():
+    """LLMReplica._ensure_adapter's order: load, add, unload the victims; with the loads
+    waiting for the engine's step (cpu_engine --load-path) a slot freed first would show
+    free to the planner for the whole load."""
+    from benchmarks.sim.replica import SimReplica
+
+    profile = _cpu_like(step_aligned_prefill=True, adapter_calls_between_steps=True,
+                        adapter_slots=2)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        replica = SimReplica(0, profile, loop, "decay")
+        for name in ("a", "b"):
+            await replica.ensure_adapter(name, cause="request")
+        busy = _seq(loop, output_tokens=20)
+        replica.engine.submit(busy)
+        await asyncio.sleep(0.7)  # decoding: the load waits for the running step
+        load = asyncio.ensure_future(replica.ensure_adapter("c", cause="request"))
+        seen = []
+        while not load.done():
+            seen.append((replica.slots.free, sorted(replica.slots.resident())))
+            await asyncio.sleep(0.01)
+        return seen, sorted(replica.slots.resident()), replica.counts
+
+    seen, resident, counts = clock.run(scenario())
+    assert all(free == 0 for free, _ in seen), seen
+    assert len(seen) > 10, "the load and the unload each waited for a step end"
+    assert resident == ["b", "c"] and counts["evictions"] == 1

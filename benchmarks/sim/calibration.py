@@ -38,6 +38,14 @@ class EngineProfile:
     # Engines sharing a machine's cores with the serving stack (cores.py); None: every
     # engine has its hardware to itself and the step times above are the whole story.
     shared_cores: SharedCores | None = None
+    # New prompts wait for the running step to end and are prefilled together in the next
+    # one, first tokens at its end (engine.py); False: fluid prefill (the H200 profile,
+    # whose report predates the measurement and must not move).
+    step_aligned_prefill: bool = False
+    # With step_aligned_prefill: an adapter load or unload waits for the running step to
+    # end (vLLM's engine core takes such calls between steps), then stalls lora_load_s
+    # (a load) or nothing (an unload); the request behind it waits for both.
+    adapter_calls_between_steps: bool = False
 
     def step_s(self, batch: int, ctx_tokens: int, prefill_tokens: int) -> float:
         return (self.decode_base_s + self.decode_per_seq_s * batch
@@ -115,6 +123,9 @@ H200_8B = EngineProfile(
                                     "replicas); swept in the report",
         "lora_load_s": "derived, not measured: 84 MB adapter at 1 GB/s + 50 ms",
         "decode_per_seq_s": "fitted to H200 measured c=64 6,424 tok/s (512 in / 256 out)",
+        "step_aligned_prefill, adapter_calls_between_steps": "off: not measured on a GPU "
+            "(measured on vLLM-CPU, 2026-12-01, the CPU profile); the scale sections keep "
+            "the fluid prefill they were run with",
     },
 )
 
@@ -145,8 +156,26 @@ CPU_ENGINE_ALONE = {
     "prefill_tokens_per_s": 83.76,  # 40-token prompts: +0.478 s per sequence to first token
     "lora_load_s": 0.0249,  # add_lora median, 9 adapters (24-33 ms)
 }
+# How vLLM-CPU schedules a new prompt against a running batch: its own step log
+# (iteration details), one engine alone, `cpu_engine_probe --arrivals`, 2026-12-01
+# 08:48-08:53 UTC, benchmarks/results/sim/cpu_engine/report.json ("arrivals"). Each
+# of the 62 prompts arriving at a running batch (1-8 sequences + earlier arrivals) was
+# prefilled in the step after the running one, beside the decoding batch, first token at
+# that step's end (the 2 arriving at an idle engine: in the first step); prompts
+# arriving together shared one step. Model time per step, least squares over all 345 /
+# 394 steps: 170 / 150 ms + 5.0 / 7.7 ms per decoding sequence + 7.0 / 6.5 ms per prompt
+# token (max_loras 8 / 4). The engine was ~1.6x faster then than in the 04:27 sweep (b=8
+# decode step 207-228 vs 340 ms; load average 1.3-2.1 vs 1.9-2.9), so only the structure
+# is taken from it (`step_aligned_prefill`); the prompt cost relative to the decode step
+# (7 ms / 210 ms at b=8) x the sweep's 330 ms gives 11 ms per token, against the profile's
+# 12 ms (0.478 s per 40 tokens): kept.
+CPU_STEP_LOG = {
+    "steps_to_first_token_at_running_batch": 2,  # the running step, then its own
+    "prompt_token_model_s": (0.00704, 0.00654),  # max_loras 8, 4
+    "decode_step_b8_model_s": (0.2071, 0.2280),
+}
 CPU_STACK_STRETCH = 1.3126  # 590.5 / 449.9 ms decode interval, stack / engine alone
-CPU_STACK_OVERHEAD_PER_SEQ_S = 0.01936  # fit_cpu_step: the stretch above, simulated
+CPU_STACK_OVERHEAD_PER_SEQ_S = 0.01885  # fit_cpu_step: the stretch above, simulated (step-aligned prefill and adapter calls; 0.01936 with fluid prefill)
 
 CPU_SMOLLM2 = EngineProfile(
     name="cpu-2core-smollm2-135m",
@@ -162,14 +191,31 @@ CPU_SMOLLM2 = EngineProfile(
     adapter_slots=8,  # cluster.yaml max_cpu_loras
     lora_load_s=CPU_ENGINE_ALONE["lora_load_s"],
     max_ongoing_requests=256,
-    sources={"decode_base_s, decode_per_seq_s": "measured: one vLLM-CPU engine alone, batch "
+    step_aligned_prefill=True,
+    adapter_calls_between_steps=True,
+    sources={"adapter_calls_between_steps": "measured: the replica's load path (the "
+                                            "project's VLLMEngine load_adapter / "
+                                            "unload_adapter), engine alone, 2026-12-01 "
+                                            "09:10-09:11 UTC, benchmarks/results/sim/"
+                                            "cpu_engine (--load-path): idle load 32 ms "
+                                            "(26-37), unload 3 ms; with 8 sequences "
+                                            "decoding load 197 ms, unload 181 ms (one step "
+                                            "each, decode step ~200 ms then)","step_aligned_prefill": "measured: vLLM-CPU's own step log (iteration details), "
+                                     "one engine alone, 2026-12-01 08:48-08:53 UTC, "
+                                     "benchmarks/results/sim/cpu_engine (--arrivals): every "
+                                     "new request's prompt went into the step after the one "
+                                     "running when it arrived (steps to first token 2; 1 on "
+                                     "an idle engine), all waiting prompts in one step beside "
+                                     "the decoding batch (chunked prefill on, 2048-token "
+                                     "budget), first tokens at that step's end",
+             "decode_base_s, decode_per_seq_s": "measured: one vLLM-CPU engine alone, batch "
                                                 "sweep 1-16 sequences on adapters (benchmarks/"
                                                 "results/sim/cpu_engine, 2026-12-01 04:27 UTC)",
              "prefill_tokens_per_s": "measured: the same sweep's slowest first token, "
                                      "+0.478 s per 40-token sequence",
              "lora_load_s": "measured: add_lora of an adapter not in the engine's CPU cache, "
                             "median 24.9 ms (taken at the core's share when it runs)",
-             "shared_cores": "2 cores, one per engine, shared with the stack's work: 19.4 ms "
+             "shared_cores": "2 cores, one per engine, shared with the stack's work: 18.9 ms "
                              "per running sequence per step, where the simulated router_bench "
                              "(power_of_two, max_loras 4) shows the measured stretch 1.31 = "
                              "decode interval 591 ms (benchmarks/results/router/max_loras, "

@@ -15,6 +15,14 @@ before them, least recently used out first, in the KV blocks that running sequen
 outputs do not hold; a hit counts whole blocks only, and never the last prompt token
 (vLLM recomputes it), as vLLM's own counters do.
 
+With `EngineProfile.step_aligned_prefill` (the CPU profile) prefill follows vLLM's
+scheduler as measured on vLLM-CPU (cpu_engine/report.md, `--arrivals`): a request that
+arrives while a step runs waits for that step to end; the next step carries every waiting
+prompt (up to the token budget) beside the decoding batch, and their first tokens come
+together at its end. Steps then run whole: the batch and the step time are fixed when a
+step begins. Without it (the H200 profile) prefill is fluid: a new prompt joins the
+running step at once and prompts finish one after another at the prefill rate.
+
 Engines given a `CorePool` (the 2-core CPU profile) share a machine's cores with the
 serving stack (cores.py): their step is the profile's time over the share of its core
 the engine gets, re-timed whenever another engine on the pool changes its load.
@@ -81,6 +89,10 @@ class SimEngine:
         if cores is not None:
             cores.join(self)
         self._chunk = 0.0
+        self._aligned = profile.step_aligned_prefill
+        self._prefill_step: list[Sequence] = []  # prompts in the running step (aligned)
+        self._step_end: float | None = None  # step counter at its end (aligned)
+        self._stall_at_step_end = 0.0  # adapter calls waiting for the running step
         self._timer: asyncio.TimerHandle | None = None
         self._kv_reserved = 0
         self._out_reserved = 0
@@ -109,9 +121,22 @@ class SimEngine:
         self._schedule()
         return seconds
 
+    def call_between_steps(self, seconds: float) -> float:
+        """An adapter load or unload the engine takes between two steps (with
+        `EngineProfile.adapter_calls_between_steps`): it waits for the running step to
+        end, then stalls the engine `seconds`; returns how long the caller waits."""
+        self._advance()
+        if not (self._aligned and self.p.adapter_calls_between_steps) or self._step_end is None:
+            return self.stall(seconds)
+        speed = self._cores.speed() if self._cores is not None else 1.0
+        until_end = (max(self._loop.time(), self._paused_until) - self._loop.time()
+                     + (self._step_end - self._steps) * self._step_s)
+        self._stall_at_step_end += seconds / speed
+        return until_end + self._stall_at_step_end
+
     def stats(self) -> EngineStats:
         return EngineStats(
-            running=len(self._prefilling) + len(self._decoding), waiting=len(self._waiting),
+            running=self.running, waiting=len(self._waiting),
             kv_usage=self._kv_reserved / self.p.kv_tokens, kv_capacity_tokens=self.p.kv_tokens,
             max_num_seqs=self.p.max_num_seqs, prefix_cache_queries=self.prefix_queries,
             prefix_cache_hits=self.prefix_hits)
@@ -128,7 +153,7 @@ class SimEngine:
 
     @property
     def running(self) -> int:
-        return len(self._prefilling) + len(self._decoding)
+        return len(self._prefilling) + len(self._decoding) + len(self._prefill_step)
 
     # -- time ------------------------------------------------------------------------------
 
@@ -140,6 +165,10 @@ class SimEngine:
             return
         steps = (now - start) / self._step_s
         self.busy_s += now - start
+        if self._aligned:
+            if self._step_end is not None:
+                self._steps = min(self._step_end, self._steps + steps)
+            return
         if self._decoding:
             self._steps += steps
         if self._prefilling:
@@ -151,6 +180,9 @@ class SimEngine:
         self._schedule()
 
     def _schedule(self) -> None:
+        if self._aligned:
+            self._schedule_aligned()
+            return
         self._finish_ready()
         self._admit()
         if self._timer is not None:
@@ -186,10 +218,63 @@ class SimEngine:
         self._step_s = self._compute_s / self._cores.speed()
         self._set_timer()
 
+    def _schedule_aligned(self) -> None:
+        if self._step_end is not None and self._steps >= self._step_end - _EPS:
+            self._steps = self._step_end
+            self._step_end = None
+            self._end_step()
+            if self._stall_at_step_end:
+                self._paused_until = self._loop.time() + self._stall_at_step_end
+                self._stall_at_step_end = 0.0
+        self._admit()
+        if self._step_end is not None:
+            self._set_timer()  # a step is running: newcomers wait for its end
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._decoding and not self._prefilling:
+            self._step_s = self._compute_s = math.inf
+            if self._cores is not None:
+                self._cores.changed(self)
+            return
+        self._begin_step()
+
+    def _end_step(self) -> None:
+        done, self._prefill_step = self._prefill_step, []
+        cut = [s for s in done if s.remaining_prefill > _EPS]  # chunked: on next step
+        finished = [s for s in done if s.remaining_prefill <= _EPS]
+        self._prefilling.extendleft(reversed(cut + finished))
+        self._finish_ready()  # the finished prompts' first tokens; the decoders done
+
+    def _begin_step(self) -> None:
+        """One whole step: the decoding batch plus every waiting prompt the token budget
+        takes (vLLM's chunked prefill: the last one may be cut), timed at its start."""
+        b = len(self._decoding)
+        budget = max(1.0, self.p.max_num_batched_tokens - b)
+        tokens = 0.0
+        while self._prefilling and tokens < budget:
+            seq = self._prefilling.popleft()
+            take = min(seq.remaining_prefill, budget - tokens)
+            seq.remaining_prefill -= take
+            tokens += take
+            self._prefill_step.append(seq)
+        ctx = self._sum_prompt + b * self._steps - self._sum_start
+        self._compute_s = self._step_s = self.p.step_s(b, int(ctx), int(tokens))
+        if self._cores is not None:
+            self._step_s = self._compute_s / self._cores.changed(self)
+        self._step_end = self._steps + 1
+        self._set_timer()
+
     def _set_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._aligned:
+            begin = max(self._loop.time(), self._paused_until)
+            wait = (self._step_end - self._steps) * self._step_s
+            self._timer = self._loop.call_at(begin + max(0.0, wait), self._on_timer)
+            return
         wait = math.inf
         if self._decoding:
             wait = (self._decoding[0][0] - self._steps) * self._step_s
