@@ -85,29 +85,19 @@ async def start_engine(model_path: Path, max_loras: int, step_log: list | None =
 
 def step_logger(sink: list) -> Any:
     """A vLLM stat logger appending one row per engine step: (time the frontend got the
-    step's outputs, prompt requests, prompt tokens, decoding requests, model time s)."""
-    from vllm.v1.metrics.loggers import StatLoggerBase
+    step's outputs, prompt requests, prompt tokens, decoding requests, model time s).
+    The replica's own recorder (deployments/vllm_engine.py) with a sink that keeps them."""
+    import functools
 
-    class StepLog(StatLoggerBase):
-        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-            pass
+    from ruvllm.deployments.vllm_engine import _StatsRecorder
 
-        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
-            d = getattr(scheduler_stats, "iteration_details", None)
-            if d is not None and not d.is_dummy:
-                sink.append((time.monotonic(), d.num_ctx_requests, d.num_ctx_tokens,
-                             d.num_generation_requests, d.elapsed_ms / 1000))
+    def keep(scheduler_stats: Any) -> None:
+        d = getattr(scheduler_stats, "iteration_details", None)
+        if d is not None and not d.is_dummy:
+            sink.append((time.monotonic(), d.num_ctx_requests, d.num_ctx_tokens,
+                         d.num_generation_requests, d.elapsed_ms / 1000))
 
-        def log_engine_initialized(self) -> None:
-            pass
-
-        def log(self) -> None:
-            pass
-
-        def record_sleep_state(self, is_awake: int, level: int) -> None:
-            pass
-
-    return StepLog
+    return functools.partial(_StatsRecorder, sink=keep)
 
 
 class Probe:
