@@ -465,9 +465,8 @@ class XLoraLlamaForCausalLM(LlamaForCausalLM):
         model answered nonsense from them (max |log-prob difference| 24 against peft)."""
         n = weights.shape[0]
         buffer = getattr(self, "_weights_buffer", None)
-        if buffer is None or buffer.shape[0] < n or buffer.shape[1:] != weights.shape[1:]:
-            rows = max(n, self._max_batched_tokens)
-            buffer = weights.new_empty((rows, *weights.shape[1:]))
+        if buffer is None or buffer.shape[0] < n:
+            buffer = weights.new_empty((max(n, self._max_batched_tokens), *weights.shape[1:]))
             self._weights_buffer = buffer
         buffer[:n].copy_(weights)
         return buffer[:n]

@@ -272,16 +272,14 @@ async def run(args: argparse.Namespace, save: Any) -> dict[str, Any]:
     picks = zipf_choices(N_ADAPTERS, 480, 1.1, seed=1)[:args.closed_requests]
     results: dict[str, Any] = {"prompt_tokens": prompt_tokens}
     # a run of one max_loras (or mode) keeps the others'
-    results |= {k: v for k, v in kept_of(args.out).items() if k.isdigit()}
-    for key in ("arrivals", "load_path"):
-        if key in kept_of(args.out):
-            results[key] = kept_of(args.out)[key]
+    kept = kept_of(args.out)
+    results |= {k: v for k, v in kept.items() if k.isdigit() or k in ("arrivals", "load_path")}
     if args.load_path:
         for max_loras in args.max_loras:
-            meta = arrivals_meta()
+            meta = run_meta()
             results.setdefault("load_path", {})[str(max_loras)] = {
                 **await load_path(model_path, root, prompts, max_loras), "meta": meta}
-            results["load_path"][str(max_loras)]["meta"] |= arrivals_meta(end=True)
+            results["load_path"][str(max_loras)]["meta"] |= run_meta(end=True)
             save(results)
         return results
     for max_loras in args.max_loras:
@@ -297,13 +295,13 @@ async def run(args: argparse.Namespace, save: Any) -> dict[str, Any]:
                     await engine.add_lora(probe.lora(i))
                 sched = engine.vllm_config.scheduler_config
                 results.setdefault("arrivals", {})[str(max_loras)] = {
-                    "meta": arrivals_meta(),
+                    "meta": run_meta(),
                     "scheduler": {"enable_chunked_prefill": sched.enable_chunked_prefill,
                                   "max_num_batched_tokens": sched.max_num_batched_tokens,
                                   "long_prefill_token_threshold":
                                       sched.long_prefill_token_threshold},
                     **await arrivals(probe, steps, picks[:args.arrival_requests])}
-                results["arrivals"][str(max_loras)]["meta"] |= arrivals_meta(end=True)
+                results["arrivals"][str(max_loras)]["meta"] |= run_meta(end=True)
             else:
                 results[str(max_loras)] = await measure(engine, probe, args.repeats, picks,
                                                         not args.no_sweep)
@@ -364,7 +362,7 @@ def kept_of(out: Path) -> dict[str, Any]:
     return json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
 
 
-def arrivals_meta(end: bool = False) -> dict[str, str]:
+def run_meta(end: bool = False) -> dict[str, str]:
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     now = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     return {"ended": now, "load_end": load} if end else {"started": now, "load_start": load}
@@ -465,8 +463,7 @@ def arrivals_lines(arr: dict[str, Any]) -> list[str]:
             if b not in a:
                 continue
             c = a[b]["composition"]
-            single = [r for r in a[b]["single"]]
-            burst = [r for r in a[b]["burst"]]
+            single, burst = a[b]["single"], a[b]["burst"]
             waits = [steps_between(a[b]["steps"], r) for r in single + burst]
             lines.append(
                 f"| {b} | {c['decode_only_ms']} / {c['interval_ms']['decode_only']} | "
@@ -511,12 +508,10 @@ def main() -> int:
                         help="closed-loop requests in the arrivals mode")
     args = parser.parse_args()
     engine_env()
-    load = lambda: " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load_start": load(),
-            "machine": f"{os.cpu_count()} CPU cores, engine bound to core 0"}
+    meta = run_meta() | {"machine": f"{os.cpu_count()} CPU cores, engine bound to core 0"}
 
     def save(results: dict[str, Any]) -> None:
-        ended = {"ended": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load_end": load()}
+        ended = run_meta(end=True)
         for key in (k for k in results if k.isdigit()):
             results[key].setdefault("meta", meta | ended)
         write(args.out, results, meta | ended)
