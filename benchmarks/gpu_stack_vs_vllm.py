@@ -108,8 +108,12 @@ def start_stack_on(model: Path, port: int, logfile: Path, replicas: int = 1,
 
 
 def gpu_name() -> str:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip().splitlines()
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total",
+                              "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip().splitlines()
+    except FileNotFoundError:  # a CPU host (a smoke run of a GPU benchmark's plumbing)
+        return "no GPU"
     return out[0] if out else "unknown GPU"
 
 

@@ -63,3 +63,26 @@ def test_finds_the_ready_line_in_serve_log_files_when_the_console_has_none(tmp_p
         assert wait_for_ready_line(console, proc, 5, "stack-tput", since) < 5
     finally:
         proc.kill()
+
+
+def test_decode_profile_splits_a_step_by_kernel_kind_and_reads_bandwidth():
+    """gpu_decode_profile's arithmetic on a recorded row: kernel names sorted into kinds,
+    per-step times, the host's share, and GB/s of each GEMM kind's weights."""
+    from benchmarks.gpu_decode_profile import kind_of, summarize
+
+    assert kind_of("void marlin::Marlin<(vllm::ScalarTypeId)4, 256, 1, 8, 8>(...)") == "4-bit GEMM"
+    assert kind_of("nvjet_tst_64x8_64x16_4x1_v_bz_splitK_TNT") == "16-bit GEMM"
+    assert kind_of("void flash::flash_fwd_splitkv_kernel<...>") == "attention"
+    assert kind_of("void vllm::rms_norm_kernel<c10::BFloat16>") == "rest"
+    raw = {"wall_s_per_step": 0.004, "walls": [0.004, 0.0041, 0.0039], "device": "cuda",
+           "kernels": {"marlin::Marlin<4>": {"us": 200_000, "count": 22_400},
+                       "nvjet_tst_lm_head": {"us": 30_000, "count": 100},
+                       "flash_fwd_splitkv": {"us": 20_000, "count": 3_200},
+                       "rms_norm_kernel": {"us": 50_000, "count": 6_500}}}
+    row = summarize(raw, tokens=100, weights={"4-bit GEMM": 4_000_000_000,
+                                              "16-bit GEMM": 1_000_000_000})
+    assert row["kernel_ms"] == pytest.approx({"4-bit GEMM": 2.0, "16-bit GEMM": 0.3,
+                                              "attention": 0.2, "rest": 0.5})
+    assert row["busy_ms"] == pytest.approx(3.0) and row["host_wait_ms"] == pytest.approx(1.0)
+    assert row["gb_per_s"]["4-bit GEMM"] == pytest.approx(2000)  # 4 GB in 2 ms
+    assert row["top_kernels"][0]["calls_per_step"] == pytest.approx(224)
