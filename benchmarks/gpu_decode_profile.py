@@ -69,10 +69,12 @@ if __name__ == "__main__":
 '''
 
 # Kernel names, by what they do (vLLM 0.26 on Hopper: Marlin/Machete for 4-bit weights,
-# cuBLAS/CUTLASS/nvjet for 16-bit GEMMs, FlashAttention for attention).
+# cuBLAS/CUTLASS/nvjet for 16-bit GEMMs, FlashAttention for attention), first match wins:
+# attention before the 16-bit GEMMs, because FlashAttention 3's kernels are CUTLASS ones
+# (`cutlass::device_kernel<flash::...FlashAttnFwdSm90...>`).
 KINDS = (("4-bit GEMM", re.compile(r"marlin|machete", re.I)),
-         ("16-bit GEMM", re.compile(r"gemm|gemv|cutlass|xmma|nvjet|cublas|sm90_", re.I)),
-         ("attention", re.compile(r"flash|attn|attention|paged|reshape_and_cache", re.I)))
+         ("attention", re.compile(r"flash|attn|attention|paged|reshape_and_cache", re.I)),
+         ("16-bit GEMM", re.compile(r"gemm|gemv|cutlass|xmma|nvjet|cublas|sm90_", re.I)))
 
 
 def kind_of(kernel: str) -> str:
@@ -115,6 +117,10 @@ def summarize(raw: dict, tokens: int, weights: dict[str, int]) -> dict:
             "weight_gb": {k: v / 1e9 for k, v in weights.items()},
             "top_kernels": [{"name": n[:90], "ms_per_step": k["us"] / 1e3 / tokens,
                              "calls_per_step": k["count"] / tokens} for n, k in top],
+            # Every kernel by its full name, so that a later reading can sort them anew.
+            "kernels": {n: {"kind": kind_of(n), "ms_per_step": k["us"] / 1e3 / tokens,
+                            "calls_per_step": k["count"] / tokens}
+                        for n, k in raw["kernels"].items()},
             "device": raw["device"]}
 
 

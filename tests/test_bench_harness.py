@@ -73,6 +73,9 @@ def test_decode_profile_splits_a_step_by_kernel_kind_and_reads_bandwidth():
     assert kind_of("void marlin::Marlin<(vllm::ScalarTypeId)4, 256, 1, 8, 8>(...)") == "4-bit GEMM"
     assert kind_of("nvjet_tst_64x8_64x16_4x1_v_bz_splitK_TNT") == "16-bit GEMM"
     assert kind_of("void flash::flash_fwd_splitkv_kernel<...>") == "attention"
+    # FlashAttention 3 on Hopper is a CUTLASS kernel: attention, not a GEMM.
+    assert kind_of("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::"
+                   "FlashAttnFwdSm90<flash::CollectiveMainloopFwdSm90<...>>>>") == "attention"
     assert kind_of("void vllm::rms_norm_kernel<c10::BFloat16>") == "rest"
     raw = {"wall_s_per_step": 0.004, "walls": [0.004, 0.0041, 0.0039], "device": "cuda",
            "kernels": {"marlin::Marlin<4>": {"us": 200_000, "count": 22_400},
@@ -86,3 +89,5 @@ def test_decode_profile_splits_a_step_by_kernel_kind_and_reads_bandwidth():
     assert row["busy_ms"] == pytest.approx(3.0) and row["host_wait_ms"] == pytest.approx(1.0)
     assert row["gb_per_s"]["4-bit GEMM"] == pytest.approx(2000)  # 4 GB in 2 ms
     assert row["top_kernels"][0]["calls_per_step"] == pytest.approx(224)
+    assert row["kernels"]["flash_fwd_splitkv"] == {"kind": "attention", "ms_per_step": 0.2,
+                                                  "calls_per_step": 32}
