@@ -30,7 +30,7 @@ def test_quantized_variant_answers_over_http(serve_app):
     assert card["parent"] == BASE
     report = json.loads((Path(card["root"]) / "isq-report.json").read_text())
     assert (report["method"], report["bits"], report["activation_bits"]) == ("gptq", 8, 8)
-    assert report["calibration"]["windows"] == 32
+    assert report["calibration"]["windows"] == ISQ_VARIANT["isq"]["calibration"]["samples"]
     assert report["bytes"]["linear_ratio"] < 0.55  # int8 weights + per-channel scales
     config = json.loads((Path(card["root"]) / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
