@@ -61,18 +61,24 @@ if __name__ == "__main__":
 '''
 
 
-def run_row(name: str, spec: dict, script: Path) -> dict:
+def run_script(name: str, spec: dict, script: Path) -> tuple[dict, str]:
+    """One row's script in a process of its own (one engine each): the JSON of its
+    `RESULT ` line, and all it printed."""
     log(f"{name}: starting")
-    started = time.monotonic()
     run = subprocess.run([sys.executable, str(script), json.dumps(spec)],
                          capture_output=True, text=True, cwd=ROOT)
     line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{name} failed:\n{run.stderr[-3000:]}")
-    result = json.loads(line[7:])
+    return json.loads(line[7:]), run.stdout + run.stderr
+
+
+def run_row(name: str, spec: dict, script: Path) -> dict:
+    started = time.monotonic()
+    result, output = run_script(name, spec, script)
     # Which GEMM kernels vLLM picked for the quantized rows (it logs its choice).
     result["kernels"] = sorted({m.strip() for m in re.findall(
-        r"Using (\w+(?:LinearKernel|Kernel|kernel)\w*)", run.stdout + run.stderr)})
+        r"Using (\w+(?:LinearKernel|Kernel|kernel)\w*)", output)})
     log(f"{name}: " + ", ".join(f"batch {b} {result[b]['tok_per_s']:.0f} tok/s"
                                 for b in map(str, spec["batches"]))
         + f" ({time.monotonic() - started:.0f} s with start-up) {result['kernels']}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -125,14 +124,11 @@ def summarize(raw: dict, tokens: int, weights: dict[str, int]) -> dict:
 
 
 def run_row(name: str, spec: dict, script: Path) -> dict:
-    log(f"{name}: starting")
+    from benchmarks.gpu_decode import run_script
+
     started = time.monotonic()
-    run = subprocess.run([sys.executable, str(script), json.dumps(spec)],
-                         capture_output=True, text=True, cwd=ROOT)
-    line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        raise RuntimeError(f"{name} failed:\n{run.stderr[-3000:]}")
-    row = summarize(json.loads(line[7:]), spec["tokens"], weight_bytes(Path(spec["model"])))
+    raw, _ = run_script(name, spec, script)
+    row = summarize(raw, spec["tokens"], weight_bytes(Path(spec["model"])))
     log(f"{name}: {row['step_ms']:.2f} ms/step, kernels {row['busy_ms']:.2f} ms "
         f"({time.monotonic() - started:.0f} s with start-up)")
     return row
