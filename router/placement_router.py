@@ -4,8 +4,9 @@ The router runs inside each handle (in the ingress replicas), so a decision cost
 extra hop. For each request it ranks the engine replicas by:
 
 1. load: tokens queued there — what this router has in flight on the replica (charged
-   when Serve dispatches, released when the request ends) or what the engine last
-   reported (covering other ingress replicas), whichever is larger;
+   when it ranks the replica first, moved to the one Serve dispatches to, released when
+   the request ends) or what the engine last reported (covering other ingress
+   replicas), whichever is larger;
 2. within a bounded imbalance above the least-loaded replica: the replica the request's
    session last used (up to `max_imbalance_tokens`), else the one that last served the
    longest matching prompt prefix, so vLLM's prefix cache hits (up to
@@ -388,8 +389,8 @@ class PlacementAwareRouter(RequestRouter):
         hints = hints_of(pending_request)
         self._ledger.purge_expired()
         ranked, reason = self.rank(self.live_candidates(candidate_replicas, hints), hints)
-        if pending_request is not None and hints is not None:
-            self._record_when_routed(pending_request, hints)
+        if pending_request is not None and hints is not None and ranked:
+            self._record_when_routed(pending_request, hints, ranked[0])
         self._metrics.decision_seconds.observe(time.perf_counter() - started)
         self._metrics.decisions.inc(tags={"reason": reason})
         # One replica per rank: Serve tries the best first and falls back in order when a
@@ -400,10 +401,15 @@ class PlacementAwareRouter(RequestRouter):
             ranks.append(ranked[RANKED:])
         return ranks
 
-    def _record_when_routed(self, pending_request: PendingRequest, hints: RoutingHints) -> None:
-        # Serve resolves the request's future with the replica it finally picked, so what
-        # we learn there is exact even when it fell back past our first choice.
+    def _record_when_routed(self, pending_request: PendingRequest, hints: RoutingHints,
+                            first: RunningReplica) -> None:
+        # Charged to our first choice at once: one Serve routing task drains every
+        # pending request it finds in one step, before any future's callback runs, and
+        # charged only there a burst of 12 went 10 / 2 (tests/e2e/test_routing.py, CI).
+        # Serve resolves the future with the replica it finally picked, so the charge
+        # moves there even when it fell back past our first choice.
         request_id = pending_request.metadata.internal_request_id
+        self._ledger.assign(request_id, first.replica_id.unique_id, hints.predicted_tokens)
         future = pending_request.future
         if self._tracked_futures.get(request_id) == id(future):
             return
@@ -412,11 +418,13 @@ class PlacementAwareRouter(RequestRouter):
         def routed(fut: Any) -> None:
             if self._tracked_futures.get(request_id) != id(fut):
                 # Finished before this callback ran (a send that failed at once, e.g.
-                # an argument that does not pickle), or routed again: charged, it would
-                # stay in the ledger until its TTL and skew every choice meanwhile.
+                # an argument that does not pickle; its release came first), or routed
+                # again: charged, it would stay in the ledger until its TTL and skew
+                # every choice meanwhile.
                 return
             del self._tracked_futures[request_id]
             if fut.cancelled() or fut.exception() is not None:
+                self._ledger.release(request_id)
                 return
             replica_id = fut.result().replica_id
             self._ledger.assign(request_id, replica_id.unique_id, hints.predicted_tokens)

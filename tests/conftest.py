@@ -195,6 +195,20 @@ class ServeApp:
             assert time.monotonic() < deadline, f"no report from {replica_id}: {described}"
             time.sleep(0.2)
 
+    def wait_idle(self, timeout_s: float = 60) -> None:
+        """Until the base model's engines hold no request, and the routers have had that
+        in a routing-stats report. A test that reads the router's balance starts here: a
+        stream the test before closed mid-way can still be in its replica's last report
+        (its abort and the next report each take a moment), and the router then rightly
+        sends new work elsewhere."""
+        deadline = time.monotonic() + timeout_s
+        for replica_id in self.replica_ids():
+            while (stats := self.engine_stats(replica_id))["unfinished"] > 0:
+                assert time.monotonic() < deadline, f"engine never idle: {stats}"
+                time.sleep(0.5)
+        # Serve pulls the stats every period and then pushes them to each router.
+        time.sleep(2.5 * self.config.router.stats_period_s)
+
 
 class RayHead:
     """`ray start --head --block` in a subprocess: a local cluster like KubeRay's head pod

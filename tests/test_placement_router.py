@@ -94,6 +94,26 @@ def test_charge_follows_serves_final_pick_not_the_first_rank():
     asyncio.run(scenario())
 
 
+def test_a_burst_routed_in_one_step_spreads():
+    """One Serve routing task drains every pending request it finds without yielding to
+    the event loop (with cached queue lengths nothing in between suspends), so no
+    future's callback runs between those decisions: each must already see the ones
+    before it. Charged only in the callback, a burst of 12 went 10 / 2 (CI, 12-02)."""
+    async def scenario():
+        router = make_router()
+        a, b = replica("a"), replica("b")
+        burst = [pending(f"r{i}", RoutingHints(prompt_tokens=30, max_tokens=48))
+                 for i in range(12)]
+        for req in burst:  # choose and resolve, as Serve does, all in one step
+            req.future.set_result((await router.choose_replicas([a, b], req))[0][0])
+        await asyncio.sleep(0)  # now the callbacks run
+        chosen = [req.future.result() for req in burst]
+        assert chosen.count(a) == chosen.count(b) == 6
+        assert router.queued_tokens(a) == router.queued_tokens(b) == 6 * 78
+
+    asyncio.run(scenario())
+
+
 def test_engine_reported_load_counts_for_traffic_from_other_routers():
     async def scenario():
         router = make_router()
