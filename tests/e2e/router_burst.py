@@ -3,7 +3,10 @@ PlacementAwareRouter; prints how each burst split over the replicas, as JSON.
 
 Run as its own process on its own local Ray (tests/e2e/test_routing.py): the router's
 bookkeeping between decisions is Serve's to drive, and only a real Serve shows when it
-runs callbacks. The replicas do nothing but wait, so the split is the router's alone."""
+runs callbacks. The replicas do nothing but wait, so the split is the router's alone.
+The driver's handle calls the routed deployment directly, so it is the app's ingress:
+Serve refuses a custom router there when HAProxy fronts the ingress, as `make` runs
+Serve, so run it with RAY_SERVE_ENABLE_HA_PROXY=0 (it serves no HTTP)."""
 
 from __future__ import annotations
 

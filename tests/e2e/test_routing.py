@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,8 @@ def test_a_burst_through_real_serve_splits_evenly():
     and 8 / 4 among 10 (2026-12-02, this machine). Every burst must split 6 / 6."""
     probe = Path(__file__).with_name("router_burst.py")
     run = subprocess.run([sys.executable, str(probe), "6", "12"], capture_output=True,
-                         text=True, timeout=180)
+                         text=True, timeout=180,
+                         env={**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "0"})
     lines = [x for x in run.stdout.splitlines() if x.startswith("SPLITS ")]
     assert lines, run.stderr[-3000:]
     assert json.loads(lines[0].removeprefix("SPLITS ")) == [[6, 6]] * 6
