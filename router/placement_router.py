@@ -405,7 +405,8 @@ class PlacementAwareRouter(RequestRouter):
                             first: RunningReplica) -> None:
         # Charged to our first choice at once: one Serve routing task drains every
         # pending request it finds in one step, before any future's callback runs, and
-        # charged only there a burst of 12 went 10 / 2 (tests/e2e/test_routing.py, CI).
+        # charged only there bursts of 12 over two replicas went 12 / 0, 11 / 1, 10 / 2
+        # (tests/e2e/router_burst.py, and test_routing.py in CI).
         # Serve resolves the future with the replica it finally picked, so the charge
         # moves there even when it fell back past our first choice.
         request_id = pending_request.metadata.internal_request_id

@@ -58,7 +58,7 @@ def test_concurrent_load_spreads_over_both_replicas(serve_app):
 def test_a_burst_through_real_serve_splits_evenly():
     """Serve routes a burst in one step, with no callback in between (router_burst.py);
     charged only when Serve's routing future resolved, such bursts split 12 / 0, 11 / 1
-    and 8 / 4 among 10 (2026-12-02, this machine). Every burst must split 6 / 6."""
+    and 8 / 4 among 10 (2026-12-02, a 2-core host). Every burst must split 6 / 6."""
     probe = Path(__file__).with_name("router_burst.py")
     run = subprocess.run([sys.executable, str(probe), "6", "12"], capture_output=True,
                          text=True, timeout=180,
