@@ -63,13 +63,13 @@ def cpu_auto_dtype(model_path: Path) -> str:
     return "float32"
 
 
-def engine_overrides(config: EngineConfig, *, on_cpu: bool,
-                     cpu_dtype: str = "float32") -> dict[str, Any]:
-    """The vLLM argument values ruvllm sets, by vLLM's own names."""
+def engine_overrides(config: EngineConfig, *, auto_dtype: str | None) -> dict[str, Any]:
+    """The vLLM argument values ruvllm sets, by vLLM's own names; `auto_dtype`: what
+    `dtype: auto` becomes (None: left to vLLM, as on GPU)."""
     values = config.model_dump(exclude=_NOT_ENGINE_ARGS | {"enable_lora"})
     values.update(config.extra_engine_args)
-    if config.dtype == "auto" and on_cpu:
-        values["dtype"] = cpu_dtype
+    if config.dtype == "auto" and auto_dtype is not None:
+        values["dtype"] = auto_dtype
     if config.enable_lora:
         values["enable_lora"] = True
         # One CPU slot beyond the replica's adapter slots: the replica loads an adapter
@@ -91,9 +91,9 @@ def build_vllm_args(model_path: Path, served_name: str, config: EngineConfig) ->
     """vLLM's API-server namespace: its defaults, then ruvllm's values by name."""
     parser = vllm_compat.openai_arg_parser()
     args = parser.parse_args(["--model", str(model_path)])
-    on_cpu = is_cpu_platform()
-    overrides = engine_overrides(config, on_cpu=on_cpu,
-                                 cpu_dtype=cpu_auto_dtype(model_path) if on_cpu else "float32")
+    auto_cpu = config.dtype == "auto" and is_cpu_platform()
+    overrides = engine_overrides(config, auto_dtype=cpu_auto_dtype(model_path) if auto_cpu
+                                 else None)
     for key, value in overrides.items():
         if not hasattr(args, key):
             raise ConfigError(f"engine.{key}: not an argument of this vLLM version")

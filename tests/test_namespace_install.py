@@ -17,8 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import ROOT
 from test_import_graph import PYPROJECT
 
@@ -53,8 +51,8 @@ def _digest(folder: Path) -> str:
 def test_installs_as_one_package_beside_adapterhub(tmp_path):
     site = tmp_path / "site"
     got = _pip("--target", str(site), ADAPTERHUB)
-    if got.returncode != 0:
-        pytest.skip(f"PyPI's {ADAPTERHUB} could not be fetched (network?): {got.stderr[-300:]}")
+    # PyPI is reachable wherever `make test` can set up its venv at all.
+    assert got.returncode == 0, f"PyPI's {ADAPTERHUB} could not be fetched: {got.stderr[-300:]}"
     adapterhub = _digest(site / "adapters")
 
     src = tmp_path / "src"

@@ -46,10 +46,10 @@ def test_quantized_variant_answers_over_http(serve_app):
     replica = r.headers["x-ruvllm-replica"]
     stats = serve_app.engine_stats(replica)
     assert stats["dedicated"] == ISQ_NAME  # its own deployment, not a base replica
-    # On an AMX CPU vLLM-CPU's int8 kernel takes only bfloat16 (deployments/vllm_engine.py).
-    import torch
+    # bfloat16 on an AMX CPU, whose int8 kernel takes nothing else; float32 elsewhere.
+    from ruvllm.deployments.vllm_engine import cpu_auto_dtype
 
-    assert stats["dtype"] == ("bfloat16" if torch.cpu._is_amx_tile_supported() else "float32")
+    assert stats["dtype"] == cpu_auto_dtype(Path(card["root"]))
 
     with httpx.stream("POST", f"{serve_app.openai_url}/completions", timeout=120, json={
             "model": ISQ_NAME, "prompt": "The capital of France is", "max_tokens": 8,
