@@ -142,32 +142,53 @@ def wait_for_gpu_memory(limit_mib: int = 4096, timeout_s: float = 120) -> None:
 
 def sweep(url: str, model: Path, concurrencies: list[int], args, out: Path, name: str,
           probes: dict) -> dict:
-    """The load at each concurrency; for the stack above c=1 a Server-Timing probe runs
-    beside it (benchmarks/server_timing_probe.py), and after the sweep every target gets
-    a sequential probe (its concurrency-1 breakdown)."""
+    """The load at each concurrency, `args.repeats` times; each run draws its own random
+    prompts (seed = 1000 x repeat + concurrency), so no run finds an earlier run's prompts in
+    the prefix cache: with one seed for the whole sweep, c=128 after c=64 found half its
+    prompts cached and ran 1.19x faster (bare, 12-01 00:30 and 00:49 UTC). A row is the run
+    with the median throughput, beside every run's figure. For the stack above c=1 a
+    Server-Timing probe runs beside the first run (benchmarks/server_timing_probe.py), and
+    after the sweep every target gets a sequential probe (its concurrency-1 breakdown)."""
     rows = {}
     for c in concurrencies:
-        load = argparse.Namespace(input_len=args.input_len, output_len=args.output_len,
-                                  concurrency=c, num_prompts=max(args.min_prompts, 4 * c))
-        if c == 1:
-            load.num_prompts = args.min_prompts
-        probe = LoadProbe(url, SERVED) if args.probe and c > 1 and name != "bare" else None
-        if probe:
-            with probe:
-                result = run_load(url, model, load, out, f"{name}-c{c}", SERVED)
-            probes[f"c{c}"] = probe.summary()
-            log(f"{name} c={c} probe: {describe(probes[f'c{c}'])}")
-        else:
-            result = run_load(url, model, load, out, f"{name}-c{c}", SERVED)
-        rows[str(c)] = summarize(result)
-        r = rows[str(c)]
-        log(f"{name} c={c}: {r['output_throughput']:.0f} tok/s, TTFT p50 "
-            f"{r.get('p50_ttft_ms', 0):.1f} ms, TPOT p50 {r.get('p50_tpot_ms', 0):.2f} ms, "
-            f"failed {r.get('failed', 0)}")
+        runs = []
+        for repeat in range(args.repeats):
+            load = argparse.Namespace(input_len=args.input_len, output_len=args.output_len,
+                                      concurrency=c, num_prompts=max(args.min_prompts, 4 * c),
+                                      seed=1000 * repeat + c)
+            if c == 1:
+                load.num_prompts = args.min_prompts
+            tag = f"{name}-c{c}" + (f"-r{repeat}" if repeat else "")
+            probe = (LoadProbe(url, SERVED) if args.probe and c > 1 and name != "bare"
+                     and repeat == 0 else None)
+            if probe:
+                with probe:
+                    result = run_load(url, model, load, out, tag, SERVED)
+                probes[f"c{c}"] = probe.summary()
+                log(f"{name} c={c} probe: {describe(probes[f'c{c}'])}")
+            else:
+                result = run_load(url, model, load, out, tag, SERVED)
+            r = summarize(result)
+            runs.append(r)
+            log(f"{name} c={c} run {repeat + 1}/{args.repeats}: {r['output_throughput']:.0f} "
+                f"tok/s, TTFT p50 {r.get('p50_ttft_ms', 0):.1f} ms, TPOT p50 "
+                f"{r.get('p50_tpot_ms', 0):.2f} ms, failed {r.get('failed', 0)}")
+        rows[str(c)] = median_run(runs)
     if args.probe:
         probes["c1-sequential"] = sequential(url, SERVED)
         log(f"{name} sequential probe: {describe(probes['c1-sequential'])}")
     return rows
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median output throughput (the lower middle one of an even count), with
+    every run's throughput and TTFT p50 beside it when there was more than one."""
+    ordered = sorted(runs, key=lambda r: r["output_throughput"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    if len(runs) > 1:
+        row["runs_output_throughput"] = [r["output_throughput"] for r in runs]
+        row["runs_p50_ttft_ms"] = [r.get("p50_ttft_ms") for r in runs]
+    return row
 
 
 def probe_lines(results: dict) -> list[str]:
@@ -233,7 +254,9 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
         + (f" ({', '.join(meta['kept'])} measured earlier in it, {next(iter(meta['kept'].values()))})"
            if meta.get("kept") else "") + f". Model: Llama-3-8B shape, random bf16 weights, "
         f"the default model's tokenizer. {meta['input_len']} random prompt tokens, "
-        f"{meta['output_len']} output tokens (ignore_eos), chat endpoint, `vllm bench serve`.",
+        f"{meta['output_len']} output tokens (ignore_eos), chat endpoint, `vllm bench serve`."
+        + (f" Each row is the median of {meta['repeats']} runs, each on prompts of its own "
+           "(range in brackets)." if meta.get("repeats", 1) > 1 else ""),
         "",
         f"Engine settings for both (cluster-gpu.yaml): {meta['engine']}.",
         "",
@@ -246,8 +269,10 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
             ratio = r.get("throughput_ratio_vs_bare")
             delta = r.get("ttft_p50_delta_ms")
             p99 = f"{r['p99_ttft_ms']:.1f}" if "p99_ttft_ms" in r else "—"
+            runs = r.get("runs_output_throughput")
+            spread = f" ({min(runs):.0f}-{max(runs):.0f})" if runs else ""
             lines.append(
-                f"| {name} | {c} | {r['completed']} | {r['output_throughput']:.0f} | "
+                f"| {name} | {c} | {r['completed']} | {r['output_throughput']:.0f}{spread} | "
                 f"{'—' if ratio is None else f'{ratio:.3f}x'} | "
                 f"{r.get('p50_ttft_ms', 0):.1f} / {p99} | "
                 f"{'—' if delta is None else f'{delta:+.1f} ms'} | "
@@ -299,6 +324,8 @@ def main() -> int:
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--min-prompts", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per concurrency, each on fresh prompts; a row is their median")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/llama8b-random"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_stack_vs_vllm")
     parser.add_argument("--startup-timeout", type=float, default=600)
@@ -352,6 +379,7 @@ def main() -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu_name(),
             "vllm": vllm.__version__, "ray": ray.__version__, "input_len": args.input_len,
             "output_len": args.output_len, "peer": args.peer, "gpus": gpu_count(),
+            "repeats": args.repeats,
             "engine": ", ".join(f"{k}={v}" for k, v in engine_settings(GPU_CONFIG).items()
                                 if v is not None)}
     results: dict[str, dict] = {}

@@ -66,7 +66,7 @@ def run_load(base_url: str, model_path: Path, args: argparse.Namespace, out: Pat
         "--dataset-name", "random", "--random-input-len", str(args.input_len),
         "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
         "--max-concurrency", str(args.concurrency), "--ignore-eos", "--temperature", "0",
-        "--num-warmups", str(min(args.concurrency, 16)), "--seed", "0",
+        "--num-warmups", str(min(args.concurrency, 16)), "--seed", str(getattr(args, "seed", 0)),
         "--percentile-metrics", "ttft,tpot,itl,e2el",
         "--metric-percentiles", ",".join(str(p) for p in PERCENTILES),
         "--save-result", "--result-dir", str(out), "--result-filename", f"raw-{name}.json",

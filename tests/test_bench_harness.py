@@ -91,3 +91,14 @@ def test_decode_profile_splits_a_step_by_kernel_kind_and_reads_bandwidth():
     assert row["top_kernels"][0]["calls_per_step"] == pytest.approx(224)
     assert row["kernels"]["flash_fwd_splitkv"] == {"kind": "attention", "ms_per_step": 0.2,
                                                   "calls_per_step": 32}
+
+
+def test_a_repeated_row_is_its_median_run_beside_every_run():
+    from benchmarks.gpu_stack_vs_vllm import median_run
+
+    runs = [{"output_throughput": t, "p50_ttft_ms": t / 100} for t in (9100, 8300, 9900)]
+    row = median_run(runs)
+    assert row["output_throughput"] == 9100 and row["p50_ttft_ms"] == 91
+    assert row["runs_output_throughput"] == [9100, 8300, 9900]
+    assert median_run(runs[:2])["output_throughput"] == 8300  # the lower of two
+    assert "runs_output_throughput" not in median_run(runs[:1])
