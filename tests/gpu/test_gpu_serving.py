@@ -125,6 +125,8 @@ def test_xlora_model_matches_peft_in_bfloat16_on_the_gpu(tmp_path, xlora_checkpo
         + (["--cuda-graphs"] if "cuda-graphs" in mode else [])
         + (["--non-granular"] if mode.startswith("non-granular") else []),
         cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    if run.returncode != 0:  # kept at once: a device run's time limit can cut pytest's summary
+        _keep_text(run.stderr, f"xlora-parity-gpu-{mode}.stderr.txt")
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(out.read_text())
     _keep(out, f"xlora-parity-gpu-{mode}.json")
@@ -145,7 +147,11 @@ def test_xlora_model_matches_peft_in_bfloat16_on_the_gpu(tmp_path, xlora_checkpo
 
 def _keep(path: Path, name: str) -> None:
     """Copy a measurement to $RUVLLM_GPU_RESULTS (the GPU run's output folder), if set."""
+    _keep_text(path.read_text(), name)
+
+
+def _keep_text(text: str, name: str) -> None:
     target = os.environ.get("RUVLLM_GPU_RESULTS")
     if target:
         Path(target).mkdir(parents=True, exist_ok=True)
-        (Path(target) / name).write_text(path.read_text())
+        (Path(target) / name).write_text(text)
