@@ -1,6 +1,6 @@
 #!/bin/bash
 # Device side, started with setsid after setup.sh: every GPU measurement of one lease.
-# The 2026-12-02 09:xx lease (one H200): the one-GPU tests on the tree as it stands (the
+# The 2026-12-02 09:37 lease (one H200): the one-GPU tests on the tree as it stands (the
 # router's ledger and the CPU dtype rule changed since their last whole run, and X-LoRA
 # parity eager and non-granular against peft's one-pass scoring never ran on a GPU); the
 # ISQ tests are left out (isq/ unchanged since they passed on 12-01 04:27; their toolkit
