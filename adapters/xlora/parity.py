@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 PROMPTS = [
@@ -33,6 +34,18 @@ def _on_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _progress(phase: str, started: float) -> None:
+    """A line on stderr per phase, with the GPU's free memory: what a failed run's kept
+    stderr needs to show where it stopped (a GPU run of 12-02 exited without a report)."""
+    line = f"[parity] {phase} (+{time.monotonic() - started:.0f} s"
+    if _on_gpu():
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        line += f", GPU memory free {free / 2**30:.1f} of {total / 2**30:.1f} GiB"
+    print(line + ")", file=sys.stderr, flush=True)
 
 
 def vllm_side(model_dir: Path, prompt_ids: list[list[int]], tokens: int,
@@ -125,6 +138,7 @@ def main() -> int:
     parser.add_argument("--non-granular", action="store_true",
                         help="the mixture in non-granular mode (served without prefix caching)")
     args = parser.parse_args()
+    started = time.monotonic()
 
     from transformers import AutoTokenizer
 
@@ -134,10 +148,13 @@ def main() -> int:
     prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:args.prompts]]
     model_dir = export_for_vllm(args.xlora, args.base, args.xlora.parent / "exported",
                                 {"non_granular": True} if args.non_granular else None)
+    _progress("vLLM side", started)
     ours = vllm_side(model_dir, prompt_ids, args.tokens, args.dtype, args.cuda_graphs,
                      prefix_caching=not args.non_granular)
+    _progress("peft side", started)
     ref = peft_side(args.xlora, args.base, prompt_ids, args.tokens, [o["tokens"] for o in ours],
                     args.dtype, args.non_granular)
+    _progress("compared", started)
     report = []
     for o, r in zip(ours, ref):
         diffs = [abs(a - b) for a, b in zip(o["logprobs"], r["logprobs"])]
