@@ -41,10 +41,15 @@ def _progress(phase: str, started: float) -> None:
     stderr needs to show where it stopped (a GPU run of 12-02 exited without a report)."""
     line = f"[parity] {phase} (+{time.monotonic() - started:.0f} s"
     if _on_gpu():
-        import torch
+        # Through NVML, not torch.cuda: a CUDA context made here, before vLLM starts its
+        # engine, would change how vLLM starts its workers (spawn instead of fork).
+        from vllm.third_party import pynvml
 
-        free, total = torch.cuda.mem_get_info()
-        line += f", GPU memory free {free / 2**30:.1f} of {total / 2**30:.1f} GiB"
+        pynvml.nvmlInit()
+        first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        index = int(first) if first.isdigit() else 0  # a UUID there: the first card
+        memory = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+        line += f", GPU memory free {memory.free / 2**30:.1f} of {memory.total / 2**30:.1f} GiB"
     print(line + ")", file=sys.stderr, flush=True)
 
 
