@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -37,7 +38,7 @@ import json, sys, time
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
     spec = json.loads(sys.argv[1])
-    llm = LLM(model=spec["model"], dtype="bfloat16", enforce_eager=spec["eager"],
+    llm = LLM(model=spec["model"], dtype=spec.get("dtype", "bfloat16"), enforce_eager=spec["eager"],
               quantization=spec.get("quantization"), max_model_len=1024, seed=0,
               gpu_memory_utilization=0.85, enable_prefix_caching=False, max_num_seqs=256)
     result = {}
@@ -66,7 +67,8 @@ def run_script(name: str, spec: dict, script: Path) -> tuple[dict, str]:
     `RESULT ` line, and all it printed."""
     log(f"{name}: starting")
     run = subprocess.run([sys.executable, str(script), json.dumps(spec)],
-                         capture_output=True, text=True, cwd=ROOT)
+                         capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, **spec.get("env", {})})
     line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{name} failed:\n{run.stderr[-3000:]}")
@@ -172,11 +174,36 @@ def quant_rows(model_dir: Path, w4a16_dir: str | None, tokens: int) -> dict[str,
             "8B FP8 (W8A8, quantized at load)": {"model": str(model_dir), "quantization": "fp8",
                                                  **common}}
     if w4a16_dir == "random":
-        gptq = build_random_gptq(model_dir.with_name(model_dir.name + "-gptq"), model_dir)
-        rows["8B W4A16 (GPTQ, random 4-bit weights)"] = {"model": str(gptq), **common}
+        gptq = str(build_random_gptq(model_dir.with_name(model_dir.name + "-gptq"), model_dir))
+        rows["8B W4A16 (GPTQ, random 4-bit weights)"] = {"model": gptq, **common}
+        rows.update(w4a16_kernel_rows(str(model_dir), gptq, common))
     elif w4a16_dir:
         rows["8B W4A16"] = {"model": w4a16_dir, **common}
     return rows
+
+
+def w4a16_kernel_rows(model: str, gptq: str, common: dict) -> dict[str, dict]:
+    """The same W4A16 checkpoint on each 4-bit kernel vLLM 0.26 has for it on CUDA, chosen
+    by disabling the ones it prefers (`VLLM_DISABLED_KERNELS`), in bf16 and in fp16
+    activations (GPTQ's own dtype; ExLlama's kernel takes fp16 only), with an fp16 base as
+    the fp16 rows' own peer. Profiled on 2026-12-01, Marlin's 4-bit GEMMs at batch 1 read
+    their weights at 1.57 TB/s in bf16, 41% of the bandwidth bf16's GEMMs reach: the W4A16
+    miss. Marlin was written for fp16 first; whether its bf16 path is the slower one, and
+    whether another kernel does better, is what these rows measure."""
+    ahead = ["CutlassW4A8", "Machete", "AllSpark", "Marlin", "Conch", "Exllama", "TritonW4A16"]
+
+    def up_to(kernel: str) -> dict:  # disable every kernel vLLM would try before `kernel`
+        return {"VLLM_DISABLED_KERNELS": ",".join(
+            f"{k}LinearKernel" for k in ahead[:ahead.index(kernel)])}
+
+    fp16 = {**common, "dtype": "float16"}
+    return {
+        "8B W4A16 Marlin (bf16)": {"model": gptq, **common, "env": up_to("Marlin")},
+        "8B W4A16 Marlin (fp16)": {"model": gptq, **fp16, "env": up_to("Marlin")},
+        "8B fp16": {"model": model, **fp16},
+        "8B W4A16 ExLlama (fp16)": {"model": gptq, **fp16, "env": up_to("Exllama")},
+        "8B W4A16 Triton (bf16)": {"model": gptq, **common, "env": up_to("TritonW4A16")},
+    }
 
 
 def weight_bytes(model: str) -> int:

@@ -102,3 +102,26 @@ def test_a_repeated_row_is_its_median_run_beside_every_run():
     assert row["runs_output_throughput"] == [9100, 8300, 9900]
     assert median_run(runs[:2])["output_throughput"] == 8300  # the lower of two
     assert "runs_output_throughput" not in median_run(runs[:1])
+
+
+def test_each_w4a16_kernel_row_disables_every_kernel_vllm_would_try_first():
+    """A kernel row measures the kernel it names only if every one vLLM prefers on CUDA is
+    disabled; checked against the installed vLLM's own priority list (vLLM 0.26 adds
+    AllSpark, which a disabled name vLLM lacks cannot harm)."""
+    from vllm.model_executor.kernels.linear import _POSSIBLE_KERNELS
+    from vllm.platforms import PlatformEnum
+
+    from benchmarks.gpu_decode import w4a16_kernel_rows
+
+    order = [k.__name__ for k in _POSSIBLE_KERNELS[PlatformEnum.CUDA]]
+    rows = w4a16_kernel_rows("base", "gptq", {"tokens": 8})
+    wanted = {"8B W4A16 Marlin (bf16)": "MarlinLinearKernel",
+              "8B W4A16 Marlin (fp16)": "MarlinLinearKernel",
+              "8B W4A16 ExLlama (fp16)": "ExllamaLinearKernel",
+              "8B W4A16 Triton (bf16)": "TritonW4A16LinearKernel"}
+    for name, kernel in wanted.items():
+        disabled = set(rows[name]["env"]["VLLM_DISABLED_KERNELS"].split(","))
+        assert set(order[:order.index(kernel)]) <= disabled, name
+        assert kernel not in disabled, name
+    assert rows["8B W4A16 ExLlama (fp16)"]["dtype"] == "float16"  # ExLlama takes fp16 only
+    assert "env" not in rows["8B fp16"] and rows["8B fp16"]["model"] == "base"
