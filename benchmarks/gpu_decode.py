@@ -213,7 +213,8 @@ def weight_bytes(model: str) -> int:
 def write_report(out: Path, result: dict) -> None:
     (out / "report.json").write_text(json.dumps(result, indent=2))
     lines = ["# Decode speed on a GPU", "",
-             f"Measured {result['date']} on **{result['gpu']}**, vLLM {result['vllm']}, bf16, "
+             f"Measured {result['date']} on **{result['gpu']}**, vLLM {result['vllm']}, bf16 "
+             "unless a row names fp16, "
              f"one engine start per row; {result['tokens']} generated tokens per sequence after "
              "32 prompt tokens; where a row lists runs, its figure is their median.", ""]
     for section, peer, title in (("xlora", "base (CUDA graphs)", "X-LoRA vs base (default model)"),
