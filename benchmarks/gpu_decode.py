@@ -12,6 +12,8 @@
     checkpoint directory. Decode speed depends on the shapes and the kernel, not on the
     values, so random 4-bit weights measure what a real quantization of the 8B would; the
     quality of ISQ's W4A16 is measured on the default model (tests/gpu/test_isq_gpu.py).
+    Then the same checkpoint on each other 4-bit kernel vLLM has on CUDA
+    (`w4a16_kernel_rows`; `--only` picks rows by name).
 
 Each row is its own process (one engine, its memory freed after): 32 prompt tokens, then
 `--tokens` generated tokens (ignore_eos) for a batch of 1 and of 64; decode tok/s is the
