@@ -193,12 +193,14 @@ def w4a16_kernel_rows(model: str, gptq: str, common: dict) -> dict[str, dict]:
     miss. Marlin was written for fp16 first; whether its bf16 path is the slower one, and
     whether another kernel does better, is what these rows measure (12-02: ExLlama 1.58x
     at batch 1, the best, but 0.49x at batch 64; Humming not yet run)."""
-    ahead = ["CutlassW4A8", "Machete", "AllSpark", "Marlin", "Conch", "Exllama", "TritonW4A16",
-             "Humming"]
+    # vLLM's own priority list on CUDA, read from the vLLM that runs the rows.
+    from vllm.model_executor.kernels.linear import _POSSIBLE_KERNELS
+    from vllm.platforms import PlatformEnum
+
+    order = [k.__name__ for k in _POSSIBLE_KERNELS[PlatformEnum.CUDA]]
 
     def up_to(kernel: str) -> dict:  # disable every kernel vLLM would try before `kernel`
-        return {"VLLM_DISABLED_KERNELS": ",".join(
-            f"{k}LinearKernel" for k in ahead[:ahead.index(kernel)])}
+        return {"VLLM_DISABLED_KERNELS": ",".join(order[:order.index(f"{kernel}LinearKernel")])}
 
     fp16 = {**common, "dtype": "float16"}
     return {

@@ -106,9 +106,7 @@ def test_a_repeated_row_is_its_median_run_beside_every_run():
 
 def test_each_w4a16_kernel_row_disables_every_kernel_vllm_would_try_first():
     """A kernel row measures the kernel it names only if every one vLLM prefers on CUDA is
-    disabled; checked against the installed vLLM's own priority list (this CPU build's
-    0.32 has no AllSpark, which 0.26 tries before Marlin: disabling a name vLLM lacks is
-    harmless)."""
+    disabled and that one is not; checked against the installed vLLM's priority list."""
     from vllm.model_executor.kernels.linear import _POSSIBLE_KERNELS
     from vllm.platforms import PlatformEnum
 
