@@ -192,7 +192,8 @@ def w4a16_kernel_rows(model: str, gptq: str, common: dict) -> dict[str, dict]:
     their weights at 1.57 TB/s in bf16, 41% of the bandwidth bf16's GEMMs reach: the W4A16
     miss. Marlin was written for fp16 first; whether its bf16 path is the slower one, and
     whether another kernel does better, is what these rows measure (12-02: ExLlama 1.58x
-    at batch 1, the best, but 0.49x at batch 64; Humming not yet run)."""
+    at batch 1, the best, but 0.49x at batch 64; Humming 1.45x at batch 1 and 1.23x at
+    batch 64, the best there)."""
     # vLLM's own priority list on CUDA, read from the vLLM that runs the rows.
     from vllm.model_executor.kernels.linear import _POSSIBLE_KERNELS
     from vllm.platforms import PlatformEnum
