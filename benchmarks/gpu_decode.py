@@ -16,8 +16,10 @@
     (`w4a16_kernel_rows`; `--only` picks rows by name).
 
 Each row is its own process (one engine, its memory freed after): 32 prompt tokens, then
-`--tokens` generated tokens (ignore_eos) for a batch of 1 and of 64; decode tok/s is the
-generated tokens over the wall time after a warm-up. Writes report.{json,md,png} under --out.
+`--tokens` generated tokens (ignore_eos) for a batch of 1 and of 64 (`--batches` sweeps
+other sizes: where a 4-bit kernel stops paying is a matter of concurrency); decode tok/s is
+the generated tokens over the wall time after a warm-up. Writes report.{json,md,png} under
+--out.
 """
 
 from __future__ import annotations
@@ -220,6 +222,31 @@ def weight_bytes(model: str) -> int:
     return sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
 
 
+PEERS = {"xlora": "base (CUDA graphs)", "quant": "8B bf16"}
+
+
+def batch_sizes(rows: dict) -> list[str]:
+    """Every batch size some row measured, smallest first (the keys of a row's results)."""
+    return sorted({b for r in rows.values() for b in r if b.isdigit()}, key=int)
+
+
+def row_cells(row: dict, peer: dict, batches: list[str]) -> list[str]:
+    """A row's table cells: tok/s (with its runs' spread) and the ratio to the peer's, per
+    batch size; then weight size, its ratio, and the GEMM kernels vLLM chose."""
+    cells = []
+    for b in batches:
+        if b not in row:
+            cells += ["—", "—"]
+            continue
+        runs = row[b].get("runs_tok_per_s") or []
+        spread = f" ({min(runs):.0f}-{max(runs):.0f})" if len(runs) > 1 else ""
+        ratio = f"{row[b]['tok_per_s'] / peer[b]['tok_per_s']:.2f}x" if b in peer else "—"
+        cells += [f"{row[b]['tok_per_s']:.0f}{spread}", ratio]
+    size, peer_size = row.get("weight_bytes", 0), peer.get("weight_bytes") or 0
+    return cells + [f"{size / 2**30:.2f}", f"{size / peer_size:.2f}x" if peer_size else "—",
+                    ", ".join(row.get("kernels", [])) or "—"]
+
+
 def write_report(out: Path, result: dict) -> None:
     (out / "report.json").write_text(json.dumps(result, indent=2))
     lines = ["# Decode speed on a GPU", "",
@@ -227,29 +254,20 @@ def write_report(out: Path, result: dict) -> None:
              "unless a row names fp16, "
              f"one engine start per row; {result['tokens']} generated tokens per sequence after "
              "32 prompt tokens; where a row lists runs, its figure is their median.", ""]
-    for section, peer, title in (("xlora", "base (CUDA graphs)", "X-LoRA vs base (default model)"),
-                                 ("quant", "8B bf16", "Quantized 8B vs bf16")):
-        rows = result["rows"].get(section)
+    for section, title in (("xlora", "X-LoRA vs base (default model)"),
+                           ("quant", "Quantized 8B vs bf16")):
+        rows, peer = result["rows"].get(section), PEERS[section]
         if not rows:
             continue
+        batches = batch_sizes(rows)
         lines += [f"## {title}", "", f"Peer: {peer}.", "",
-                  "| row | batch 1 tok/s | vs peer | batch 64 tok/s | vs peer | weights GiB | "
-                  "vs peer | kernels |", "|---|---|---|---|---|---|---|---|"]
+                  "| row | " + "".join(f"batch {b} tok/s | vs peer | " for b in batches)
+                  + "weights GiB | vs peer | kernels |", "|---" * (2 * len(batches) + 4) + "|"]
         for name, r in rows.items():
             if "error" in r:
-                lines.append(f"| {name} | failed: {r['error']} | | | | | | |")
+                lines.append(f"| {name} | failed: {r['error']} |" + " |" * (2 * len(batches) + 2))
                 continue
-            cells = []
-            for b in ("1", "64"):
-                ratio = r[b]["tok_per_s"] / rows[peer][b]["tok_per_s"] if "1" in rows[peer] else None
-                runs = r[b].get("runs_tok_per_s") or []
-                spread = f" ({min(runs):.0f}-{max(runs):.0f})" if len(runs) > 1 else ""
-                cells += [f"{r[b]['tok_per_s']:.0f}{spread}", "—" if ratio is None else f"{ratio:.2f}x"]
-            size = r.get("weight_bytes", 0)
-            peer_size = rows[peer].get("weight_bytes") or 0
-            cells += [f"{size / 2**30:.2f}", f"{size / peer_size:.2f}x" if peer_size else "—",
-                      ", ".join(r.get("kernels", [])) or "—"]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | " + " | ".join(row_cells(r, rows.get(peer, {}), batches)) + " |")
         lines.append("")
     if result.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
@@ -258,6 +276,20 @@ def write_report(out: Path, result: dict) -> None:
               "", "![decode speed](report.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     plot(out, result)
+
+
+def plot_sweep(ax, rows: dict, batches: list[str], peer: str, gpu: str) -> None:
+    for name, r in rows.items():
+        sizes = [b for b in batches if b in r and b in rows.get(peer, {})]
+        ax.plot([int(b) for b in sizes],
+                [r[b]["tok_per_s"] / rows[peer][b]["tok_per_s"] for b in sizes], marker="o", label=name)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([int(b) for b in batches], batches)
+    ax.set_xlabel("batch (sequences decoding together)")
+    ax.set_ylabel(f"decode tok/s vs {peer}")
+    ax.set_title(f"decode speed vs {peer} ({gpu})")
+    ax.legend(fontsize=7)
 
 
 def plot(out: Path, result: dict) -> None:
@@ -270,16 +302,27 @@ def plot(out: Path, result: dict) -> None:
     fig, axes = plt.subplots(1, len(sections), figsize=(7 * len(sections), 4), squeeze=False)
     for ax, section in zip(axes[0], sections):
         rows = {n: r for n, r in result["rows"][section].items() if "error" not in r}
+        batches = batch_sizes(rows)
+        if len(batches) > 2:  # a sweep: where each kernel crosses its peer
+            plot_sweep(ax, rows, batches, PEERS[section], result["gpu"])
+            continue
         names = list(rows)
-        for i, b in enumerate(("1", "64")):
-            ax.bar([j + i * 0.4 for j in range(len(names))],
-                   [rows[n][b]["tok_per_s"] for n in names], 0.4, label=f"batch {b}")
-        ax.set_xticks([j + 0.2 for j in range(len(names))], names, rotation=15, fontsize=8)
+        width = 0.8 / len(batches)
+        for i, b in enumerate(batches):
+            ax.bar([j + i * width for j in range(len(names))],
+                   [rows[n].get(b, {}).get("tok_per_s", 0) for n in names], width, label=f"batch {b}")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=15, fontsize=8)
         ax.set_yscale("log")
         ax.set_title(f"decode tok/s ({result['gpu']})")
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "report.png", dpi=110)
+
+
+def row_names(only: str) -> set[str]:
+    """--only's row names: comma-separated, where a comma inside a name's parentheses
+    ("8B FP8 (W8A8, quantized at load)") belongs to the name."""
+    return {n.strip() for n in re.split(r",(?![^()]*\))", only) if n.strip()}
 
 
 def main() -> int:
@@ -293,6 +336,11 @@ def main() -> int:
                         help="'random' (a GPTQ checkpoint with random 4-bit weights), a W4A16 "
                              "checkpoint directory, or '' for no W4A16 row")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_decode")
+    parser.add_argument("--batches", default="",
+                        help="batch sizes for every row, e.g. 1,8,32,64,128,256 (default: each "
+                             "row's own, 1 and 64); the report plots each row against its peer")
+    parser.add_argument("--repeats", type=int, default=0,
+                        help="runs per batch size, median reported (default: each row's own)")
     parser.add_argument("--rewrite-report", action="store_true",
                         help="re-render report.md/.png from report.json (e.g. after adding notes)")
     args = parser.parse_args()
@@ -311,12 +359,19 @@ def main() -> int:
                 "quant": lambda: quant_rows(args.model_dir, args.w4a16_dir, args.tokens)}
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu_name(),
               "vllm": vllm.__version__, "tokens": args.tokens, "rows": {}}
-    wanted = {n.strip() for n in args.only.split(",") if n.strip()}
-    for section in args.rows.split(","):
+    wanted = row_names(args.only)
+    plan = {section: sections[section]() for section in args.rows.split(",")}
+    if unknown := wanted - {name for rows in plan.values() for name in rows}:
+        parser.error(f"--only names no row: {sorted(unknown)}")
+    for section, rows in plan.items():
         result["rows"][section] = {}
-        for name, spec in sections[section]().items():
+        for name, spec in rows.items():
             if wanted and name not in wanted:
                 continue
+            if args.batches:
+                spec = {**spec, "batches": [int(b) for b in args.batches.split(",")]}
+            if args.repeats:
+                spec = {**spec, "repeats": args.repeats}
             try:
                 row = run_row(name, spec, script)
             except RuntimeError as e:  # one row failing (an X-LoRA mode, a kernel) is a finding

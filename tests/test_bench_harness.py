@@ -125,3 +125,38 @@ def test_each_w4a16_kernel_row_disables_every_kernel_vllm_would_try_first():
         assert kernel not in disabled, name
     assert rows["8B W4A16 ExLlama (fp16)"]["dtype"] == "float16"  # ExLlama takes fp16 only
     assert "env" not in rows["8B fp16"] and rows["8B fp16"]["model"] == "base"
+
+
+def test_a_batch_sweep_reports_every_size_against_its_peer_and_plots_the_crossover(tmp_path):
+    """gpu_decode's report over any batch sizes the rows measured: one column pair per size,
+    each ratio against the peer at that size, a size a row lacks shown as a dash."""
+    from benchmarks.gpu_decode import write_report
+
+    def row(kernel: str, **tok_per_s) -> dict:
+        return {**{b[1:]: {"tok_per_s": t, "runs_tok_per_s": [t - 1, t, t + 1]}
+                   for b, t in tok_per_s.items()},
+                "kernels": [kernel] if kernel else [], "weight_bytes": 2**30}
+
+    result = {"date": "d", "gpu": "GPU", "vllm": "v", "tokens": 8, "rows": {"quant": {
+        "8B bf16": row("", b1=200, b16=3000, b64=10000),
+        "8B W4A16 Humming (bf16)": row("HummingLinearKernel", b1=290, b16=3600, b64=12500),
+        "8B W4A16 Marlin (bf16)": row("MarlinLinearKernel", b1=300, b64=9500)}}}
+    write_report(tmp_path, result)
+    table = (tmp_path / "report.md").read_text().split("## Quantized 8B vs bf16")[1]
+    assert "| batch 1 tok/s | vs peer | batch 16 tok/s | vs peer | batch 64 tok/s |" in table
+    assert "| 8B W4A16 Humming (bf16) | 290 (289-291) | 1.45x | 3600 (3599-3601) | 1.20x " \
+           "| 12500 (12499-12501) | 1.25x | 1.00 | 1.00x | HummingLinearKernel |" in table
+    assert "| 8B W4A16 Marlin (bf16) | 300 (299-301) | 1.50x | — | — | 9500 (9499-9501) | 0.95x |" in table
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_only_keeps_a_comma_inside_a_row_name_in_the_name():
+    """gpu_decode --only: row names such as "8B FP8 (W8A8, quantized at load)" hold a comma;
+    split naively they would name no row and the row would silently not run."""
+    from benchmarks.gpu_decode import row_names
+
+    assert row_names("8B bf16,8B FP8 (W8A8, quantized at load), 8B W4A16 (GPTQ, random 4-bit "
+                     "weights),8B W4A16 Humming (bf16),") == {
+        "8B bf16", "8B FP8 (W8A8, quantized at load)", "8B W4A16 (GPTQ, random 4-bit weights)",
+        "8B W4A16 Humming (bf16)"}
+    assert row_names("") == set()
