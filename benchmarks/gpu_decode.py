@@ -38,7 +38,7 @@ from pathlib import Path
 from benchmarks.harness import ROOT, log
 
 ROW_SCRIPT = r'''
-import json, sys, time
+import json, statistics, sys, time
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
     spec = json.loads(sys.argv[1])
@@ -61,7 +61,7 @@ if __name__ == "__main__":
             tokens = sum(len(o.outputs[0].token_ids) for o in outs)
             runs.append(tokens / elapsed)
         # The lower middle run of an even count, as benchmark a's median_run.
-        result[str(batch)] = {"tokens": tokens, "tok_per_s": sorted(runs)[(len(runs) - 1) // 2],
+        result[str(batch)] = {"tokens": tokens, "tok_per_s": statistics.median_low(runs),
                               "runs_tok_per_s": runs}
     print("RESULT " + json.dumps(result), flush=True)
 '''
@@ -364,15 +364,14 @@ def main() -> int:
     plan = {section: sections[section]() for section in args.rows.split(",")}
     if unknown := wanted - {name for rows in plan.values() for name in rows}:
         parser.error(f"--only names no row: {sorted(unknown)}")
+    overrides = ({"batches": [int(b) for b in args.batches.split(",")]} if args.batches else {}) \
+        | ({"repeats": args.repeats} if args.repeats else {})
     for section, rows in plan.items():
         result["rows"][section] = {}
         for name, spec in rows.items():
             if wanted and name not in wanted:
                 continue
-            if args.batches:
-                spec = {**spec, "batches": [int(b) for b in args.batches.split(",")]}
-            if args.repeats:
-                spec = {**spec, "repeats": args.repeats}
+            spec = {**spec, **overrides}
             try:
                 row = run_row(name, spec, script)
             except RuntimeError as e:  # one row failing (an X-LoRA mode, a kernel) is a finding
