@@ -195,8 +195,9 @@ def w4a16_kernel_rows(model: str, gptq: str, common: dict) -> dict[str, dict]:
     their weights at 1.57 TB/s in bf16, 41% of the bandwidth bf16's GEMMs reach: the W4A16
     miss. Marlin was written for fp16 first; whether its bf16 path is the slower one, and
     whether another kernel does better, is what these rows measure (12-02: ExLlama 1.58x
-    at batch 1, the best, but 0.49x at batch 64; Humming 1.45x at batch 1 and 1.23x at
-    batch 64, the best there)."""
+    at batch 1, the best, but 0.49x at batch 64; 15:56, across batch 1-256: Humming the
+    fastest W4A16 kernel at every size, 1.56x at batch 1 and 1.22x at 64, in fp16 no
+    faster)."""
     # vLLM's own priority list on CUDA, read from the vLLM that runs the rows.
     from vllm.model_executor.kernels.linear import _POSSIBLE_KERNELS
     from vllm.platforms import PlatformEnum
@@ -216,6 +217,7 @@ def w4a16_kernel_rows(model: str, gptq: str, common: dict) -> dict[str, dict]:
         # Humming compiles its kernels on the device (NVRTC, the image's CUDA toolkit);
         # its wheel comes in extras.sh's x0.
         "8B W4A16 Humming (bf16)": {"model": gptq, **common, "env": up_to("Humming")},
+        "8B W4A16 Humming (fp16)": {"model": gptq, **fp16, "env": up_to("Humming")},
     }
 
 

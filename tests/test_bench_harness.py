@@ -118,12 +118,14 @@ def test_each_w4a16_kernel_row_disables_every_kernel_vllm_would_try_first():
               "8B W4A16 Marlin (fp16)": "MarlinLinearKernel",
               "8B W4A16 ExLlama (fp16)": "ExllamaLinearKernel",
               "8B W4A16 Triton (bf16)": "TritonW4A16LinearKernel",
-              "8B W4A16 Humming (bf16)": "HummingLinearKernel"}
+              "8B W4A16 Humming (bf16)": "HummingLinearKernel",
+              "8B W4A16 Humming (fp16)": "HummingLinearKernel"}
     for name, kernel in wanted.items():
         disabled = set(rows[name]["env"]["VLLM_DISABLED_KERNELS"].split(","))
         assert set(order[:order.index(kernel)]) <= disabled, name
         assert kernel not in disabled, name
     assert rows["8B W4A16 ExLlama (fp16)"]["dtype"] == "float16"  # ExLlama takes fp16 only
+    assert rows["8B W4A16 Humming (fp16)"]["dtype"] == "float16"
     assert "env" not in rows["8B fp16"] and rows["8B fp16"]["model"] == "base"
 
 
