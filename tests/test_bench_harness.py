@@ -127,6 +127,12 @@ def test_each_w4a16_kernel_row_disables_every_kernel_vllm_would_try_first():
     assert rows["8B W4A16 ExLlama (fp16)"]["dtype"] == "float16"  # ExLlama takes fp16 only
     assert rows["8B W4A16 Humming (fp16)"]["dtype"] == "float16"
     assert "env" not in rows["8B fp16"] and rows["8B fp16"]["model"] == "base"
+    assert "8B W4A16 Humming (bf16; 4-bit LM head)" not in rows  # no builder, no row
+    built = []
+    rows = w4a16_kernel_rows("base", "gptq", {"tokens": 8}, gptq_4bit_head=lambda: built.append(1))
+    head4 = rows["8B W4A16 Humming (bf16; 4-bit LM head)"]
+    assert head4["env"] == rows["8B W4A16 Humming (bf16)"]["env"] and callable(head4["model"])
+    assert not built  # the checkpoint is built when the row runs, not when it is planned
 
 
 def test_a_batch_sweep_reports_every_size_against_its_peer_and_plots_the_crossover(tmp_path):
@@ -162,3 +168,63 @@ def test_only_keeps_a_comma_inside_a_row_name_in_the_name():
         "8B bf16", "8B FP8 (W8A8, quantized at load)", "8B W4A16 (GPTQ, random 4-bit weights)",
         "8B W4A16 Humming (bf16)"}
     assert row_names("") == set()
+
+
+def test_tinygemm_reference_matches_the_kernel_and_the_packing_round_trips():
+    """The dequantized weight the GPU check trusts is what torch's int4 kernel computes (its
+    CPU twin here); the CUDA packing keeps every nibble in one of its two orders."""
+    import torch
+
+    from benchmarks.gpu_int4_gemm import MAX_CHECK_ERROR, check_int4, pack_nibbles
+
+    assert check_int4(512, 128, 8, "cpu") < MAX_CHECK_ERROR
+    q = torch.randint(0, 16, (4, 8), dtype=torch.int32)
+    packed = pack_nibbles(q).to(torch.int32)
+    assert torch.equal(packed >> 4, q[:, ::2]) and torch.equal(packed & 15, q[:, 1::2])
+    swapped = pack_nibbles(q, high_first=False).to(torch.int32)
+    assert torch.equal(swapped >> 4, q[:, 1::2])
+
+
+def test_int4_gemm_report_combines_heads_and_projects_the_step(tmp_path):
+    from benchmarks.gpu_int4_gemm import BF16, non_gemm_ms, write_report
+
+    def part(ms1, ms8, gib):
+        return {"1": ms1, "8": ms8, "bytes": int(gib * 2**30)}
+
+    result = {"date": "d", "gpu": "H200", "torch": "2.11", "layers": 32, "batches": [1, 8],
+              "non_gemm_ms": 1.15, "checks": {},
+              "rows": {BF16: {"stack": part(3.70, 3.80, 13.0), "head": part(0.25, 0.26, 0.98)},
+                       "tinygemm (8)": {"stack": part(1.50, 2.00, 3.5), "head": part(0.08, 0.10, 0.27)},
+                       "tinygemm (2)": {"error": "no kernel"}}}
+    write_report(tmp_path, result)
+    md = (tmp_path / "report.md").read_text()
+    # 3.95 ms of bf16 GEMMs against 1.58 (4-bit head) and 1.75 (bf16 head); the step adds 1.15.
+    assert "| tinygemm (8), 4-bit head | 1.580 | 2.50x | 2.100 | 1.93x | 3.77 | 2562 | 2.730 | 1.87x |" in md
+    assert "| tinygemm (8), bf16 head | 1.750 | 2.26x |" in md
+    assert "| tinygemm (2) | failed: no kernel |" in md
+    assert (tmp_path / "report.png").stat().st_size > 0
+    assert abs(non_gemm_ms() - (5.1077 - 3.9631)) < 1e-3  # the committed H200 profile
+
+
+def test_a_random_gptq_checkpoint_can_carry_its_lm_head_in_four_bits(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from benchmarks.gpu_decode import build_random_gptq
+
+    like = tmp_path / "like"
+    like.mkdir()
+    (like / "config.json").write_text(json.dumps({
+        "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 1024}))
+    for lm_head in (False, True):
+        out = build_random_gptq(tmp_path / f"gptq-{lm_head}", like, lm_head=lm_head)
+        assert json.loads((out / "config.json").read_text())["quantization_config"]["lm_head"] is lm_head
+        with safe_open(str(out / "embeddings.safetensors"), "pt") as f:
+            names = set(f.keys())
+            if lm_head:  # (in_features / 8, vocab) packed, one scale per group of 128 inputs
+                assert f.get_tensor("lm_head.qweight").shape == (32, 1024)
+                assert f.get_tensor("lm_head.scales").shape == (2, 1024)
+        assert ("lm_head.weight" in names) is not lm_head and ("lm_head.qweight" in names) is lm_head
+        assert "model.embed_tokens.weight" in names
