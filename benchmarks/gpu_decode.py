@@ -207,32 +207,26 @@ def w4a16_kernel_rows(model: str, gptq: str, common: dict,
     at batch 1, the best, but 0.49x at batch 64; 15:56, across batch 1-256: Humming the
     fastest W4A16 kernel at every size, 1.56x at batch 1 and 1.22x at 64, in fp16 no
     faster)."""
-    # vLLM's own priority list on CUDA, read from the vLLM that runs the rows.
-    from vllm.model_executor.kernels.linear import _POSSIBLE_KERNELS
-    from vllm.platforms import PlatformEnum
-
-    order = [k.__name__ for k in _POSSIBLE_KERNELS[PlatformEnum.CUDA]]
-
-    def up_to(kernel: str) -> dict:  # disable every kernel vLLM would try before `kernel`
-        return {"VLLM_DISABLED_KERNELS": ",".join(order[:order.index(f"{kernel}LinearKernel")])}
+    # As a replica picks it (engine.w4a16_kernel): every kernel vLLM would try first off.
+    from ruvllm.deployments.vllm_engine import w4a16_kernel_env as up_to
 
     fp16 = {**common, "dtype": "float16"}
     return {
-        "8B W4A16 Marlin (bf16)": {"model": gptq, **common, "env": up_to("Marlin")},
-        "8B W4A16 Marlin (fp16)": {"model": gptq, **fp16, "env": up_to("Marlin")},
+        "8B W4A16 Marlin (bf16)": {"model": gptq, **common, "env": up_to("marlin")},
+        "8B W4A16 Marlin (fp16)": {"model": gptq, **fp16, "env": up_to("marlin")},
         "8B fp16": {"model": model, **fp16},
-        "8B W4A16 ExLlama (fp16)": {"model": gptq, **fp16, "env": up_to("Exllama")},
-        "8B W4A16 Triton (bf16)": {"model": gptq, **common, "env": up_to("TritonW4A16")},
+        "8B W4A16 ExLlama (fp16)": {"model": gptq, **fp16, "env": up_to("exllama")},
+        "8B W4A16 Triton (bf16)": {"model": gptq, **common, "env": up_to("tritonw4a16")},
         # Humming compiles its kernels on the device (NVRTC, the image's CUDA toolkit);
         # its wheel comes in extras.sh's x0.
-        "8B W4A16 Humming (bf16)": {"model": gptq, **common, "env": up_to("Humming")},
-        "8B W4A16 Humming (fp16)": {"model": gptq, **fp16, "env": up_to("Humming")},
+        "8B W4A16 Humming (bf16)": {"model": gptq, **common, "env": up_to("humming")},
+        "8B W4A16 Humming (fp16)": {"model": gptq, **fp16, "env": up_to("humming")},
     } | ({
         # The bf16 head takes 0.25 ms of each batch-1 step (profile, 12-01), where a Humming
         # step is 3.2 ms: the step with the head in 4 bits too, as the issue's model of
         # 0.28x the bytes has it. Its checkpoint is built only when the row runs.
         "8B W4A16 Humming (bf16; 4-bit LM head)": {"model": gptq_4bit_head, **common,
-                                                   "env": up_to("Humming")},
+                                                   "env": up_to("humming")},
     } if gptq_4bit_head else {})
 
 

@@ -81,6 +81,10 @@ class MistralRsConfig(_Strict):
         "this replica's share of the node's cores, like cpu_threads_bind: spread.")
 
 
+KernelName = Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True,
+                                             pattern=r"^\s*[A-Za-z0-9]+\s*$")]
+
+
 class EngineConfig(_Strict):
     """Engine settings. Field names are vLLM's `AsyncEngineArgs` names; `backend` picks
     the engine, and mistral.rs reads the ones it has an equivalent for (dtype,
@@ -128,6 +132,15 @@ class EngineConfig(_Strict):
         "`spread` splits this node's cores evenly between the replicas on it by "
         "their local rank; a list gives each local rank its core list, e.g. ['0', '1'].",
     )
+    w4a16_kernel: KernelName = Field(
+        "auto",
+        description="vLLM's 4-bit weight-only GEMM kernel on CUDA for a W4A16 (GPTQ/AWQ) "
+        "checkpoint, by name: humming, marlin, machete, exllama, ... (the installed vLLM's "
+        "own list, checked when the app is built). `auto` leaves vLLM's choice. On an H200 "
+        "(2026-12-02) Humming was the fastest at every batch size from 1 to 256, 1.56x bf16 "
+        "at batch 1 and 1.22x at 64 where vLLM's default (Machete) gave 1.30x and 1.01x; it "
+        "needs the humming-kernels and pyelftools packages.",
+    )
     extra_engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Further AsyncEngineArgs fields, passed through by name.",
@@ -152,6 +165,9 @@ class EngineConfig(_Strict):
             if self.extra_engine_args:
                 raise ValueError("extra_engine_args are vLLM arguments; backend mistralrs "
                                  "takes its own settings under engine.mistralrs")
+            if self.w4a16_kernel != "auto":
+                raise ValueError("w4a16_kernel picks one of vLLM's CUDA kernels; backend "
+                                 "mistralrs has none of them")
         if self.max_num_batched_tokens is not None and self.max_model_len is not None:
             if self.max_num_batched_tokens < self.max_num_seqs:
                 raise ValueError("max_num_batched_tokens must be >= max_num_seqs")

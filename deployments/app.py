@@ -71,6 +71,19 @@ def shutdown_grace_s(config: AppConfig) -> float:
     return config.ingress.request_timeout_s + SHUTDOWN_GRACE_MARGIN_S
 
 
+def _replica_env(config: AppConfig, r: ReplicaConfig) -> dict[str, str]:
+    """The replica's own `env` and what the engine settings need in its environment."""
+    kernel = config.engine.w4a16_kernel
+    if kernel == "auto":
+        return dict(r.env)
+    if "VLLM_DISABLED_KERNELS" in r.env:
+        raise ConfigError("engine.w4a16_kernel and a replicas env VLLM_DISABLED_KERNELS both "
+                          "pick vLLM's kernels; keep one")
+    from ruvllm.deployments.vllm_engine import w4a16_kernel_env
+
+    return {**r.env, **w4a16_kernel_env(kernel)}
+
+
 def _replica_options(config: AppConfig, r: ReplicaConfig | None = None,
                      name: str = "LLMReplica") -> dict[str, Any]:
     r = r or config.replicas
@@ -80,7 +93,7 @@ def _replica_options(config: AppConfig, r: ReplicaConfig | None = None,
         "ray_actor_options": {
             "num_cpus": r.num_cpus,
             "num_gpus": r.num_gpus,
-            **({"runtime_env": {"env_vars": dict(r.env)}} if r.env else {}),
+            **({"runtime_env": {"env_vars": env}} if (env := _replica_env(config, r)) else {}),
         },
         "request_router_config": _router_config(config),
         # Engines take a minute to compile; don't let Serve give up on them.

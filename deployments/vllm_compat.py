@@ -112,3 +112,16 @@ def engine_core_pids(engine: Any) -> list[int]:
     resources = getattr(engine.engine_core, "resources", None)
     processes = getattr(getattr(resources, "engine_manager", None), "processes", None) or ()
     return [p.pid for p in processes if getattr(p, "pid", None)]
+
+
+def cuda_w4a16_kernels() -> list[str]:
+    """vLLM's 4-bit weight-only (mixed-precision) GEMM kernels on CUDA, by class name, in
+    the order it tries them for a layer. The order is version-dependent (0.26 has
+    AllSpark, 0.32 not), so it is read from the installed vLLM, never copied."""
+    kernels = _first(
+        ("vllm.model_executor.kernels.linear", "_POSSIBLE_KERNELS"),
+        ("vllm.model_executor.layers.quantization.kernels.mixed_precision", "_POSSIBLE_KERNELS"),
+    )
+    from vllm.platforms import PlatformEnum
+
+    return [k.__name__ for k in kernels[PlatformEnum.CUDA]]

@@ -29,7 +29,22 @@ logger = logging.getLogger("ruvllm.engine")
 
 # Config fields that are ruvllm's own, not vLLM engine arguments.
 _NOT_ENGINE_ARGS = {"backend", "mistralrs", "cpu_kvcache_space_gib", "cpu_threads_bind",
-                    "extra_engine_args"}
+                    "extra_engine_args", "w4a16_kernel"}
+
+
+def w4a16_kernel_env(kernel: str, order: list[str] | None = None) -> dict[str, str]:
+    """The environment that makes vLLM run W4A16 layers on `kernel` (`engine.w4a16_kernel`).
+    vLLM takes the first kernel in its CUDA order that can run a layer, and its one switch
+    (0.26 and 0.32 alike) is VLLM_DISABLED_KERNELS: so every kernel before this one is
+    disabled. A layer the kernel cannot run still falls to a later one, as vLLM would."""
+    if kernel == "auto":
+        return {}
+    order = order if order is not None else vllm_compat.cuda_w4a16_kernels()
+    names = [k.removesuffix("LinearKernel").lower() for k in order]
+    if kernel not in names:
+        raise ConfigError(f"engine.w4a16_kernel: this vLLM has no 4-bit CUDA kernel "
+                          f"{kernel!r}; it has {', '.join(names)} (or auto)")
+    return {"VLLM_DISABLED_KERNELS": ",".join(order[:names.index(kernel)])}
 
 
 def is_cpu_platform() -> bool:

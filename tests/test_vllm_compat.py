@@ -52,3 +52,10 @@ def test_first_falls_back_to_older_locations_and_names_every_miss():
     assert vllm_compat._first(("no.such.module", "X"), ("json", "dumps")) is __import__("json").dumps
     with pytest.raises(ImportError, match="no.such.module.X"):
         vllm_compat._first(("no.such.module", "X"), ("json", "no_such_attr"))
+
+
+def test_cuda_w4a16_kernel_order_resolves():
+    """engine.w4a16_kernel reads it (deployments/vllm_engine.py: w4a16_kernel_env)."""
+    order = vllm_compat.cuda_w4a16_kernels()
+    assert "MarlinLinearKernel" in order, order
+    assert all(k.endswith("LinearKernel") for k in order), order

@@ -4,8 +4,8 @@
 # 1.8x; 12-02 sweep): torch's own 4-bit kernel (tinygemm) on an 8B step's GEMMs beside
 # cuBLAS bf16, outside vLLM (~2 min), then Humming with the LM head in 4 bits too, beside
 # bf16 and Humming with a bf16 head (3 runs each, ~7 min with the 4-bit-head checkpoint's
-# build). Then the one-GPU tests but ISQ and parity (all passed 12-02), as long as the
-# lease lasts.
+# build). Then the one-GPU tests but ISQ and parity (all passed 12-02), now with
+# engine.w4a16_kernel's (a W4A16 checkpoint served on Humming; its first run anywhere).
 cd /tmp/work
 START=$(date +%s)
 R=/tmp/results
@@ -24,7 +24,7 @@ timeout 900 python3 -m benchmarks.gpu_decode --rows quant --out $R/decode --repe
   --only "8B bf16,8B W4A16 Humming (bf16),8B W4A16 Humming (bf16; 4-bit LM head)" \
   > $R/decode/log 2>&1
 p "decode rc=$?"
-OUT=$R/tests bash benchmarks/gpu_lab/run-tests.sh 720 -k "not isq and not matches_peft" \
+OUT=$R/tests bash benchmarks/gpu_lab/run-tests.sh 840 -k "not isq and not matches_peft" \
   > $R/tests/summary 2>&1
 p "gpu-tests done: $(tail -1 $R/tests/gpu-tests.log)"
 p "ALL DONE"
