@@ -81,12 +81,22 @@ def run_script(name: str, spec: dict, script: Path) -> tuple[dict, str]:
     return json.loads(line[7:]), run.stdout + run.stderr
 
 
+def loaded_gib(output: str) -> float | None:
+    """The weights' size in GPU memory as vLLM logs it ("Model loading took 14.99 GiB and
+    ..." in 0.26, "... GiB memory and ..." in 0.32). Not the checkpoint's: FP8 quantized at
+    load reads a bf16 checkpoint and keeps half of it."""
+    found = re.search(r"Model loading took ([\d.]+) GiB", output)
+    return float(found.group(1)) if found else None
+
+
 def run_row(name: str, spec: dict, script: Path) -> dict:
     started = time.monotonic()
     result, output = run_script(name, spec, script)
     # Which GEMM kernels vLLM picked for the quantized rows (it logs its choice).
     result["kernels"] = sorted({m.strip() for m in re.findall(
         r"Using (\w+(?:LinearKernel|Kernel|kernel)\w*)", output)})
+    if loaded := loaded_gib(output):
+        result["loaded_gib"] = loaded
     log(f"{name}: " + ", ".join(f"batch {b} {result[b]['tok_per_s']:.0f} tok/s"
                                 for b in map(str, spec["batches"]))
         + f" ({time.monotonic() - started:.0f} s with start-up) {result['kernels']}")
@@ -244,7 +254,8 @@ def batch_sizes(rows: dict) -> list[str]:
 
 def row_cells(row: dict, peer: dict, batches: list[str]) -> list[str]:
     """A row's table cells: tok/s (with its runs' spread) and the ratio to the peer's, per
-    batch size; then weight size, its ratio, and the GEMM kernels vLLM chose."""
+    batch size; then the checkpoint's weight size and its ratio, the weights' size once
+    loaded on the GPU (as vLLM logs it), and the GEMM kernels vLLM chose."""
     cells = []
     for b in batches:
         if b not in row:
@@ -255,8 +266,9 @@ def row_cells(row: dict, peer: dict, batches: list[str]) -> list[str]:
         ratio = f"{row[b]['tok_per_s'] / peer[b]['tok_per_s']:.2f}x" if b in peer else "—"
         cells += [f"{row[b]['tok_per_s']:.0f}{spread}", ratio]
     size, peer_size = row.get("weight_bytes", 0), peer.get("weight_bytes") or 0
+    loaded = row.get("loaded_gib")
     return cells + [f"{size / 2**30:.2f}", f"{size / peer_size:.2f}x" if peer_size else "—",
-                    ", ".join(row.get("kernels", [])) or "—"]
+                    f"{loaded:.2f}" if loaded else "—", ", ".join(row.get("kernels", [])) or "—"]
 
 
 def write_report(out: Path, result: dict) -> None:
@@ -274,10 +286,11 @@ def write_report(out: Path, result: dict) -> None:
         batches = batch_sizes(rows)
         lines += [f"## {title}", "", f"Peer: {peer}.", "",
                   "| row | " + "".join(f"batch {b} tok/s | vs peer | " for b in batches)
-                  + "weights GiB | vs peer | kernels |", "|---" * (2 * len(batches) + 4) + "|"]
+                  + "checkpoint GiB | vs peer | loaded GiB | kernels |",
+                  "|---" * (2 * len(batches) + 5) + "|"]
         for name, r in rows.items():
             if "error" in r:
-                lines.append(f"| {name} | failed: {r['error']} |" + " |" * (2 * len(batches) + 2))
+                lines.append(f"| {name} | failed: {r['error']} |" + " |" * (2 * len(batches) + 3))
                 continue
             lines.append(f"| {name} | " + " | ".join(row_cells(r, rows.get(peer, {}), batches)) + " |")
         lines.append("")

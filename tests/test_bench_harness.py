@@ -147,13 +147,15 @@ def test_a_batch_sweep_reports_every_size_against_its_peer_and_plots_the_crossov
 
     result = {"date": "d", "gpu": "GPU", "vllm": "v", "tokens": 8, "rows": {"quant": {
         "8B bf16": row("", b1=200, b16=3000, b64=10000),
-        "8B W4A16 Humming (bf16)": row("HummingLinearKernel", b1=290, b16=3600, b64=12500),
+        "8B W4A16 Humming (bf16)": {**row("HummingLinearKernel", b1=290, b16=3600, b64=12500),
+                                    "loaded_gib": 5.34},
         "8B W4A16 Marlin (bf16)": row("MarlinLinearKernel", b1=300, b64=9500)}}}
     write_report(tmp_path, result)
     table = (tmp_path / "report.md").read_text().split("## Quantized 8B vs bf16")[1]
     assert "| batch 1 tok/s | vs peer | batch 16 tok/s | vs peer | batch 64 tok/s |" in table
     assert "| 8B W4A16 Humming (bf16) | 290 (289-291) | 1.45x | 3600 (3599-3601) | 1.20x " \
-           "| 12500 (12499-12501) | 1.25x | 1.00 | 1.00x | HummingLinearKernel |" in table
+           "| 12500 (12499-12501) | 1.25x | 1.00 | 1.00x | 5.34 | HummingLinearKernel |" in table
+    assert "| 8B bf16 | 200 (199-201) | 1.00x |" in table and "| 1.00x | — | — |" in table
     assert "| 8B W4A16 Marlin (bf16) | 300 (299-301) | 1.50x | — | — | 9500 (9499-9501) | 0.95x |" in table
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
@@ -228,3 +230,11 @@ def test_a_random_gptq_checkpoint_can_carry_its_lm_head_in_four_bits(tmp_path):
                 assert f.get_tensor("lm_head.scales").shape == (2, 1024)
         assert ("lm_head.weight" in names) is not lm_head and ("lm_head.qweight" in names) is lm_head
         assert "model.embed_tokens.weight" in names
+
+
+def test_the_loaded_weight_size_is_read_from_either_vllms_log_line():
+    from benchmarks.gpu_decode import loaded_gib
+
+    assert loaded_gib("INFO ... Model loading took 14.99 GiB and 5.1 seconds") == 14.99  # 0.26
+    assert loaded_gib("Model loading took 8.51 GiB memory and 3.2 seconds") == 8.51  # 0.32
+    assert loaded_gib("no such line") is None
