@@ -20,6 +20,8 @@ take, GB/s, the ratio to bf16 in the same run, and at batch 1 the end-to-end ste
 implies: these GEMMs plus the step's non-GEMM time in the profile (attention, norms,
 sampling, host), marked as a projection. Before any timing, tinygemm's product on each shape
 is checked against its dequantized weights in fp32; a setting that fails reports no speed.
+Without a GPU the same script runs on the CPU twins of torch's int4 ops (a dry run the unit
+tests use on small shapes; its times mean nothing).
 """
 
 from __future__ import annotations
@@ -102,22 +104,31 @@ def check_int4(k: int, n: int, inner_k_tiles: int, device: str, high_first: bool
     return float((got - want).abs().max() / want.abs().max())
 
 
-def checked_layout(inner_k_tiles: int) -> tuple[bool | None, dict[str, float]]:
+def checked_layout(inner_k_tiles: int, device: str) -> tuple[bool | None, dict[str, float]]:
     """The nibble order under which tinygemm computes every shape right (None if neither),
     and each shape's error under it."""
     shapes = {**LAYER_SHAPES, "head": HEAD_SHAPE}
     for high_first in (True, False):
-        errors = {name: check_int4(k, n, inner_k_tiles, "cuda", high_first)
+        errors = {name: check_int4(k, n, inner_k_tiles, device, high_first)
                   for name, (k, n) in shapes.items()}
         if max(errors.values()) <= MAX_CHECK_ERROR:
             return high_first, errors
     return None, errors
 
 
-def graph_ms(calls: list, repeats: int = 50) -> float:
-    """Median time of one replay of a CUDA graph of `calls`, by CUDA events."""
+def replay_ms(calls: list, device: str, repeats: int = 50) -> float:
+    """Median time of one replay of a CUDA graph of `calls`, by CUDA events; on a CPU (a
+    dry run of the whole script, as the unit tests do) of the calls in turn."""
     import torch
 
+    if device != "cuda":
+        times = []
+        for _ in range(min(repeats, 3)):
+            started = time.perf_counter()
+            for call in calls:
+                call()
+            times.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(times)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS picks its kernels
@@ -139,27 +150,32 @@ def graph_ms(calls: list, repeats: int = 50) -> float:
     return statistics.median(times)
 
 
-def bf16_weights(gen, layers: int) -> dict[str, list]:
+def bf16_weights(gen, layers: int, device: str) -> dict[str, list]:
     """(in_features, weight) per GEMM: the layer stack and the head, random bf16."""
     import torch
 
     def weight(k: int, n: int):
-        return (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+        return (torch.randn(n, k, device=device, generator=gen) * 0.02).to(torch.bfloat16)
 
     return {"stack": [(k, weight(k, n)) for _ in range(layers) for k, n in LAYER_SHAPES.values()],
             "head": [(HEAD_SHAPE[0], weight(*HEAD_SHAPE))]}
 
 
-def int4_weights(gen, layers: int, inner_k_tiles: int) -> dict[str, list]:
-    """The same in tinygemm's layout: random bits of the packed shape (any bits are some
-    4-bit weights) with random scales and zeros."""
+def int4_weights(gen, layers: int, inner_k_tiles: int, device: str) -> dict[str, list]:
+    """The same in tinygemm's layout: random bits of the packed shape and dtype (any bits
+    are some 4-bit weights) with random scales and zeros."""
     import torch
 
+    packed_like = {(k, n): to_int4pack(torch.zeros(n, k, dtype=torch.int32, device=device),
+                                       inner_k_tiles)
+                   for k, n in [*LAYER_SHAPES.values(), HEAD_SHAPE]}
+
     def weight(k: int, n: int):
-        shape = to_int4pack(torch.zeros(n, k, dtype=torch.int32, device="cuda"), inner_k_tiles).shape
-        packed = torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, device="cuda",
+        like = packed_like[(k, n)]
+        bits = torch.iinfo(like.dtype)
+        packed = torch.randint(bits.min, bits.max, like.shape, dtype=like.dtype, device=device,
                                generator=gen)
-        return packed, random_scales_and_zeros(k, n, "cuda", gen)
+        return packed, random_scales_and_zeros(k, n, device, gen)
 
     return {"stack": [(k, weight(k, n)) for _ in range(layers) for k, n in LAYER_SHAPES.values()],
             "head": [(HEAD_SHAPE[0], weight(*HEAD_SHAPE))]}
@@ -170,19 +186,19 @@ def nbytes(weights: list) -> int:
                for t in (w if isinstance(w, tuple) else (w,)))
 
 
-def time_parts(weights: dict[str, list], batches: list[int], gen) -> dict:
+def time_parts(weights: dict[str, list], batches: list[int], gen, device: str) -> dict:
     """ms per step of each part at each batch size, and each part's weight bytes."""
     import torch
     import torch.nn.functional as F
 
     row = {part: {"bytes": nbytes(ws)} for part, ws in weights.items()}
     for b in batches:
-        x = {k: torch.randn(b, k, device="cuda", generator=gen).to(torch.bfloat16)
+        x = {k: torch.randn(b, k, device=device, generator=gen).to(torch.bfloat16)
              for k in (HIDDEN, INTER)}
         for part, ws in weights.items():
             calls = [(lambda k=k, w=w: int4_mm(x[k], *w)) if isinstance(w, tuple)
                      else (lambda k=k, w=w: F.linear(x[k], w)) for k, w in ws]
-            row[part][str(b)] = graph_ms(calls)
+            row[part][str(b)] = replay_ms(calls, device)
     return row
 
 
@@ -292,25 +308,29 @@ def measure(args) -> dict:
     from benchmarks.gpu_stack_vs_vllm import gpu_name
 
     batches = [int(b) for b in args.batches.split(",")]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu_name(),
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(0)
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "gpu": gpu_name() if device == "cuda" else "CPU (a dry run: no GPU here)",
               "torch": torch.__version__, "layers": args.layers, "batches": batches,
               "non_gemm_ms": non_gemm_ms(), "rows": {}, "checks": {}}
-    weights = bf16_weights(gen, args.layers)
-    result["rows"][BF16] = time_parts(weights, batches, gen)
+    weights = bf16_weights(gen, args.layers, device)
+    result["rows"][BF16] = time_parts(weights, batches, gen, device)
     log(f"{BF16}: {result['rows'][BF16]}")
     del weights
     for tiles in (int(t) for t in args.inner_k_tiles.split(",")):
         name = f"tinygemm int4 g128 (inner k tiles {tiles})"
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         try:
-            high_first, errors = checked_layout(tiles)
+            high_first, errors = checked_layout(tiles, device)
             result["checks"][name] = {"layout": {True: "even k high", False: "even k low",
                                                  None: "none computes right"}[high_first],
                                       "errors": errors}
             if high_first is None:
                 raise ValueError(f"product off by up to {max(errors.values()):.2f} (relative)")
-            result["rows"][name] = time_parts(int4_weights(gen, args.layers, tiles), batches, gen)
+            result["rows"][name] = time_parts(int4_weights(gen, args.layers, tiles, device),
+                                              batches, gen, device)
         except (RuntimeError, ValueError) as e:  # a kernel or setting this torch lacks
             result["rows"][name] = {"error": str(e).splitlines()[0][:200]}
         log(f"{name}: {result['rows'][name]}")

@@ -238,3 +238,33 @@ def test_the_loaded_weight_size_is_read_from_either_vllms_log_line():
     assert loaded_gib("INFO ... Model loading took 14.99 GiB and 5.1 seconds") == 14.99  # 0.26
     assert loaded_gib("Model loading took 8.51 GiB memory and 3.2 seconds") == 8.51  # 0.32
     assert loaded_gib("no such line") is None
+
+
+def test_the_int4_gemm_benchmark_runs_whole_on_the_cpu_twins_of_its_kernels(tmp_path, monkeypatch):
+    """A dry run of every step the GPU lease will take (weights, checks, timing, report),
+    on small shapes: a crash here would have cost device minutes."""
+    import json
+    import sys
+
+    from benchmarks import gpu_int4_gemm as bench
+
+    monkeypatch.setattr(bench, "HIDDEN", 256)
+    monkeypatch.setattr(bench, "INTER", 512)
+    monkeypatch.setattr(bench, "LAYER_SHAPES", {"qkv": (256, 384), "o": (256, 256),
+                                                "gate_up": (256, 1024), "down": (512, 256)})
+    monkeypatch.setattr(bench, "HEAD_SHAPE", (256, 1024))
+    monkeypatch.setattr(sys, "argv", ["gpu_int4_gemm", "--out", str(tmp_path), "--layers", "2",
+                                      "--batches", "1,4", "--inner-k-tiles", "2,8"])
+    assert bench.main() == 0
+    result = json.loads((tmp_path / "report.json").read_text())
+    assert set(result["rows"]) == {bench.BF16, "tinygemm int4 g128 (inner k tiles 2)",
+                                   "tinygemm int4 g128 (inner k tiles 8)"}
+    for name, row in result["rows"].items():
+        assert "error" not in row, (name, row)
+        assert row["stack"]["1"] > 0 and row["head"]["4"] > 0
+    for check in result["checks"].values():
+        assert max(check["errors"].values()) < bench.MAX_CHECK_ERROR
+    # 4-bit weights and their bf16 scales and zeros against bf16: about 0.27x the bytes.
+    bf16, int4 = result["rows"][bench.BF16], result["rows"]["tinygemm int4 g128 (inner k tiles 8)"]
+    assert 0.25 < int4["stack"]["bytes"] / bf16["stack"]["bytes"] < 0.3
+    assert "tinygemm int4 g128 (inner k tiles 8), bf16 head" in (tmp_path / "report.md").read_text()
