@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -137,6 +136,8 @@ def build_random_gptq(path: Path, like: Path, group_size: int = 128, lm_head: bo
     import torch
     from safetensors.torch import save_file
 
+    from benchmarks.gpu_stack_vs_vllm import copy_tokenizer
+
     config = json.loads((like / "config.json").read_text())
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     kv = hidden // config["num_attention_heads"] * config["num_key_value_heads"]
@@ -177,10 +178,7 @@ def build_random_gptq(path: Path, like: Path, group_size: int = 128, lm_head: bo
                                      "desc_act": False, "sym": True, "checkpoint_format": "gptq",
                                      "lm_head": lm_head}
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja", "generation_config.json"):
-        if (like / name).exists():
-            shutil.copy(like / name, path / name)
+    copy_tokenizer(like, path)
     (path / ".ready").write_text("ok")
     return path
 

@@ -71,11 +71,16 @@ def build_random_llama(path: Path, tokenizer_from: Path) -> float:
     model.save_pretrained(str(path), max_shard_size="5GB")
     del model
     torch.cuda.empty_cache()
-    for name in TOKENIZER_FILES:
-        if (tokenizer_from / name).exists():
-            shutil.copy(tokenizer_from / name, path / name)
+    copy_tokenizer(tokenizer_from, path)
     (path / ".ready").write_text("ok")
     return time.monotonic() - started
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer and generation files of checkpoint `src` into `dst` (those it has)."""
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
 
 
 def start_bare(model: Path, port: int, logfile: Path) -> tuple[subprocess.Popen, str]:

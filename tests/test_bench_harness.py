@@ -107,12 +107,10 @@ def test_a_repeated_row_is_its_median_run_beside_every_run():
 def test_each_w4a16_kernel_row_disables_every_kernel_vllm_would_try_first():
     """A kernel row measures the kernel it names only if every one vLLM prefers on CUDA is
     disabled and that one is not; checked against the installed vLLM's priority list."""
-    from vllm.model_executor.kernels.linear import _POSSIBLE_KERNELS
-    from vllm.platforms import PlatformEnum
-
     from benchmarks.gpu_decode import w4a16_kernel_rows
+    from ruvllm.deployments.vllm_compat import cuda_w4a16_kernels
 
-    order = [k.__name__ for k in _POSSIBLE_KERNELS[PlatformEnum.CUDA]]
+    order = cuda_w4a16_kernels()
     rows = w4a16_kernel_rows("base", "gptq", {"tokens": 8})
     wanted = {"8B W4A16 Marlin (bf16)": "MarlinLinearKernel",
               "8B W4A16 Marlin (fp16)": "MarlinLinearKernel",

@@ -9,8 +9,13 @@ so that eviction shows with three adapters.
 
 from __future__ import annotations
 
+import os
+import re
+import time
+from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
 import pytest
 import yaml
 
@@ -75,3 +80,52 @@ def two_gpu_app(ray_head) -> Iterator[ServeApp]:
     token opens GET /v1/adapters, where ServeApp.engine_stats reads each replica's GPUs.)"""
     yield from start_app(ray_head, {"replicas": {"num_replicas": 2},
                                     "adapters": {"admin_token": ADMIN_TOKEN}})
+
+
+def _applications(url: str, headers: dict) -> dict:
+    try:
+        return httpx.get(url, headers=headers, timeout=30).json().get("applications") or {}
+    except (httpx.HTTPError, ValueError):  # Serve restarting: ask again
+        return {"?": None}
+
+
+def delete_applications(app_head) -> None:
+    """Every Serve application on the head, gone (a module with an app of its own needs
+    the GPU the session's app holds)."""
+    url = f"{app_head.dashboard_url}/api/serve/applications/"
+    headers = app_head.auth_headers()
+    if not _applications(url, headers):
+        return
+    r = httpx.delete(url, headers=headers, timeout=120)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 120
+    while _applications(url, headers):
+        assert time.monotonic() < deadline, "earlier Serve applications did not go away"
+        time.sleep(2)
+
+
+def ray_session_logs() -> Path:
+    return Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "session_latest" / "logs"
+
+
+def log_sizes() -> dict[Path, int]:
+    """Where each of Ray's session log files ends now (`kernels_logged`'s `since`)."""
+    return {f: f.stat().st_size for f in ray_session_logs().rglob("*") if f.is_file()}
+
+
+def kernels_logged(pattern: re.Pattern, since: dict[Path, int] | None = None) -> dict[str, list[str]]:
+    """vLLM logs the GEMM kernel it picked (`Using <kernel> for ...`) once per kernel in its
+    engine process, whose output Ray keeps in the session's logs (the replica's
+    worker-*.out/err): what `pattern`'s group matched there, with the files it is in. With
+    `since` (from `log_sizes`), only in what each file gained after it."""
+    found: dict[str, list[str]] = {}
+    for log in (f for f in ray_session_logs().rglob("*") if f.suffix in (".out", ".err", ".log")):
+        try:
+            with log.open("rb") as handle:
+                handle.seek((since or {}).get(log, 0))
+                text = handle.read().decode(errors="replace")
+        except OSError:
+            continue
+        for kernel in pattern.findall(text):
+            found.setdefault(kernel, []).append(log.name)
+    return found

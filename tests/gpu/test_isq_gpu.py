@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from conftest import ADMIN_TOKEN, ServeApp
-from gpu_app import BASE, needs_gpus, start_app
+from gpu_app import BASE, delete_applications, kernels_logged, needs_gpus, start_app
 
 pytestmark = needs_gpus(1)
 
@@ -42,29 +42,9 @@ VARIANT = {"name": QUANTIZED,
 KERNEL_LOG = re.compile(r"Using (\w+) for CompressedTensorsWNA16")
 
 
-def _applications(url: str, headers: dict) -> dict:
-    try:
-        return httpx.get(url, headers=headers, timeout=30).json().get("applications") or {}
-    except (httpx.HTTPError, ValueError):  # Serve restarting: ask again
-        return {"?": None}
-
-
-def _delete_applications(app_head) -> None:
-    url = f"{app_head.dashboard_url}/api/serve/applications/"
-    headers = app_head.auth_headers()
-    if not _applications(url, headers):
-        return
-    r = httpx.delete(url, headers=headers, timeout=120)
-    assert r.status_code == 200, r.text
-    deadline = time.monotonic() + 120
-    while _applications(url, headers):
-        assert time.monotonic() < deadline, "earlier Serve applications did not go away"
-        time.sleep(2)
-
-
 @pytest.fixture(scope="module")
 def isq_gpu_app(ray_head) -> Iterator[ServeApp]:
-    _delete_applications(ray_head)
+    delete_applications(ray_head)
     started = time.monotonic()
     for app in start_app(ray_head, {
         # Base and quantized replicas share the card. Quantized replicas never load
@@ -135,21 +115,6 @@ def test_isq_job_quantized_on_the_gpu_and_passed_the_gate(isq_gpu_app):
     assert (group["weights"]["num_bits"], group["weights"]["group_size"]) == (4, GROUP_SIZE)
 
 
-def _kernels_logged() -> dict[str, list[str]]:
-    """vLLM logs `Using <kernel> for CompressedTensorsWNA16` once per kernel in its engine
-    process, whose output Ray keeps in the session's logs (the replica's worker-*.out/err)."""
-    found: dict[str, list[str]] = {}
-    logs = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "session_latest" / "logs"
-    for log in (f for f in logs.rglob("*") if f.suffix in (".out", ".err", ".log")):
-        try:
-            text = log.read_text(errors="replace")
-        except OSError:
-            continue
-        for kernel in KERNEL_LOG.findall(text):
-            found.setdefault(kernel, []).append(log.name)
-    return found
-
-
 def test_the_w4a16_checkpoint_is_served_on_the_gpu_with_marlin(isq_gpu_app):
     probes = {
         "chat_france": ("chat", "What is the capital of France?", "Paris"),
@@ -175,7 +140,7 @@ def test_the_w4a16_checkpoint_is_served_on_the_gpu_with_marlin(isq_gpu_app):
             right.append(name)
         replica = r.headers.get("x-ruvllm-replica")
     stats = isq_gpu_app.engine_stats(replica)
-    kernels = _kernels_logged()
+    kernels = kernels_logged(KERNEL_LOG)
     _record(answers=answers, right=right, engine_stats={k: stats.get(k) for k in (
         "dtype", "block_size", "gpu_ids", "num_kv_blocks", "quantization")},
         kernels_logged=kernels)

@@ -15,9 +15,7 @@ theirs): it runs after them by file name. Skipped where Humming's package is not
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -26,19 +24,17 @@ import httpx
 import pytest
 
 from conftest import ADMIN_TOKEN, ServeApp
-from gpu_app import needs_gpus, start_app
-from test_isq_gpu import _delete_applications
+from gpu_app import delete_applications, kernels_logged, log_sizes, needs_gpus, start_app
 
 pytestmark = needs_gpus(1)
 
 SERVED = "llama8b-shape-gptq"
 KERNEL_LOG = re.compile(r"Using (\w+LinearKernel)")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json")
 
 
 def _two_layer_gptq(base_model_path: Path, root: Path) -> Path:
     from benchmarks.gpu_decode import build_random_gptq
+    from benchmarks.gpu_stack_vs_vllm import copy_tokenizer
 
     like = root / "like"
     like.mkdir(parents=True, exist_ok=True)
@@ -47,36 +43,16 @@ def _two_layer_gptq(base_model_path: Path, root: Path) -> Path:
                   num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                   tie_word_embeddings=False, dtype="bfloat16", torch_dtype="bfloat16")
     (like / "config.json").write_text(json.dumps(config))
-    for name in TOKENIZER_FILES:
-        if (base_model_path / name).exists():
-            shutil.copy(base_model_path / name, like / name)
+    copy_tokenizer(base_model_path, like)
     return build_random_gptq(root / SERVED, like)
-
-
-def _log_sizes(logs: Path) -> dict[Path, int]:
-    return {f: f.stat().st_size for f in logs.rglob("*") if f.is_file()}
-
-
-def _kernels_logged_since(logs: Path, sizes: dict[Path, int]) -> set[str]:
-    """The 4-bit kernels vLLM logged in what Ray's session logs gained after `sizes`."""
-    found: set[str] = set()
-    for f in (f for f in logs.rglob("*") if f.suffix in (".out", ".err", ".log")):
-        try:
-            with f.open("rb") as handle:
-                handle.seek(sizes.get(f, 0))
-                found |= set(KERNEL_LOG.findall(handle.read().decode(errors="replace")))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.fixture(scope="module")
 def humming_app(ray_head, base_model_path, tmp_path_factory) -> Iterator[tuple[ServeApp, set]]:
     pytest.importorskip("humming", reason="Humming's package (humming-kernels) is not installed")
     checkpoint = _two_layer_gptq(base_model_path, tmp_path_factory.mktemp("w4a16"))
-    _delete_applications(ray_head)
-    logs = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "session_latest" / "logs"
-    sizes = _log_sizes(logs)
+    delete_applications(ray_head)
+    sizes = log_sizes()
     started = time.monotonic()
     for app in start_app(ray_head, {
         "model": {"source": str(checkpoint), "served_name": SERVED},
@@ -87,7 +63,7 @@ def humming_app(ray_head, base_model_path, tmp_path_factory) -> Iterator[tuple[S
         "replicas": {"num_replicas": 1, "num_cpus": 1, "num_gpus": 0.4},
     }):
         print(f"app with Humming up in {time.monotonic() - started:.0f} s")
-        yield app, _kernels_logged_since(logs, sizes)
+        yield app, set(kernels_logged(KERNEL_LOG, since=sizes))
 
 
 def test_the_w4a16_checkpoint_runs_on_the_kernel_the_config_names(humming_app):
